@@ -1,0 +1,15 @@
+"""addp: ADDP (ICLR 2024) in PyTorch — one image encoder for recognition and generation,
+trained by alternating between pixels and VQ tokens at every denoising step."""
+from . import model, predictor, tokenizer  # noqa: F401  (register the presets)
+from .checkpoint import CheckpointError, load_checkpoint, load_components, save_checkpoint
+from .model import ADDP, ADDPConfig
+from .predictor import MAGEPredictor, PredictorConfig
+from .registry import AddpError, create_model, list_models
+from .tokenizer import VQConfig, VQTokenizer
+
+__version__ = "0.1.0"
+__all__ = [
+    "ADDP", "ADDPConfig", "AddpError", "CheckpointError", "MAGEPredictor", "PredictorConfig",
+    "VQConfig", "VQTokenizer", "create_model", "list_models", "load_checkpoint",
+    "load_components", "save_checkpoint",
+]

@@ -1,0 +1,248 @@
+"""Reading official MAGE/ADDP/VQGAN checkpoints and reading/writing our own.
+
+Our format is one safetensors file; its metadata holds a JSON description of the
+components it carries (`addp`, `tokenizer`, `predictor`), each component's tensors under
+its name as a key prefix. Official `.pth`/`.ckpt` files are read with
+`torch.load(weights_only=True)`: arbitrary pickled objects are never executed.
+Every problem is raised as a `CheckpointError` whose message is one line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .registry import AddpError, build_model, config_from_dict, preset_config
+
+FORMAT_VERSION = "1"
+COMPONENTS = ("addp", "predictor", "tokenizer")  # the first one present is "the" model
+
+# Official parameters the architecture never reads (kept in the files by the official code).
+IGNORED_OFFICIAL = {
+    "predictor": ("token_emb.position_ids", "patch_embed.", "cls_token", "pos_embed",
+                  "mask_token", "decoder_pos_embed", "decoder_pred."),
+    "addp": ("decoder_pos_embed", "decoder_pred.", "pos_token_embed", "pos_mask_embed"),
+    "tokenizer": (),
+}
+
+
+class CheckpointError(AddpError):
+    pass
+
+
+# -- reading raw files ---------------------------------------------------------------------
+def read_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Tensors of a checkpoint file and, for our format, its component description."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    return _read_torch(path), None
+
+
+def _read_safetensors(path: Path):
+    try:
+        tensors = load_file(str(path))
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            metadata = json.loads(f.read(header_len)).get("__metadata__") or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({_first_line(e)})") from None
+    if "addp_components" not in metadata:
+        raise CheckpointError(f"{path} is a safetensors file without an addp component description")
+    return tensors, json.loads(metadata["addp_components"])
+
+
+def _read_torch(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path} holds Python objects other than tensors; refusing to unpickle it "
+                              f"({_first_line(e)})") from None
+    except Exception as e:  # truncated zip, not a torch file at all, ...
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({_first_line(e)})") from None
+    for key in ("model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    return obj
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
+
+
+# -- official layouts ----------------------------------------------------------------------
+def split_official(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Group an official state dict into our components by its key layout."""
+    if "encoder.conv_in.weight" in state and "quantize.embedding.weight" in state:
+        return {"tokenizer": state}
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    main = {}
+    for key, value in state.items():
+        if key.startswith("vqgan."):
+            parts.setdefault("tokenizer", {})[key[len("vqgan."):]] = value
+        elif key.startswith("token_predictor."):
+            if not key.startswith("token_predictor.vqgan."):
+                parts.setdefault("predictor", {})[key[len("token_predictor."):]] = value
+        else:
+            main[key] = value
+    if "token_emb.word_embeddings.weight" in main:
+        parts["predictor"] = main
+    elif "decoder_pos_mask_embed" in main and "token_emb.weight" in main:
+        parts["addp"] = main
+    else:
+        sample = ", ".join(list(state)[:5])
+        raise CheckpointError(f"not an ADDP, MAGE or VQGAN checkpoint (first keys: {sample})")
+    return parts
+
+
+def _count(state, prefix: str) -> int:
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return len({m.group(1) for k in state if (m := pattern.match(k))})
+
+
+def official_config(kind: str, state: dict[str, torch.Tensor]):
+    """The config of an official component, read from its tensor shapes."""
+    if kind == "tokenizer":
+        return preset_config("vqgan_mage", codebook_size=state["quantize.embedding.weight"].shape[0],
+                             embed_dim=state["quantize.embedding.weight"].shape[1])
+    width = state["blocks.0.norm1.weight"].shape[0]
+    size = "large" if width == 1024 else "base"
+    if kind == "predictor":
+        dec = state["decoder_embed.weight"].shape[0]
+        return preset_config(f"mage_vit_{size}_patch16", embed_dim=width, depth=_count(state, "blocks."),
+                             decoder_embed_dim=dec, decoder_depth=_count(state, "decoder_blocks."))
+    dec = state["decoder_embed.weight"].shape[0]
+    return preset_config(f"addp_vit_{size}_patch16", embed_dim=width, depth=_count(state, "blocks."),
+                         decoder_embed_dim=dec, decoder_depth=_count(state, "decoder_blocks."),
+                         extra_tokens=state["token_emb.weight"].shape[0] - 1024)
+
+
+def strip_ignored(kind: str, state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    own = model.state_dict()
+    prefixes = IGNORED_OFFICIAL[kind]
+    return {k: v for k, v in state.items() if k in own or not k.startswith(prefixes)}
+
+
+# -- strict loading ------------------------------------------------------------------------
+def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> nn.Module:
+    """Load `state` into `model`; any missing/unexpected key or shape mismatch is one error line."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [(k, tuple(own[k].shape), tuple(state[k].shape))
+              for k in own if k in state and own[k].shape != state[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} keys ({_few(missing)})")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} keys ({_few(unexpected)})")
+    if shapes:
+        k, want, got = shapes[0]
+        problems.append(f"{len(shapes)} shape mismatches (first {k}: expected {want}, found {got})")
+    if problems:
+        name = getattr(model.config, "name", type(model).__name__)
+        raise CheckpointError(f"{source} does not fit {name}: " + "; ".join(problems))
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _few(keys: list[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
+
+
+# -- public API ----------------------------------------------------------------------------
+def load_components(path: str | os.PathLike) -> dict[str, nn.Module]:
+    """Every model a checkpoint holds, by component name (`addp`, `predictor`, `tokenizer`).
+
+    Reads our safetensors files and the official `vqgan_jax_strongaug.ckpt`,
+    `mage-vit{b,l}-1600.pth` and `addp-vit-{base,large}-16.pth` as they are.
+    """
+    state, components = read_state(path)
+    models = {}
+    if components is not None:
+        for name, config_dict in components.items():
+            prefix = name + "."
+            part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            try:
+                model = build_model(config_from_dict(config_dict))
+            except (TypeError, ValueError) as e:
+                raise CheckpointError(f"{path}: bad config for {name} ({_first_line(e)})") from None
+            models[name] = load_strict(model, part, f"{path} [{name}]")
+        return models
+    return components_from_official(state, str(path))
+
+
+def components_from_official(state: dict[str, torch.Tensor], source: str = "state dict") -> dict[str, nn.Module]:
+    """Build and strictly load every component of an official state dict held in memory."""
+    try:
+        parts = split_official(state)
+    except CheckpointError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    models = {}
+    for kind, part in parts.items():
+        try:
+            model = build_model(official_config(kind, part))
+        except KeyError as e:
+            raise CheckpointError(f"{source}: the {kind} weights lack {e}") from None
+        except ValueError as e:
+            raise CheckpointError(f"{source}: the {kind} weights describe no valid model ({_first_line(e)})") from None
+        models[kind] = load_strict(model, strip_ignored(kind, part, model), f"{source} [{kind}]")
+    return models
+
+
+def load_checkpoint(path: str | os.PathLike, component: str | None = None) -> nn.Module:
+    """The main model of a checkpoint (ADDP > predictor > tokenizer), or the one asked for."""
+    models = load_components(path)
+    if component is not None:
+        if component not in models:
+            raise CheckpointError(f"{path} holds no {component} (it holds: {', '.join(models)})")
+        return models[component]
+    return next(models[c] for c in COMPONENTS if c in models)
+
+
+def save_checkpoint(path: str | os.PathLike, models: nn.Module | dict[str, nn.Module]) -> Path:
+    """Write models in our format, atomically (a temporary file renamed into place)."""
+    if isinstance(models, nn.Module):
+        models = {models.config.kind: models}
+    tensors, components = {}, {}
+    for name, model in models.items():
+        components[name] = dataclasses.asdict(model.config)
+        for key, value in model.state_dict().items():
+            tensors[f"{name}.{key}"] = value.detach().cpu().contiguous()
+    metadata = {"addp_format": FORMAT_VERSION, "addp_components": json.dumps(components)}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Call `write(tmp_path)` then rename the finished file onto `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path

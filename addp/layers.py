@@ -1,0 +1,97 @@
+"""Transformer building blocks shared by the token predictor and the ADDP network.
+
+Parameter names follow the official MAGE/ADDP code (`norm1`, `attn.qkv`, `attn.proj`,
+`norm2`, `mlp.fc1`, `mlp.fc2`, `mlm_layer.fc/ln/bias`) so official checkpoints load as-is.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp
+
+# "sdpa" (torch's fused attention, the default) or "math" (explicit softmax(QK^T)V, the
+# parity path). Read once at import; tests and benchmarks may assign to it.
+ATTENTION_BACKEND = os.environ.get("ADDP_ATTENTION", "sdpa")
+_ATTENTION_BACKENDS = ("sdpa", "math")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    """Multi-head attention. q, k, v: (B, H, N, Dh) -> (B, H, N, Dh)."""
+    backend = ATTENTION_BACKEND
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    if backend == "math":
+        scores = (q.float() @ k.float().transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, N, N)
+        weights = F.dropout(scores.softmax(dim=-1), p=dropout_p)
+        return (weights @ v.float()).to(v.dtype)
+    raise ValueError(f"ADDP_ATTENTION={backend!r} is not one of {_ATTENTION_BACKENDS}")
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.attn_drop = attn_drop
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, Dh)
+        x = attention(q, k, v, self.attn_drop if self.training else 0.0)
+        x = x.transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop: float = 0.0,
+                 attn_drop: float = 0.0, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias=True, attn_drop=attn_drop, proj_drop=drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class MlmHead(nn.Module):
+    """Masked-token head tied to a token embedding: logits = LN(GELU(fc(x))) @ E^T + bias.
+
+    As in the official code the tied embedding is detached: the head does not train it.
+    """
+
+    def __init__(self, in_dim: int, embed_dim: int, vocab_size: int):
+        super().__init__()
+        self.fc = nn.Linear(in_dim, embed_dim)
+        self.ln = nn.LayerNorm(embed_dim)
+        self.bias = nn.Parameter(torch.zeros(1, 1, vocab_size))
+
+    def forward(self, x: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
+        """x: (B, N, in_dim), word_embeddings: (V, embed_dim) -> logits (B, N, V)."""
+        h = self.ln(F.gelu(self.fc(x)))
+        return h @ word_embeddings.detach().to(h.dtype).t() + self.bias
+
+
+def init_transformer_weights(module: nn.Module) -> None:
+    """xavier-uniform Linear weights, zero biases, unit LayerNorms (MAE/MAGE init)."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
