@@ -1,8 +1,24 @@
-"""Datasets. The embedded default: scikit-learn's handwritten digits (1,797 real 8x8 scans)."""
+"""Datasets and the step-indexed sampler that makes training resumable to the bit.
+
+Two sources: an ImageFolder tree (`--data-path`, ImageNet's `train/` as is) and the embedded
+default, scikit-learn's handwritten digits (1,797 real 8x8 scans). Every sample is addressed
+by (index, epoch) and augmented with a generator seeded from (seed, epoch, index), so the
+images of step s are the same whether or not the run was interrupted and resumed.
+"""
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from .registry import AddpError
+
+MAX_CONSECUTIVE_BAD = 20
 
 
 def load_digits(split: str = "train", image_size: int = 32, holdout: float = 0.2, seed: int = 0):
@@ -23,3 +39,133 @@ def load_digits(split: str = "train", image_size: int = 32, holdout: float = 0.2
     n_held = int(round(len(labels) * holdout))
     pick = {"train": order[n_held:], "heldout": order[:n_held], "all": order}[split]
     return images[pick], labels[pick]
+
+
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
+    return (seed * 1_000_003 + epoch) * 2_000_003 + index
+
+
+class DigitsDataset(Dataset):
+    """The embedded digits, already at `image_size`; optional flip (off by default: a
+    mirrored digit is another glyph). Items are (image, label, unreadable=0)."""
+
+    def __init__(self, split: str = "train", image_size: int = 32, flip: bool = False, seed: int = 0):
+        self.images, self.labels = load_digits(split, image_size)
+        self.flip, self.seed = flip, seed
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, key):
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        image = self.images[index]
+        if self.flip:
+            g = torch.Generator().manual_seed(_sample_seed(self.seed, epoch, index))
+            if torch.rand((), generator=g) < 0.5:
+                image = image.flip(-1)
+        return image, self.labels[index], 0
+
+
+class ImageFolderDataset(Dataset):
+    """Images under `root/<class>/*.jpg` (or directly under root), as RGB tensors in [0, 1].
+
+    Training transform: RandomResizedCrop(image_size, scale=(crop_min, 1)) + horizontal
+    flip. An unreadable or corrupt file is replaced by the next readable one and counted
+    (the third item of each sample), never raised mid-epoch.
+    """
+
+    def __init__(self, root, image_size: int, crop_min: float = 0.2, flip: bool = True,
+                 train: bool = True, seed: int = 0):
+        self.root, self.seed = Path(root), seed
+        self.samples, self.classes = _scan(self.root)
+        if train:
+            steps = [transforms.RandomResizedCrop(image_size, scale=(crop_min, 1.0),
+                                                  interpolation=transforms.InterpolationMode.BICUBIC)]
+            steps += [transforms.RandomHorizontalFlip()] if flip else []
+        else:
+            steps = [transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC),
+                     transforms.CenterCrop(image_size)]
+        self.transform = transforms.Compose(steps + [transforms.ToTensor()])
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        for bad in range(MAX_CONSECUTIVE_BAD):
+            path, label = self.samples[(index + bad) % len(self.samples)]
+            try:
+                with Image.open(path) as img:
+                    img = img.convert("RGB")
+            except (OSError, ValueError, SyntaxError):
+                continue  # PIL raises these for truncated, corrupt or non-image files
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_sample_seed(self.seed, epoch, index))
+                return self.transform(img), label, bad
+        raise AddpError(f"{MAX_CONSECUTIVE_BAD} unreadable images in a row near {self.samples[index][0]}")
+
+
+def _scan(root: Path):
+    if not root.exists():
+        raise AddpError(f"data folder not found: {root}")
+    if not root.is_dir():
+        raise AddpError(f"data path is not a folder: {root}")
+    exts = tuple(IMG_EXTENSIONS)
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    samples = []
+    for label, name in enumerate(classes):
+        samples += [(str(p), label) for p in sorted((root / name).rglob("*")) if p.suffix.lower() in exts]
+    if not classes:  # a flat folder of images
+        samples = [(str(p), 0) for p in sorted(root.iterdir()) if p.suffix.lower() in exts]
+    if not samples:
+        raise AddpError(f"no images in {root} (expected class sub-folders of .jpg/.png files, like ImageNet's train/)")
+    return samples, classes or ["images"]
+
+
+class StepBatchSampler:
+    """Yields the (index, epoch) keys of micro-batch k = start, start+1, ... forever.
+
+    Each epoch is a permutation drawn from (seed, epoch); a global batch of
+    batch_size * world_size keys is split across ranks (rank r takes every world_size-th).
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, start: int = 0):
+        self.n, self.batch, self.seed = num_samples, batch_size, seed
+        self.rank, self.world, self.start = rank, world_size, start
+        self.per_epoch = num_samples // (batch_size * world_size)
+        if self.per_epoch == 0:
+            raise AddpError(f"{num_samples} images are fewer than one global batch of "
+                            f"{batch_size * world_size}; lower --batch-size")
+
+    def batch_keys(self, k: int) -> list[tuple[int, int]]:
+        epoch, pos = divmod(k, self.per_epoch)
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
+        span = self.batch * self.world
+        chunk = perm[pos * span:(pos + 1) * span][self.rank::self.world]
+        return [(int(i), epoch) for i in chunk]
+
+    def __iter__(self):
+        k = self.start
+        while True:
+            yield self.batch_keys(k)
+            k += 1
+
+
+def collate(items):
+    images, labels, bad = zip(*items)
+    return torch.stack(images), torch.as_tensor(labels), sum(bad)
+
+
+def make_loader(dataset: Dataset, batch_size: int, seed: int, rank: int, world_size: int,
+                start: int, num_workers: int) -> DataLoader:
+    sampler = StepBatchSampler(len(dataset), batch_size, seed, rank, world_size, start)
+    # Its own generator: creating the iterator must not consume the global RNG (exact resume).
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def epochs_for(steps: int, num_samples: int, global_batch: int) -> float:
+    return steps * global_batch / max(num_samples, 1)
+

@@ -29,6 +29,7 @@ class VQConfig:
     embed_dim: int = 256  # codebook vector width == encoder output channels
     image_size: int = 256  # the resolution it was trained at; any multiple of the stride works
     commitment_beta: float = 0.25
+    norm_groups: int = 32  # GroupNorm groups (MAGE: 32)
 
     @property
     def stride(self) -> int:
@@ -39,16 +40,16 @@ class VQConfig:
         return self.image_size // self.stride
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-6)
+def _norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=1e-6)
 
 
 class ResBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int):
+    def __init__(self, in_ch: int, out_ch: int, groups: int):
         super().__init__()
-        self.norm1 = _norm(in_ch)
+        self.norm1 = _norm(in_ch, groups)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False)
-        self.norm2 = _norm(out_ch)
+        self.norm2 = _norm(out_ch, groups)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False)
         # MAGE's checkpoint: the shortcut maps out_ch -> out_ch and is applied to h.
         self.nin_shortcut = nn.Conv2d(out_ch, out_ch, 1, bias=False) if in_ch != out_ch else None
@@ -86,13 +87,13 @@ class Encoder(nn.Module):
         for level, mult in enumerate(c.ch_mult):
             blocks = []
             for _ in range(c.num_res_blocks):
-                blocks.append(ResBlock(ch_in, c.ch * mult))
+                blocks.append(ResBlock(ch_in, c.ch * mult, c.norm_groups))
                 ch_in = c.ch * mult
             self.down.append(_Level(blocks))
         self.mid = nn.Module()
-        self.mid.block_1 = ResBlock(ch_in, ch_in)
-        self.mid.block_2 = ResBlock(ch_in, ch_in)
-        self.norm_out = _norm(ch_in)
+        self.mid.block_1 = ResBlock(ch_in, ch_in, c.norm_groups)
+        self.mid.block_2 = ResBlock(ch_in, ch_in, c.norm_groups)
+        self.norm_out = _norm(ch_in, c.norm_groups)
         self.conv_out = nn.Conv2d(ch_in, c.embed_dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,20 +113,20 @@ class Decoder(nn.Module):
         ch_in = c.ch * c.ch_mult[-1]
         self.conv_in = nn.Conv2d(c.embed_dim, ch_in, 3, padding=1)
         self.mid = nn.Module()
-        self.mid.block_1 = ResBlock(ch_in, ch_in)
-        self.mid.block_2 = ResBlock(ch_in, ch_in)
+        self.mid.block_1 = ResBlock(ch_in, ch_in, c.norm_groups)
+        self.mid.block_2 = ResBlock(ch_in, ch_in, c.norm_groups)
         levels = []
         for level in reversed(range(len(c.ch_mult))):
             blocks = []
             for _ in range(c.num_res_blocks):
-                blocks.append(ResBlock(ch_in, c.ch * c.ch_mult[level]))
+                blocks.append(ResBlock(ch_in, c.ch * c.ch_mult[level], c.norm_groups))
                 ch_in = c.ch * c.ch_mult[level]
             up = _Level(blocks)
             if level != 0:
                 up.upsample = Upsample(ch_in)
             levels.insert(0, up)
         self.up = nn.ModuleList(levels)  # up[0] is the full resolution, as in the checkpoint
-        self.norm_out = _norm(ch_in)
+        self.norm_out = _norm(ch_in, c.norm_groups)
         self.conv_out = nn.Conv2d(ch_in, c.in_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -162,8 +163,8 @@ class VQTokenizer(nn.Module):
 
     def __init__(self, config: VQConfig):
         super().__init__()
-        if config.embed_dim % 32 or config.ch % 32:
-            raise ValueError("VQ tokenizer widths (ch, embed_dim) must be multiples of 32 (GroupNorm)")
+        if config.ch % config.norm_groups:
+            raise ValueError(f"VQ tokenizer width ch={config.ch} is not a multiple of norm_groups={config.norm_groups}")
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)

@@ -1,0 +1,272 @@
+"""`python -m addp.train`: ADDP pretraining, from one CPU to many GPUs (torchrun).
+
+With no arguments it trains a complete small ADDP on the bundled handwritten digits:
+a VQ tokenizer, then a MAGE token predictor, then the ADDP network, each stage cached in
+the output folder (skipped when its file exists), and ends with a grid of samples.
+With `--data-path /imagenet/train --model addp_vit_large_patch16 --tokenizer
+vqgan_jax_strongaug.ckpt --predictor mage-vitl-1600.pth` the same code runs the paper's
+pretraining (launch it with torchrun for several GPUs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import registry
+from .checkpoint import load_checkpoint, save_checkpoint
+from .diffusion import CONDITIONS, MAPPINGS, MASKINGS, DiffusionConfig
+from .distributed import cleanup, init_distributed
+from .loss import TARGETS
+from .model import TOKEN_INPUTS
+from .registry import AddpError
+from .stages import ADDPStage, PredictorStage, TokenizerStage, masked_token_accuracy, reconstruction_psnr
+from .trainer import PRECISIONS, TrainConfig, Trainer, identity_of
+
+STAGES = ("tokenizer", "predictor", "addp")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("python -m addp.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--stage", default="all", choices=("all",) + STAGES, help="which stage(s) to run")
+    p.add_argument("--model", default="addp_vit_small", choices=registry.list_models("addp"))
+    p.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the model config, e.g. drop_path=0.1 (repeatable)")
+    p.add_argument("--tokenizer", help="an existing tokenizer checkpoint (ours or vqgan_jax_strongaug.ckpt)")
+    p.add_argument("--predictor", help="an existing token predictor checkpoint (ours or mage-vit*-1600.pth)")
+    p.add_argument("--tokenizer-model", default=None, choices=registry.list_models("tokenizer"),
+                   help="preset to train when no --tokenizer is given (default: matches --model)")
+    p.add_argument("--predictor-model", default=None, choices=registry.list_models("predictor"))
+    p.add_argument("--data-path", help="ImageFolder root (e.g. imagenet/train); default: bundled digits")
+    p.add_argument("--crop-min", type=float, default=0.2, help="RandomResizedCrop scale lower bound")
+    p.add_argument("--no-flip", action="store_true", help="no horizontal flips")
+    p.add_argument("--output-dir", default="output/addp_demo")
+    p.add_argument("--steps", type=int, default=2400, help="ADDP training steps")
+    p.add_argument("--tokenizer-steps", type=int, default=1500)
+    p.add_argument("--predictor-steps", type=int, default=1500)
+    p.add_argument("--batch-size", type=int, default=64, help="per process and micro-step")
+    p.add_argument("--accum-steps", type=int, default=1)
+    p.add_argument("--blr", type=float, default=None,
+                   help="base lr; lr = blr * global batch / 256 (default 1.5e-4, 4e-3 for the small presets)")
+    p.add_argument("--lr", type=float, default=None, help="absolute ADDP lr (overrides --blr)")
+    p.add_argument("--tokenizer-lr", type=float, default=2e-3)
+    p.add_argument("--predictor-lr", type=float, default=2e-3)
+    p.add_argument("--min-lr", type=float, default=0.0)
+    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--clip-grad", type=float, default=3.0)
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--ema-decay", type=float, default=0.0, help="EMA of the weights (0: off)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    p.add_argument("--mapping", default="weighted_sum", choices=MAPPINGS)
+    p.add_argument("--condition", default="next", choices=CONDITIONS,
+                   help="predictor condition of the inputs: reliable tokens of t+1 (paper) or of t")
+    p.add_argument("--masking", default="default", choices=MASKINGS)
+    p.add_argument("--target", default="soft", choices=TARGETS)
+    p.add_argument("--token-input", default=None, choices=TOKEN_INPUTS, help="default: the preset's")
+    p.add_argument("--log-every", type=int, default=20)
+    p.add_argument("--ckpt-every", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=None, help="default: 0 for digits, 8 for folders")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--resume", default=None, help="a training checkpoint.pt to continue from")
+    p.add_argument("--force", action="store_true", help="start over in an output folder of another run")
+    p.add_argument("--num-samples", type=int, default=64, help="samples in the final grid (0: none)")
+    return p
+
+
+# -- building blocks -----------------------------------------------------------------------
+def parse_options(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise AddpError(f"--model-option expects KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def family_presets(model: str) -> tuple[str, str]:
+    return ("vqgan_small", "mage_vit_small") if model.endswith("_small") else ("vqgan_mage", "mage_vit_base_patch16")
+
+
+def build_dataset(args, image_size: int):
+    from .data import DigitsDataset, ImageFolderDataset
+    if args.data_path:
+        return ImageFolderDataset(args.data_path, image_size, args.crop_min, not args.no_flip, seed=args.seed)
+    return DigitsDataset("train", image_size, flip=False, seed=args.seed)
+
+
+def train_config(args, stage: str) -> TrainConfig:
+    steps = {"tokenizer": args.tokenizer_steps, "predictor": args.predictor_steps, "addp": args.steps}[stage]
+    lr = {"tokenizer": args.tokenizer_lr, "predictor": args.predictor_lr, "addp": args.lr}[stage]
+    blr = args.blr if args.blr is not None else (4e-3 if args.model.endswith("_small") else 1.5e-4)
+    return TrainConfig(steps=steps, batch_size=args.batch_size, accum_steps=args.accum_steps, blr=blr, lr=lr,
+                       min_lr=args.min_lr, warmup_steps=min(args.warmup_steps, steps - 1),
+                       weight_decay=0.0 if stage == "tokenizer" else args.weight_decay,
+                       clip_grad=args.clip_grad, precision=args.precision, ema_decay=args.ema_decay,
+                       compile=args.compile, log_every=args.log_every, ckpt_every=args.ckpt_every, seed=args.seed,
+                       num_workers=args.num_workers if args.num_workers is not None else (8 if args.data_path else 0))
+
+
+def run_stage(stage, args, dist, dataset, extra_identity: dict) -> dict:
+    """Train one stage in output/<stage>/ (resuming if a matching checkpoint is there)."""
+    from .data import make_loader
+    cfg = train_config(args, stage.name)
+    out = Path(args.output_dir) / stage.name
+    identity = identity_of(cfg, stage.model.config, extra_identity,
+                           {"data": args.data_path or "digits", "world_size": dist.world_size})
+    trainer = Trainer(stage, cfg, out, dist, identity)
+    trainer.maybe_resume(args.resume if args.stage == stage.name else None, args.force)
+    if trainer.step and dist.is_main:
+        print(f"[{stage.name}] resuming at step {trainer.step} from {trainer.checkpoint_path}")
+    result = trainer.fit(lambda start: make_loader(dataset, cfg.batch_size, cfg.seed, dist.rank,
+                                                   dist.world_size, start, cfg.num_workers))
+    result["model"] = trainer.final_model()
+    return result
+
+
+def load_or_none(path: str | None, component: str):
+    return load_checkpoint(path, component=component) if path else None
+
+
+# -- main ----------------------------------------------------------------------------------
+def main(args) -> dict:
+    dist = init_distributed(args.device)
+    torch.manual_seed(args.seed)
+    out = Path(args.output_dir)
+    overrides = parse_options(args.model_option)
+    if args.token_input:
+        overrides["token_input"] = args.token_input
+    net_config = registry.preset_config(args.model, **overrides)
+    tok_preset, pred_preset = family_presets(args.model)
+    dataset = build_dataset(args, net_config.image_size)
+    diffusion = DiffusionConfig(mapping=args.mapping, condition=args.condition, masking=args.masking)
+    run_all = args.stage == "all"
+    report: dict = {"output_dir": str(out)}
+    started = time.perf_counter()
+
+    tok_file, pred_file, net_file = out / "tokenizer.safetensors", out / "predictor.safetensors", out / "addp.safetensors"
+    tokenizer = load_or_none(args.tokenizer, "tokenizer")
+    if tokenizer is None and tok_file.exists() and args.stage != "tokenizer":
+        tokenizer = load_checkpoint(tok_file)
+        _say(dist, f"[tokenizer] cached: {tok_file}")
+    if tokenizer is None and (run_all or args.stage == "tokenizer"):
+        tok = registry.create_model(args.tokenizer_model or tok_preset, image_size=net_config.image_size)
+        tokenizer = run_stage(TokenizerStage(tok), args, dist, dataset, {})["model"]
+        _save(dist, tok_file, tokenizer)
+    if tokenizer is None:
+        raise AddpError(f"no tokenizer: pass --tokenizer, or run --stage tokenizer first (looked for {tok_file})")
+    tokenizer = tokenizer.to(dist.device).eval()
+    if run_all or args.stage == "tokenizer":
+        report["tokenizer_psnr_db"] = round(reconstruction_psnr(tokenizer, heldout_images(args, net_config)), 2)
+        _say(dist, f"[tokenizer] held-out reconstruction PSNR {report['tokenizer_psnr_db']:.2f} dB")
+    if args.stage == "tokenizer":
+        return _finish(dist, report, started)
+
+    predictor = load_or_none(args.predictor, "predictor")
+    if predictor is None and pred_file.exists() and args.stage != "predictor":
+        predictor = load_checkpoint(pred_file)
+        _say(dist, f"[predictor] cached: {pred_file}")
+    if predictor is None and (run_all or args.stage == "predictor"):
+        pred = registry.create_model(args.predictor_model or pred_preset,
+                                     codebook_size=tokenizer.config.codebook_size)
+        predictor = run_stage(PredictorStage(pred, tokenizer, diffusion), args, dist, dataset,
+                              {"tokenizer": tokenizer.config.name})["model"]
+        _save(dist, pred_file, predictor)
+    if predictor is None:
+        raise AddpError(f"no token predictor: pass --predictor, or run --stage predictor first (looked for {pred_file})")
+    if predictor.config.codebook_size != tokenizer.config.codebook_size:
+        raise AddpError(f"the tokenizer's codebook has {tokenizer.config.codebook_size} entries but the token "
+                        f"predictor predicts {predictor.config.codebook_size}: they were not trained together")
+    predictor = predictor.to(dist.device).eval()
+    if run_all or args.stage == "predictor":
+        acc, chance = masked_token_accuracy(predictor, tokenizer, heldout_images(args, net_config))
+        report.update(predictor_accuracy_50=round(acc, 4), predictor_chance=round(chance, 4))
+        _say(dist, f"[predictor] held-out masked-token accuracy at 50% masking {acc:.1%} (chance {chance:.1%})")
+    if args.stage == "predictor":
+        return _finish(dist, report, started)
+
+    net = registry.build_model(registry.preset_config(args.model, codebook_size=tokenizer.config.codebook_size,
+                                                      **overrides))
+    result = run_stage(ADDPStage(net, tokenizer, predictor, diffusion, args.target), args, dist, dataset,
+                       {"tokenizer": tokenizer.config.name, "predictor": predictor.config.name,
+                        "diffusion": diffusion.__dict__, "target": args.target})
+    net = result["model"].eval()
+    _save(dist, net_file, {"addp": net, "tokenizer": tokenizer})
+    losses = result["losses"]
+    report.update(addp_loss_first100=round(sum(losses[:100]) / len(losses[:100]), 4),
+                  addp_loss_final100=round(sum(losses[-100:]) / len(losses[-100:]), 4))
+    _say(dist, f"[addp] loss: first 100 steps {report['addp_loss_first100']:.4f} -> "
+               f"last 100 steps {report['addp_loss_final100']:.4f}")
+    if args.num_samples and dist.is_main:
+        report["samples"] = str(write_samples(net, tokenizer, args.num_samples, out / "samples.png", args.seed))
+    report["addp_checkpoint"] = str(net_file)
+    return _finish(dist, report, started)
+
+
+def heldout_images(args, net_config) -> torch.Tensor:
+    from .data import ImageFolderDataset, load_digits
+    if not args.data_path:
+        return load_digits("heldout", net_config.image_size)[0]
+    val = ImageFolderDataset(args.data_path, net_config.image_size, train=False)
+    pick = torch.randperm(len(val), generator=torch.Generator().manual_seed(0))[:512]
+    return torch.stack([val[int(i)][0] for i in pick])
+
+
+def write_samples(net, tokenizer, n: int, path: Path, seed: int) -> Path:
+    from torchvision.utils import save_image
+    from .sampler import SamplerConfig, generate
+    images = generate(net, tokenizer, n, SamplerConfig(), generator=torch.Generator().manual_seed(seed))
+    from .checkpoint import atomic_write
+    return atomic_write(path, lambda tmp: save_image(images, tmp, nrow=int(n ** 0.5), format="png"))
+
+
+def _save(dist, path: Path, models) -> None:
+    if dist.is_main:
+        save_checkpoint(path, models)
+
+
+def _say(dist, text: str) -> None:
+    if dist.is_main:
+        print(text, flush=True)
+
+
+def _finish(dist, report: dict, started: float) -> dict:
+    report["wall_time_s"] = round(time.perf_counter() - started, 1)
+    if dist.is_main:
+        out = Path(report["output_dir"])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(json.dumps(report, indent=1))
+        print("\n".join(["", "== addp.train finished =="] + [f"{k}: {v}" for k, v in report.items()]))
+    return report
+
+
+def cli(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        main(args)
+    except AddpError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the last complete checkpoint in {args.output_dir} is intact; "
+              "run the same command again to resume", file=sys.stderr)
+        return 130
+    finally:
+        cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

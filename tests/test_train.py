@@ -1,0 +1,181 @@
+"""The training loop: it learns, resumes exactly, runs under torchrun, refuses bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import addp
+from addp import train
+from addp.data import DigitsDataset, ImageFolderDataset, make_loader
+from addp.distributed import DistInfo
+from addp.registry import AddpError
+from addp.stages import ADDPStage, TokenizerStage
+from addp.trainer import TrainConfig, Trainer
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Several test processes share two cores; keep each one from oversubscribing."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def addp_stage(seed=0):
+    """Frozen parts are always the same (in a real run they come from files); the network
+    is initialised from `seed`."""
+    torch.manual_seed(0)
+    tok, pred = addp.create_model("vqgan_small"), addp.create_model("mage_vit_small")
+    torch.manual_seed(seed)
+    return ADDPStage(addp.create_model("addp_vit_small", depth=1, decoder_depth=1), tok, pred, target="hard")
+
+
+def fit(stage, out, steps, ckpt_every=1000, stop_after=None, lr=1e-3, batch=16):
+    cfg = TrainConfig(steps=steps, batch_size=batch, lr=lr, ckpt_every=ckpt_every, log_every=5)
+    trainer = Trainer(stage, cfg, out, DistInfo(), identity={"test": 1})
+    trainer.maybe_resume(None, force=False)
+    data = DigitsDataset("train")
+
+    def loader(start):
+        for i, item in enumerate(make_loader(data, batch, 0, 0, 1, start, 0)):
+            if stop_after is not None and i == stop_after:
+                raise KeyboardInterrupt
+            yield item
+    return trainer, trainer.fit(loader)
+
+
+def test_tokenizer_stage_learns_digits(tmp_path):
+    torch.manual_seed(0)
+    _, result = fit(TokenizerStage(addp.create_model("vqgan_small")), tmp_path, 150, lr=2e-3)
+    losses = result["losses"]
+    assert sum(losses[-20:]) / 20 < 0.6 * sum(losses[:20]) / 20
+
+
+def test_addp_stage_lowers_the_loss(tmp_path):
+    _, result = fit(addp_stage(), tmp_path, 200, lr=2e-3)
+    losses = result["losses"]
+    assert sum(losses[-30:]) / 30 < sum(losses[:30]) / 30 - 0.1
+
+
+def test_resume_is_bit_exact(tmp_path):
+    full, _ = fit(addp_stage(), tmp_path / "full", 12)
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C after step 6: the step-6 checkpoint survives
+        fit(addp_stage(), tmp_path / "cut", 12, ckpt_every=6, stop_after=8)
+    state = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 6
+    resumed, _ = fit(addp_stage(seed=123), tmp_path / "cut", 12, ckpt_every=6)
+    assert resumed.step == 12
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_a_run_of_another_config_is_not_resumed(tmp_path):
+    fit(addp_stage(), tmp_path, 2)
+    cfg = TrainConfig(steps=2, batch_size=16, lr=5e-4)
+    other = Trainer(addp_stage(), cfg, tmp_path, DistInfo(), identity={"test": 2})
+    with pytest.raises(AddpError, match="another config .*test.*--force"):
+        other.maybe_resume(None, force=False)
+    other.maybe_resume(None, force=True)
+    assert other.step == 0
+
+
+def test_compiled_step_matches_eager():
+    stage = addp_stage()
+    inputs = stage.prepare(DigitsDataset("train").images[:8], torch.Generator().manual_seed(0))
+    eager = stage.loss_module(**inputs)
+    compiled = torch.compile(stage.loss_module)(**inputs)
+    assert torch.allclose(eager, compiled, rtol=1e-4, atol=1e-5)
+
+
+def _write_folder(root: Path, n_good=6, n_bad=2):
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(n_good // 2):
+            Image.fromarray((torch.rand(40, 40, 3) * 255).byte().numpy()).save(root / c / f"{i}.png")
+    for i in range(n_bad):
+        (root / "a" / f"bad{i}.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    return root
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path):
+    data = ImageFolderDataset(_write_folder(tmp_path / "imgs"), 32)
+    assert len(data) == 8 and data.classes == ["a", "b"]
+    loader = iter(make_loader(data, 8, 0, 0, 1, 0, 0))
+    images, labels, bad = next(loader)
+    assert images.shape == (8, 3, 32, 32) and 0 <= float(images.min()) and float(images.max()) <= 1
+    # failed reads: bad0 -> bad1 -> b/0.png (2) and bad1 -> b/0.png (1)
+    assert bad == 3
+
+
+def test_augmentation_is_reproducible_per_step(tmp_path):
+    data = ImageFolderDataset(_write_folder(tmp_path / "imgs", n_bad=0), 16)
+    a = next(iter(make_loader(data, 4, 0, 0, 1, 3, 0)))[0]
+    b = next(iter(make_loader(data, 4, 0, 0, 1, 3, 0)))[0]
+    c = next(iter(make_loader(data, 4, 0, 0, 1, 4, 0)))[0]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def run_cli(*argv, timeout=600, **kw):
+    return subprocess.run([sys.executable, "-m", "addp.train", *argv], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda p: None, "data folder not found"),
+    (lambda p: p.mkdir(), "no images in"),
+])
+def test_missing_or_empty_data_folder_is_a_one_line_error(tmp_path, setup, message):
+    setup(tmp_path / "data")
+    out = run_cli("--data-path", str(tmp_path / "data"), "--output-dir", str(tmp_path / "o"))
+    assert out.returncode == 2 and message in out.stderr
+    assert out.stderr.strip().count("\n") == 0 and "Traceback" not in out.stderr
+
+
+def test_mismatched_tokenizer_and_predictor_are_refused(tmp_path):
+    tok = addp.save_checkpoint(tmp_path / "t.safetensors", addp.create_model("vqgan_small", codebook_size=128))
+    pred = addp.save_checkpoint(tmp_path / "p.safetensors", addp.create_model("mage_vit_small"))
+    out = run_cli("--stage", "addp", "--tokenizer", str(tok), "--predictor", str(pred),
+                  "--output-dir", str(tmp_path / "o"))
+    assert out.returncode == 2 and "codebook has 128 entries" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_ctrl_c_keeps_the_last_checkpoint(tmp_path):
+    out_dir = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, "-m", "addp.train", "--stage", "tokenizer", "--tokenizer-steps", "100000",
+                             "--ckpt-every", "2", "--batch-size", "8", "--output-dir", str(out_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    ckpt = out_dir / "tokenizer" / "checkpoint.pt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in err
+    state = torch.load(ckpt, weights_only=True)
+    assert state["step"] >= 2 and state["step"] % 2 == 0
+    assert not [p for p in ckpt.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_torchrun_two_processes_keep_replicas_identical(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(HERE / "dist_worker.py"), str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    first = [json.loads((tmp_path / f"batch{r}.json").read_text()) for r in (0, 1)]
+    assert not set(first[0]) & set(first[1])  # the ranks saw different images
