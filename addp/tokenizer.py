@@ -240,6 +240,6 @@ def vqgan_mage() -> VQConfig:
 
 @register_preset
 def vqgan_small() -> VQConfig:
-    """32 px -> 8x8 tokens, codebook 256 x 32: trains on a CPU in minutes (digits demo)."""
-    return VQConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, codebook_size=256, embed_dim=32,
-                    image_size=32)
+    """32 px -> 8x8 tokens, codebook 256 x 32, 0.2 M parameters: trains on a CPU in minutes."""
+    return VQConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8, codebook_size=256,
+                    embed_dim=32, image_size=32)

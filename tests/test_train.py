@@ -91,10 +91,16 @@ def test_a_run_of_another_config_is_not_resumed(tmp_path):
 
 def test_compiled_step_matches_eager():
     stage = addp_stage()
+    stage.model.eval()  # no dropout: both runs see the same network
     inputs = stage.prepare(DigitsDataset("train").images[:8], torch.Generator().manual_seed(0))
     eager = stage.loss_module(**inputs)
+    eager.backward()
+    grad = stage.model.patch_embed.proj.weight.grad.clone()
+    stage.model.zero_grad()
     compiled = torch.compile(stage.loss_module)(**inputs)
+    compiled.backward()
     assert torch.allclose(eager, compiled, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(grad, stage.model.patch_embed.proj.weight.grad, rtol=1e-3, atol=1e-6)
 
 
 def _write_folder(root: Path, n_good=6, n_bad=2):

@@ -1,0 +1,48 @@
+"""Compiled CPU codebook weighted sum vs the plain-PyTorch reference (pytest benchmarks/).
+
+The reference is timed in the same run, interleaved with the compiled op (one call each per
+round), so that load from other processes on the machine hits both alike.
+"""
+import statistics
+import time
+
+import pytest
+import torch
+
+from addp.ops import codebook_weighted_sum, codebook_weighted_sum_reference, has_compiled_ops
+
+B, L, K, D = 64, 64, 512, 64
+
+
+def _interleaved_medians(fns, args, rounds=60, warmup=3):
+    times = [[] for _ in fns]
+    for i in range(warmup + rounds):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn(*args)
+            if i >= warmup:
+                ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
+
+
+@pytest.mark.skipif(not has_compiled_ops(), reason="addp._C is not built")
+@pytest.mark.parametrize("masked", [False, True], ids=["mask_none", "mask_50pct"])
+def test_bench_codebook_weighted_sum_cpu(benchmark, report_ratio, masked):
+    g = torch.Generator().manual_seed(0)
+    logits, codebook = torch.randn(B, L, K, generator=g), torch.randn(K, D, generator=g)
+    ids = torch.randint(0, K, (B, L), generator=g) if masked else None
+    mask = torch.rand(B, L, generator=g) < 0.5 if masked else None
+    args = (logits, codebook, ids, mask, 1.0)
+
+    def compiled(*a):
+        return codebook_weighted_sum(*a, backend="cpu")
+
+    benchmark.group = f"codebook_weighted_sum B={B} L={L} K={K} D={D} fp32"
+    benchmark.pedantic(compiled, args=args, rounds=30, iterations=3, warmup_rounds=1)
+    ref_s, op_s = _interleaved_medians([codebook_weighted_sum_reference, compiled], args)
+    ratio = ref_s / op_s
+    detail = f"(reference {ref_s * 1e3:.2f} ms, cpu {op_s * 1e3:.2f} ms, medians, {torch.get_num_threads()} threads)"
+    benchmark.extra_info.update(reference_ms=ref_s * 1e3, cpu_ms=op_s * 1e3, speedup=ratio)
+    report_ratio(f"codebook_weighted_sum cpu, {'50% mask' if masked else 'no mask'}", ratio, detail)
+    print(f"speedup {ratio:.2f}x {detail}")
+    assert ratio >= 0.9, f"compiled CPU op is slower than the reference: {ratio:.2f}x {detail}"

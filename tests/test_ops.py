@@ -1,0 +1,203 @@
+"""Parity and error tests of the fused ops in addp.ops (compiled CPU kernel vs the reference)."""
+import pytest
+import torch
+
+import addp.ops as ops
+from addp.ops import codebook_weighted_sum, codebook_weighted_sum_reference, has_compiled_ops
+
+needs_c = pytest.mark.skipif(not has_compiled_ops(), reason="addp._C is not built (pip install --no-build-isolation .)")
+
+
+def assert_close(actual, expected, atol, rtol):
+    """Elementwise |a - e| <= atol + rtol * |e| (NaN must match NaN); names the worst index."""
+    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"dtype {actual.dtype} != {expected.dtype}"
+    a, e = actual.float(), expected.float()
+    nan_ok = torch.isnan(a) == torch.isnan(e)
+    excess = ((a - e).abs() - (atol + rtol * e.abs())).nan_to_num(nan=0.0)
+    excess = torch.where(nan_ok, excess, torch.full_like(excess, float("inf")))
+    if excess.numel() and excess.max() > 0:
+        idx = tuple(int(i) for i in torch.unravel_index(excess.argmax(), excess.shape))
+        bad = int((excess > 0).sum())
+        pytest.fail(f"{bad}/{excess.numel()} elements differ; worst at {idx}: got {a[idx].item()!r}, "
+                    f"expected {e[idx].item()!r} (atol={atol}, rtol={rtol})")
+
+
+def make_inputs(B, L, K, D, V, layout="contig", masked=True, dtype=torch.float32, cb_dtype=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if layout == "contig":
+        logits = torch.randn(B, L, V, generator=g)
+    elif layout == "transposed":  # leading dims swapped: (L, B, V) viewed as (B, L, V)
+        logits = torch.randn(L, B, V, generator=g).transpose(0, 1)
+    elif layout == "strided_v":  # last dim not unit-stride
+        logits = torch.randn(B, V, L, generator=g).permute(0, 2, 1)
+    elif layout == "sliced":  # offset view with a step on the last dim
+        logits = torch.randn(B, L + 1, 2 * V + 3, generator=g)[:, 1:, 3::2]
+    else:
+        raise ValueError(layout)
+    logits = (logits * 2.5).to(dtype)
+    codebook = torch.randn(K, D, generator=g).to(cb_dtype or dtype)
+    ids = mask = None
+    if masked:
+        ids = torch.randint(0, K, (B, L), generator=g)
+        mask = torch.rand(B, L, generator=g) < 0.5
+    return logits, codebook, ids, mask
+
+
+# (B, L, K, D, V): K < 8, K and D not multiples of 8/16/32/64, V > K, up to B=64, L=300, K=2000, D=300
+SHAPES = [
+    (1, 1, 1, 1, 1), (1, 1, 5, 3, 7), (2, 3, 7, 9, 7), (64, 64, 512, 64, 1536),
+    (4, 300, 2000, 300, 2000), (3, 17, 100, 33, 1124), (8, 256, 1024, 256, 2025), (5, 31, 63, 17, 64),
+    (2, 255, 129, 65, 130), (16, 16, 33, 1, 40), (7, 13, 1000, 48, 1000), (1, 300, 257, 100, 300),
+    (64, 2, 17, 300, 17), (3, 50, 8, 16, 9), (9, 9, 31, 31, 31), (2, 64, 512, 64, 512),
+    (12, 40, 2000, 7, 2048), (1, 5, 2, 2, 3), (33, 3, 127, 129, 200), (64, 1, 64, 32, 100),
+]
+LAYOUTS = ["contig", "transposed", "strided_v", "sliced"]
+
+
+@needs_c
+@pytest.mark.parametrize("i", range(len(SHAPES)), ids=[str(s) for s in SHAPES])
+def test_weighted_sum_fp32_parity(i):
+    B, L, K, D, V = SHAPES[i]
+    layout, masked, temperature = LAYOUTS[i % 4], i % 3 != 0, (1.0, 0.7)[i % 2]
+    logits, codebook, ids, mask = make_inputs(B, L, K, D, V, layout, masked, seed=i)
+    out = codebook_weighted_sum(logits, codebook, ids, mask, temperature, backend="cpu")
+    ref = codebook_weighted_sum_reference(logits, codebook, ids, mask, temperature)
+    assert out.shape == (B, L, D) and out.is_contiguous()
+    assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@needs_c
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+@pytest.mark.parametrize("shape", [(3, 70, 300, 80, 333), (2, 13, 9, 16, 9), (4, 20, 64, 64, 64)])
+def test_weighted_sum_every_isa(isa, shape, monkeypatch):
+    monkeypatch.setenv("ADDP_CPU_ISA", isa)  # caps the kernel variant (falls back if unsupported)
+    logits, codebook, ids, mask = make_inputs(*shape, layout="sliced")
+    out = codebook_weighted_sum(logits, codebook, ids, mask, 0.7, backend="cpu")
+    assert_close(out, codebook_weighted_sum_reference(logits, codebook, ids, mask, 0.7), 1e-5, 1e-5)
+
+
+@needs_c
+@pytest.mark.parametrize("dtype,cb_dtype", [
+    (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+    (torch.bfloat16, torch.float32), (torch.float32, torch.float16), (torch.float16, torch.bfloat16),
+])
+@pytest.mark.parametrize("shape", [(4, 37, 1024, 256, 2025), (2, 5, 7, 3, 9)])
+def test_weighted_sum_low_precision(dtype, cb_dtype, shape):
+    logits, codebook, ids, mask = make_inputs(*shape, layout="transposed", dtype=dtype, cb_dtype=cb_dtype)
+    for args in [(None, None), (ids, mask)]:
+        out = codebook_weighted_sum(logits, codebook, *args, 0.7, backend="cpu")
+        assert out.dtype == cb_dtype
+        assert_close(out, codebook_weighted_sum_reference(logits, codebook, *args, 0.7), 1e-2, 1e-2)
+
+
+@needs_c
+def test_weighted_sum_edge_values():
+    logits, codebook, ids, mask = make_inputs(2, 6, 40, 24, 50, masked=False)
+    logits[0, 0, 5:] = float("-inf")    # partly -inf row (e.g. after top-p filtering)
+    logits[0, 1, :40] = float("-inf")   # all K logits -inf: undefined (NaN) in the reference too
+    logits[1, 2, 10] = 1e4              # one dominant logit
+    out = codebook_weighted_sum(logits, codebook, backend="cpu")
+    ref = codebook_weighted_sum_reference(logits, codebook)
+    keep = torch.ones(2, 6, dtype=torch.bool)
+    keep[0, 1] = False
+    assert_close(out[keep], ref[keep], 1e-5, 1e-5)
+    assert torch.equal(out[1, 2], codebook[10])
+
+
+@needs_c
+def test_weighted_sum_reliable_rows_are_exact_and_empty_inputs():
+    logits, codebook, ids, mask = make_inputs(3, 8, 30, 20, 30, dtype=torch.bfloat16)
+    out = codebook_weighted_sum(logits, codebook, ids, torch.zeros_like(mask), backend="cpu")
+    assert torch.equal(out, codebook[ids])
+    empty = codebook_weighted_sum(logits[:0], codebook, backend="cpu")
+    assert empty.shape == (0, 8, 20)
+    one_row = codebook_weighted_sum(logits[0, 0], codebook, backend="cpu")  # 1-D logits
+    assert_close(one_row, codebook_weighted_sum_reference(logits[0, 0], codebook), 1e-2, 1e-2)
+
+
+@needs_c
+@pytest.mark.parametrize("masked", [False, True])
+def test_weighted_sum_opcheck(masked):
+    for dtype in (torch.float32, torch.bfloat16):
+        logits, codebook, ids, mask = make_inputs(2, 5, 12, 8, 15, layout="sliced", masked=masked, dtype=dtype)
+        torch.library.opcheck(torch.ops.addp.codebook_weighted_sum.default, (logits, codebook, ids, mask, 0.7))
+
+
+@needs_c
+def test_weighted_sum_torch_compile():
+    logits, codebook, ids, mask = make_inputs(2, 9, 20, 16, 24)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(lg, cb, ids, mask):
+        return codebook_weighted_sum(lg * 1.5, cb, ids, mask, temperature=0.7, backend="cpu") + 1
+
+    expected = codebook_weighted_sum_reference(logits * 1.5, codebook, ids, mask, 0.7) + 1
+    assert_close(f(logits, codebook, ids, mask), expected, 1e-5, 1e-5)
+
+
+def test_auto_backend_and_gradients():
+    logits, codebook, ids, mask = make_inputs(2, 4, 10, 6, 12)
+    out = codebook_weighted_sum(logits, codebook, ids, mask)  # auto: compiled when available
+    assert_close(out, codebook_weighted_sum_reference(logits, codebook, ids, mask), 1e-5, 1e-5)
+    logits.requires_grad_(True)
+    out = codebook_weighted_sum(logits, codebook, ids, mask)  # auto picks the differentiable reference
+    out.sum().backward()
+    assert logits.grad is not None and logits.grad.shape == logits.shape
+
+
+def test_missing_extension_falls_back(monkeypatch):
+    monkeypatch.setattr(ops, "_C_ERROR", ImportError("simulated: no addp._C"))
+    logits, codebook, _, _ = make_inputs(2, 4, 10, 6, 12, masked=False)
+    assert not ops.has_compiled_ops()
+    assert_close(codebook_weighted_sum(logits, codebook), codebook_weighted_sum_reference(logits, codebook), 0, 0)
+    with pytest.raises(RuntimeError, match="backend 'cpu' is unavailable.*simulated"):
+        codebook_weighted_sum(logits, codebook, backend="cpu")
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda", "nonsense"])
+def test_unavailable_backend_raises(backend, monkeypatch):
+    logits, codebook, _, _ = make_inputs(1, 2, 4, 3, 4, masked=False)
+    with pytest.raises(RuntimeError, match=backend) as err:
+        codebook_weighted_sum(logits, codebook, backend=backend)
+    assert "\n" not in str(err.value)
+    monkeypatch.setenv("ADDP_OPS_BACKEND", backend)
+    with pytest.raises(RuntimeError, match=backend):
+        codebook_weighted_sum(logits, codebook)
+
+
+def _bad_inputs():
+    lg, cb, ids, mask = make_inputs(2, 3, 8, 4, 10)
+    bad_ids = ids.clone()
+    bad_ids[1, 2] = 8
+    return {
+        "codebook not 2-D": ((lg, cb[None], None, None), "2-D"),
+        "K > V": ((lg[..., :5], cb, None, None), "exceeds"),
+        "ids out of range": ((lg, cb, bad_ids, mask), "out of range"),
+        "mask without ids": ((lg, cb, None, mask), "together"),
+        "int logits": ((lg.long(), cb, None, None), "float32"),
+        "ids shape": ((lg, cb, ids[:, :2], mask[:, :2]), "shape"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_inputs()))
+def test_bad_inputs_public_function(case):
+    (lg, cb, ids, mask), pattern = _bad_inputs()[case]
+    with pytest.raises((ValueError, RuntimeError), match=pattern) as err:
+        codebook_weighted_sum(lg, cb, ids, mask, backend="cpu" if has_compiled_ops() else None)
+    assert "\n" not in str(err.value).strip()
+
+
+@needs_c
+@pytest.mark.parametrize("case", list(_bad_inputs()))
+def test_bad_inputs_compiled_op(case):
+    (lg, cb, ids, mask), pattern = _bad_inputs()[case]
+    with pytest.raises(RuntimeError, match=pattern) as err:
+        torch.ops.addp.codebook_weighted_sum(lg, cb, ids, mask, 1.0)
+    assert "\n" not in str(err.value).strip()
+
+
+def test_bad_temperature():
+    lg, cb, _, _ = make_inputs(1, 2, 4, 3, 4, masked=False)
+    with pytest.raises(ValueError, match="temperature"):
+        codebook_weighted_sum(lg, cb, temperature=0.0)
