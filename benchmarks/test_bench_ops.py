@@ -46,3 +46,57 @@ def test_bench_codebook_weighted_sum_cpu(benchmark, report_ratio, masked):
     report_ratio(f"codebook_weighted_sum cpu, {'50% mask' if masked else 'no mask'}", ratio, detail)
     print(f"speedup {ratio:.2f}x {detail}")
     assert ratio >= 0.9, f"compiled CPU op is slower than the reference: {ratio:.2f}x {detail}"
+
+
+# --------------------------------------------------------------------------- Gumbel top-k unmasking
+@pytest.mark.skipif(not has_compiled_ops(), reason="addp._C is not built")
+def test_bench_gumbel_topk_unmask_cpu(benchmark, report_ratio):
+    """Whole step incl. the noise draw (torch.rand, same in both), 60% positions unreliable."""
+    from addp.ops import gumbel_topk_unmask
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(B, L, K, generator=g) * 3
+    ids = torch.randint(0, K, (B, L), generator=g)
+    mask = torch.rand(B, L, generator=g) < 0.6
+
+    def run(backend):
+        return lambda: gumbel_topk_unmask(logits, ids, mask, L // 3, 3.0, torch.Generator().manual_seed(1),
+                                          backend=backend)
+
+    benchmark.group = f"gumbel_topk_unmask B={B} L={L} K={K} fp32"
+    benchmark.pedantic(run("cpu"), rounds=20, iterations=3, warmup_rounds=1)
+    ref_s, op_s = _interleaved_medians([run("reference"), run("cpu")], (), rounds=30)
+    _report(benchmark, report_ratio, "gumbel_topk_unmask cpu", ref_s, op_s)
+
+
+# --------------------------------------------------------------------------- soft-target cross entropy
+@pytest.mark.skipif(not has_compiled_ops(), reason="addp._C is not built")
+def test_bench_soft_target_cross_entropy_cpu(benchmark, report_ratio):
+    """Forward + backward, V = K + 2, 50% positions masked."""
+    from addp.ops import soft_target_cross_entropy
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(B, L, K + 2, generator=g) * 3).requires_grad_(True)
+    target = torch.softmax(torch.randn(B, L, K, generator=g), -1)
+    mask = torch.rand(B, L, generator=g) < 0.5
+
+    def run(backend):
+        def step():
+            loss = soft_target_cross_entropy(logits, target, mask, 0.1, backend=backend)
+            return torch.autograd.grad(loss, logits)
+        return step
+
+    benchmark.group = f"soft_target_cross_entropy fwd+bwd B={B} L={L} V={K + 2} fp32"
+    benchmark.pedantic(run("cpu"), rounds=20, iterations=3, warmup_rounds=1)
+    ref_s, op_s = _interleaved_medians([run("reference"), run("cpu")], (), rounds=30)
+    _report(benchmark, report_ratio, "soft_target_cross_entropy fwd+bwd cpu", ref_s, op_s)
+
+
+MIN_RATIO = 0.9  # fail when the compiled op is more than 10% slower than the reference
+
+
+def _report(benchmark, report_ratio, name, ref_s, op_s):
+    ratio = ref_s / op_s
+    detail = f"(reference {ref_s * 1e3:.2f} ms, cpu {op_s * 1e3:.2f} ms, medians, {torch.get_num_threads()} threads)"
+    benchmark.extra_info.update(reference_ms=ref_s * 1e3, cpu_ms=op_s * 1e3, speedup=ratio)
+    report_ratio(name, ratio, detail)
+    print(f"{name}: speedup {ratio:.2f}x {detail}")
+    assert ratio >= MIN_RATIO, f"{name} is slower than the reference: {ratio:.2f}x {detail}"

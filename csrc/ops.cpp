@@ -5,21 +5,45 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <tuple>
 
 namespace addp {
 
 at::Tensor codebook_weighted_sum_cpu(const at::Tensor& logits, const at::Tensor& codebook,
                                      const std::optional<at::Tensor>& ids,
                                      const std::optional<at::Tensor>& mask, double temperature);
+std::tuple<at::Tensor, at::Tensor> gumbel_topk_unmask_cpu(
+    const at::Tensor& logits, const at::Tensor& u1, const at::Tensor& u2, const at::Tensor& ids,
+    const at::Tensor& mask, const at::Tensor& mask_len, double tau, const std::optional<at::Tensor>& keep);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_target_cross_entropy_cpu(
+    const at::Tensor& logits, const at::Tensor& target, const at::Tensor& mask, double smoothing);
+at::Tensor soft_target_cross_entropy_backward_cpu(const at::Tensor& grad, const at::Tensor& logits,
+                                                 const at::Tensor& target, const at::Tensor& mask,
+                                                 const at::Tensor& lse, const at::Tensor& qsum, double smoothing);
 
 TORCH_LIBRARY(addp, m) {
   m.def(
       "codebook_weighted_sum(Tensor logits, Tensor codebook, Tensor? ids, Tensor? mask, "
       "float temperature) -> Tensor");
+  // Uniform noise u1 (B, L, K) float32 and u2 (B, L) float64 comes from the caller (the
+  // Python wrapper draws it from a torch.Generator), so every backend gives the same result.
+  m.def(
+      "gumbel_topk_unmask(Tensor logits, Tensor u1, Tensor u2, Tensor ids, Tensor mask, "
+      "Tensor mask_len, float tau, Tensor? keep) -> (Tensor new_ids, Tensor new_mask)");
+  // -> (loss, lse, qsum): the masked mean loss and, per position, logsumexp and sum of target.
+  m.def(
+      "soft_target_cross_entropy(Tensor logits, Tensor target, Tensor mask, float smoothing) "
+      "-> (Tensor loss, Tensor lse, Tensor qsum)");
+  m.def(
+      "soft_target_cross_entropy_backward(Tensor grad, Tensor logits, Tensor target, Tensor mask, "
+      "Tensor lse, Tensor qsum, float smoothing) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(addp, CPU, m) {
   m.impl("codebook_weighted_sum", &codebook_weighted_sum_cpu);
+  m.impl("gumbel_topk_unmask", &gumbel_topk_unmask_cpu);
+  m.impl("soft_target_cross_entropy", &soft_target_cross_entropy_cpu);
+  m.impl("soft_target_cross_entropy_backward", &soft_target_cross_entropy_backward_cpu);
 }
 
 }  // namespace addp

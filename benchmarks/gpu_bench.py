@@ -1,0 +1,105 @@
+"""GPU speed of the fused ops at the ViT-B/256 shapes vs their references (run by gpu_check.sh).
+
+Prints, per op and backend: median time (CUDA events), speedup vs the reference, achieved
+bandwidth (minimum bytes the op must move / time) and its fraction of the measured
+device-to-device copy bandwidth.
+"""
+import argparse
+import statistics
+
+import torch
+
+from addp import ops
+
+
+def time_ms(fn, iters=50, warmup=5):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth(nbytes=2 << 30):
+    x = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = time_ms(lambda: y.copy_(x), iters=20)
+    return 2 * nbytes / ms / 1e6  # GB/s: read + write
+
+
+def available(op, backend, x):
+    impl = ops._IMPLS[op].get(backend)
+    return impl is not None and impl.unavailable(x) is None
+
+
+def bench(name, op, make_call, nbytes, x, copy_gbs):
+    ref_ms = time_ms(make_call("reference"))
+    print(f"{name}: reference {ref_ms:.3f} ms")
+    for backend in ("triton", "cuda"):
+        if not available(op, backend, x):
+            print(f"{name}: {backend} unavailable")
+            continue
+        ms = time_ms(make_call(backend))
+        gbs = nbytes / ms / 1e6
+        print(f"{name}: {backend} {ms:.3f} ms  speedup {ref_ms / ms:.2f}x  "
+              f"{gbs:.0f} GB/s = {gbs / copy_gbs:.2f} of copy bandwidth")
+
+
+def main(args):
+    B, L, K, D = args.B, args.L, args.K, args.D
+    V = K + 2
+    torch.manual_seed(0)
+    copy_gbs = copy_bandwidth()
+    print(f"device {torch.cuda.get_device_name()}; copy bandwidth {copy_gbs:.0f} GB/s; B={B} L={L} K={K} D={D} V={V}")
+    for dtype in (torch.float32, torch.bfloat16):
+        es = torch.tensor([], dtype=dtype).element_size()
+        logits = (torch.randn(B, L, V, device="cuda") * 3).to(dtype)
+        codebook = torch.randn(K, D, device="cuda").to(dtype)
+        ids = torch.randint(0, K, (B, L), device="cuda")
+        mask = torch.rand(B, L, device="cuda") < 0.5
+        tag = str(dtype).replace("torch.", "")
+
+        def ws(backend):
+            fn = ops._IMPLS["codebook_weighted_sum"][backend].fn
+            return lambda: fn(logits[..., :K], codebook, ids, mask, 1.0)
+        bench(f"codebook_weighted_sum {tag}", "codebook_weighted_sum", ws,
+              B * L * K * es + K * D * es + B * L * D * es, logits, copy_gbs)
+
+        u1 = torch.rand(B, L, K, device="cuda")
+        u2 = torch.rand(B, L, device="cuda", dtype=torch.float64)
+        mask_len = torch.tensor(L // 3, device="cuda")
+
+        def gt(backend):
+            fn = ops._IMPLS["gumbel_topk_unmask"][backend].fn
+            return lambda: fn(logits[..., :K], u1, u2, ids, mask, mask_len, 3.0, None)
+        bench(f"gumbel_topk_unmask (noise given) {tag}", "gumbel_topk_unmask", gt,
+              mask.float().mean().item() * B * L * K * (es + 4) + B * L * 26, logits, copy_gbs)
+
+        target = torch.softmax(torch.randn(B, L, K, device="cuda"), -1)
+        x = logits.detach().requires_grad_(True)
+
+        def ce(backend):
+            def step():
+                loss = ops.soft_target_cross_entropy(x, target, mask, 0.1, backend=backend)
+                return torch.autograd.grad(loss, x)
+            return step
+        # forward reads logits + target of masked rows; backward reads them again, writes dlogits
+        frac = mask.float().mean().item()
+        bench(f"soft_target_cross_entropy fwd+bwd {tag}", "soft_target_cross_entropy", ce,
+              frac * 2 * B * L * (V * es + K * 4) + B * L * V * es, logits, copy_gbs)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--B", type=int, default=64)
+    p.add_argument("--L", type=int, default=256)
+    p.add_argument("--K", type=int, default=1024)
+    p.add_argument("--D", type=int, default=256)
+    main(p.parse_args())

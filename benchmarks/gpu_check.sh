@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# GPU check of the fused ops, one script, < 5 minutes on one GPU (no internet needed):
+#   1. builds addp._C with the CUDA sources (pip, no build isolation, no deps),
+#   2. runs the Triton/CUDA parity tests (tests/test_kernels_triton.py runs on CUDA here),
+#      the op tests and the CPU benchmarks' parity,
+#   3. benchmarks every op vs its reference at the ViT-B/256 shapes (B=64 L=256 K=1024 D=256)
+#      with a device-to-device copy bandwidth baseline (benchmarks/gpu_bench.py).
+# The raw log goes to benchmarks/results/gpu_check-<date>.log. Usage: bash benchmarks/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p benchmarks/results
+LOG="benchmarks/results/gpu_check-$(date +%Y%m%d-%H%M%S).log"
+exec > >(tee "$LOG") 2>&1
+status=0
+step() { echo; echo "=== $* ($(date +%T))"; }
+
+step "environment"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+
+step "build addp._C with CUDA kernels"
+ADDP_BUILD_CUDA="${ADDP_BUILD_CUDA:-1}" timeout 240 pip install --no-build-isolation --no-deps -q -e . || status=1
+python -c "import addp.ops as o; print('compiled ops loaded:', o.has_compiled_ops())" || status=1
+
+step "parity tests (Triton and CUDA on the GPU, CPU kernels)"
+timeout 150 python -m pytest -q -x tests/test_kernels_triton.py tests/test_ops.py tests/test_ops_unmask.py \
+  tests/test_ops_loss.py || status=1
+
+step "benchmarks at ViT-B/256 shapes"
+timeout 90 python benchmarks/gpu_bench.py --B 64 --L 256 --K 1024 --D 256 || status=1
+
+step "done: exit status $status; log in $LOG"
+exit $status
