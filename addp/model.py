@@ -221,5 +221,5 @@ def addp_resnet50() -> ADDPConfig:
 @register_preset
 def addp_vit_small() -> ADDPConfig:
     """32 px images, 8x8 tokens, 256-entry codebook: the CPU demo preset."""
-    return _addp(image_size=32, patch_size=4, codebook_size=256, extra_tokens=2, embed_dim=128,
-                 depth=4, num_heads=4, decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4)
+    return _addp(image_size=32, patch_size=4, codebook_size=256, extra_tokens=2, embed_dim=64,
+                 depth=4, num_heads=4, decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4, dropout=0.0)

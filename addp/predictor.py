@@ -149,6 +149,6 @@ def mage_vit_large_patch16() -> PredictorConfig:
 
 @register_preset
 def mage_vit_small() -> PredictorConfig:
-    """Tiny MAGE for 8x8 token grids and a 256-entry codebook (CPU demo)."""
-    return _mage(codebook_size=256, num_classes=1, seq_len=64, max_positions=65, embed_dim=128,
-                 depth=4, num_heads=4, decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4)
+    """Tiny MAGE for 8x8 token grids and a 256-entry codebook (CPU demo; no dropout)."""
+    return _mage(codebook_size=256, num_classes=1, seq_len=64, max_positions=65, embed_dim=64,
+                 depth=4, num_heads=4, decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4, dropout=0.0)

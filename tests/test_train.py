@@ -185,3 +185,37 @@ def test_torchrun_two_processes_keep_replicas_identical(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     first = [json.loads((tmp_path / f"batch{r}.json").read_text()) for r in (0, 1)]
     assert not set(first[0]) & set(first[1])  # the ranks saw different images
+
+
+def test_stages_run_alone_and_reuse_cached_files(tmp_path):
+    out = tmp_path / "o"
+    common = ("--output-dir", str(out), "--batch-size", "8", "--num-samples", "4", "--log-every", "2")
+    r = run_cli("--stage", "tokenizer", "--tokenizer-steps", "3", *common)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "tokenizer.safetensors").exists() and not (out / "predictor.safetensors").exists()
+    assert "tokenizer_psnr_db" in json.loads((out / "report.json").read_text())
+    r = run_cli("--stage", "predictor", "--predictor-steps", "3", *common)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "[tokenizer] cached" in r.stdout and (out / "predictor.safetensors").exists()
+    r = run_cli("--stage", "addp", "--steps", "3", *common)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert {"addp_loss_first100", "addp_loss_final100", "samples"} <= set(report)
+    net = addp.load_checkpoint(out / "addp.safetensors")
+    tok = addp.load_checkpoint(out / "addp.safetensors", component="tokenizer")
+    assert isinstance(net, addp.ADDP) and isinstance(tok, addp.VQTokenizer)
+    assert Image.open(out / "samples.png").size[0] > 32
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_and_ema_steps(tmp_path, precision):
+    cfg = TrainConfig(steps=3, batch_size=8, lr=1e-3, precision=precision, ema_decay=0.9, log_every=1)
+    stage = addp_stage()
+    trainer = Trainer(stage, cfg, tmp_path, DistInfo(), identity={})
+    trainer.fit(lambda start: make_loader(DigitsDataset("train"), 8, 0, 0, 1, start, 0))
+    assert all(torch.isfinite(torch.tensor(trainer.losses.tolist())))
+    assert trainer.scaler.is_enabled() == (precision == "fp16")
+    ema, live = trainer.final_model().state_dict(), trainer.model.state_dict()
+    assert not torch.equal(ema["mlm_layer.fc.weight"], live["mlm_layer.fc.weight"])
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert torch.equal(state["ema"]["mlm_layer.fc.weight"], ema["mlm_layer.fc.weight"])
