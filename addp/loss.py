@@ -11,16 +11,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import ops
+
 TARGETS = ("soft", "hard", "both")
 
 
 def soft_target_cross_entropy(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
                               smoothing: float = 0.1) -> torch.Tensor:
-    """logits (B, L, V), target (B, L, K<=V) probabilities, mask (B, L) bool -> scalar."""
-    logp = F.log_softmax(logits.float(), dim=-1)
-    K = target.shape[-1]
-    per_pos = -(1 - smoothing) * (target.float() * logp[..., :K]).sum(-1) - smoothing * logp.mean(-1)
-    return _masked_mean(per_pos, mask)
+    """logits (B, L, V), target (B, L, K<=V) probabilities, mask (B, L) bool -> scalar.
+
+    The fused op (log-softmax, loss and masked mean in one pass, forward and backward);
+    its plain-PyTorch definition is ``ops.soft_target_cross_entropy_reference``.
+    """
+    return ops.soft_target_cross_entropy(logits, target, mask, smoothing)
 
 
 def hard_target_cross_entropy(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,

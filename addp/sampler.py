@@ -189,20 +189,15 @@ def lowest_confidence_mask(confidence: torch.Tensor, mask_len: int) -> torch.Ten
 # --------------------------------------------------------------------------- the sampler
 def _denoise_step(net, tokenizer, x, ids, mask, num_reliable: int, mask_len: int, tau: float,
                   top_p: float, generator):
-    """One alternating step: (x, ids, mask) -> (x_next, ids_next, mask_next)."""
+    """One alternating step: (x, ids, mask) -> (x_next, ids_next, mask_next).
+
+    Sampling, confidence and the choice of positions are the fused op
+    ``ops.gumbel_topk_unmask`` (its reference is the plain-PyTorch definition); it draws
+    the noise in the order documented above.
+    """
     K = tokenizer.codebook.shape[0]
     logits = net(x, ids, mask, num_reliable)[..., :K].float()  # (B, L, K)
-    sampled = sample_ids(logits, gumbel_noise(logits.shape, generator, torch.float32, logits.device), top_p)
-    ids = torch.where(mask, sampled, ids)
-
-    # log of the sampled probability (not log_softmax): the official rounding, so the choice
-    # of positions matches a literal re-implementation bit for bit.
-    prob = torch.softmax(logits, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-    choice = gumbel_noise(mask.shape, generator, torch.float64, logits.device)
-    confidence = torch.log(prob) + (tau * choice).float()
-    confidence = confidence.masked_fill(~mask, float("inf"))
-    mask = lowest_confidence_mask(confidence, mask_len)
-
+    ids, mask = ops.gumbel_topk_unmask(logits, ids, mask, mask_len, tau, generator=generator, top_p=top_p)
     emb = ops.codebook_weighted_sum(logits, tokenizer.codebook, ids, mask)  # (B, L, D)
     x = tokenizer.decode_embeddings(emb).clamp(0, 1)
     return x, ids, mask

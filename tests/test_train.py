@@ -31,13 +31,13 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def addp_stage(seed=0):
+def addp_stage(seed=0, target="hard"):
     """Frozen parts are always the same (in a real run they come from files); the network
     is initialised from `seed`."""
     torch.manual_seed(0)
     tok, pred = addp.create_model("vqgan_small"), addp.create_model("mage_vit_small")
     torch.manual_seed(seed)
-    return ADDPStage(addp.create_model("addp_vit_small", depth=1, decoder_depth=1), tok, pred, target="hard")
+    return ADDPStage(addp.create_model("addp_vit_small", depth=1, decoder_depth=1), tok, pred, target=target)
 
 
 def fit(stage, out, steps, ckpt_every=1000, stop_after=None, lr=1e-3, batch=16):
@@ -89,8 +89,9 @@ def test_a_run_of_another_config_is_not_resumed(tmp_path):
     assert other.step == 0
 
 
-def test_compiled_step_matches_eager():
-    stage = addp_stage()
+@pytest.mark.parametrize("target", ["soft", "hard"])
+def test_compiled_step_matches_eager(target):
+    stage = addp_stage(target=target)
     stage.model.eval()  # no dropout: both runs see the same network
     inputs = stage.prepare(DigitsDataset("train").images[:8], torch.Generator().manual_seed(0))
     eager = stage.loss_module(**inputs)
