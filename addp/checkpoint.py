@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from .registry import AddpError, build_model, config_from_dict, preset_config
 
 FORMAT_VERSION = "1"
-COMPONENTS = ("addp", "predictor", "tokenizer")  # the first one present is "the" model
+COMPONENTS = ("addp", "classifier", "predictor", "tokenizer")  # the first one present is "the" model
 
 # Official parameters the architecture never reads (kept in the files by the official code).
 IGNORED_OFFICIAL = {
@@ -208,7 +208,7 @@ def components_from_official(state: dict[str, torch.Tensor], source: str = "stat
 
 
 def load_checkpoint(path: str | os.PathLike, component: str | None = None) -> nn.Module:
-    """The main model of a checkpoint (ADDP > predictor > tokenizer), or the one asked for."""
+    """The main model of a checkpoint (ADDP > classifier > predictor > tokenizer), or the one asked for."""
     models = load_components(path)
     if component is not None:
         if component not in models:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import time
 from dataclasses import dataclass
@@ -78,10 +79,19 @@ class Trainer:
         self.identity = identity
         self.model = stage.model.to(dist.device)
         self.loss_module = stage.loss_module.to(dist.device)
-        groups = param_groups_weight_decay(self.model, config.weight_decay)
         self.lr = config.base_lr(dist.world_size)
-        self.optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=tuple(config.betas),
-                                           fused=dist.device.type == "cuda")
+        # Optional stage hooks: `param_groups(weight_decay)` (e.g. layer-wise lr decay, with
+        # "lr_scale" per group) and `make_optimizer(groups, lr)` (e.g. LARS); default AdamW.
+        if hasattr(stage, "param_groups"):
+            groups = stage.param_groups(config.weight_decay)
+        else:
+            groups = param_groups_weight_decay(self.model, config.weight_decay)
+        if hasattr(stage, "make_optimizer"):
+            self.optimizer = stage.make_optimizer(groups, self.lr)
+        else:
+            self.optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=tuple(config.betas),
+                                               fused=dist.device.type == "cuda")
+        self.prepare_takes_labels = "labels" in inspect.signature(stage.prepare).parameters
         warm = config.warmup_steps
         self.scheduler = CosineLRScheduler(self.optimizer, t_initial=config.steps - warm, lr_min=config.min_lr,
                                            warmup_t=warm, warmup_lr_init=self.lr * 1e-3 if warm else self.lr,
@@ -180,10 +190,13 @@ class Trainer:
             self.scheduler.step_update(self.step)
             step_loss = torch.zeros((), device=dev)
             for micro in range(cfg.accum_steps):
-                images, _, bad = next(batches)
+                images, labels, bad = next(batches)
                 skipped += bad
                 images = images.to(dev, non_blocking=True)
-                inputs = self.stage.prepare(images, self.generator)
+                if self.prepare_takes_labels:
+                    inputs = self.stage.prepare(images, self.generator, labels=labels.to(dev, non_blocking=True))
+                else:
+                    inputs = self.stage.prepare(images, self.generator)
                 sync = micro == cfg.accum_steps - 1 or not self.dist.enabled
                 with self._no_sync(sync), torch.autocast(dev.type, dtype=self.amp_dtype,
                                                          enabled=self.amp_dtype is not None):

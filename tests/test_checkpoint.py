@@ -101,13 +101,13 @@ def test_checkpoint_of_another_model_names_the_keys_and_shapes(tmp_path):
         metadata = f.metadata()
     tensors = load_file(path)
     del tensors["predictor.decoder_blocks.2.norm1.weight"]
-    tensors["predictor.decoder_embed.weight"] = torch.zeros(64, 128)
+    tensors["predictor.decoder_embed.weight"] = torch.zeros(32, 64)
     save_file(tensors, path, metadata=metadata)
     with pytest.raises(CheckpointError) as e:
         addp.load_checkpoint(path)
     msg = _one_line(e)
     assert "missing 1 keys (decoder_blocks.2.norm1.weight)" in msg
-    assert "decoder_embed.weight: expected (128, 128), found (64, 128)" in msg
+    assert "decoder_embed.weight: expected (64, 64), found (32, 64)" in msg
 
 
 def test_official_style_file_of_unknown_layout(tmp_path):

@@ -1,0 +1,447 @@
+"""`python -m addp.finetune`: fine-tune or linearly probe an ADDP encoder for classification.
+
+The recipe of MAE/BEiT from timm's parts: layer-wise lr decay, AdamW, cosine schedule with
+warm-up, RandAugment + random erasing, Mixup/CutMix with soft-target cross entropy, label
+smoothing, drop path, optional EMA. `--linear-probe` freezes the encoder and trains
+BatchNorm(affine=False) + a linear head with LARS (or SGD), as MAE does. Training runs on
+`trainer.Trainer` (DDP under torchrun, atomic checkpoints, exact resume, logs).
+
+With no `--data-path` it runs on the bundled digits (train split -> held-out split, 32 px,
+random shifts only: a mirrored digit is another glyph). With `--data-path root` it reads
+`root/train` and `root/val` ImageFolder trees (ImageNet as is).
+Writes `classifier.safetensors` (our format) and `report.json` to `--output-dir`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import Mixup, create_transform
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import Lars, param_groups_layer_decay
+from torch.utils.data import DataLoader, Dataset
+
+from . import registry
+from .checkpoint import CheckpointError, load_components, save_checkpoint
+from .classifier import (GLOBAL_POOLS, CNNClassifier, ClassifierConfig, build_classifier,
+                         classifier_config_for, encoder_state_from_addp, load_encoder_state,
+                         resample_pos_embed)
+from .data import DigitsDataset, ImageFolderDataset, _sample_seed, make_loader
+from .distributed import cleanup, init_distributed
+from .model import IMAGENET_MEAN, IMAGENET_STD
+from .registry import AddpError
+from .trainer import PRECISIONS, TrainConfig, Trainer, identity_of
+
+PROBE_OPTIMIZERS = ("lars", "sgd")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("python -m addp.finetune", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--finetune", help="checkpoint to start from: ours (ADDP or classifier) or addp-vit-*-16.pth")
+    p.add_argument("--model", default=None, choices=registry.list_models("classifier"),
+                   help="classifier preset when no --finetune is given (random init); default vit_small_cls")
+    p.add_argument("--linear-probe", action="store_true", help="frozen encoder, BatchNorm + linear head")
+    p.add_argument("--eval-only", action="store_true", help="evaluate --finetune (or --resume) and stop")
+    p.add_argument("--data-path", help="folder with train/ and val/ ImageFolder trees; default: bundled digits")
+    p.add_argument("--labels-per-class", type=int, default=None, help="train on N labelled images per class")
+    p.add_argument("--input-size", type=int, default=None, help="default: the encoder's pretraining size")
+    p.add_argument("--global-pool", default=None, choices=GLOBAL_POOLS, help="default: avg (token for a probe)")
+    p.add_argument("--output-dir", default="output/finetune")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--epochs", type=float, default=None, help="overrides --steps")
+    p.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of the steps")
+    p.add_argument("--batch-size", type=int, default=64, help="per process and micro-step")
+    p.add_argument("--accum-steps", type=int, default=1)
+    p.add_argument("--blr", type=float, default=None,
+                   help="lr = blr * global batch / 256; default 5e-4, probe 0.1 (MAE); on digits 1e-2, probe 25 "
+                        "(LARS needs MAE's absolute lr, ~6.4, at small batches)")
+    p.add_argument("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
+    p.add_argument("--min-lr", type=float, default=1e-6)
+    p.add_argument("--layer-decay", type=float, default=0.75, help="layer-wise lr decay (1: off)")
+    p.add_argument("--weight-decay", type=float, default=None, help="default 0.05 (probe 0)")
+    p.add_argument("--drop-path", type=float, default=0.1)
+    p.add_argument("--smoothing", type=float, default=0.1)
+    p.add_argument("--mixup", type=float, default=None, help="mixup alpha (default 0.8; 0 on digits and probes)")
+    p.add_argument("--cutmix", type=float, default=None, help="cutmix alpha (default 1.0; 0 on digits and probes)")
+    p.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="timm auto-augment policy (ImageFolder data)")
+    p.add_argument("--reprob", type=float, default=0.25, help="random erasing probability (ImageFolder data)")
+    p.add_argument("--shift", type=int, default=2, help="digits: random shift of up to this many pixels")
+    p.add_argument("--probe-optimizer", default="lars", choices=PROBE_OPTIMIZERS)
+    p.add_argument("--clip-grad", type=float, default=None)
+    p.add_argument("--ema-decay", type=float, default=0.0)
+    p.add_argument("--precision", default="auto", choices=PRECISIONS)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--ckpt-every", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=None, help="default: 0 for digits, 8 for folders")
+    p.add_argument("--device", default=None)
+    p.add_argument("--resume", default=None, help="a checkpoint.pt of this run to continue from")
+    p.add_argument("--force", action="store_true", help="start over in an output folder of another run")
+    return p
+
+
+# -- data ------------------------------------------------------------------------------------
+class ShiftedDigits(Dataset):
+    """Digits with a random shift of up to `shift` pixels (zero padding), drawn per (epoch, index)."""
+
+    def __init__(self, base: DigitsDataset, shift: int, seed: int):
+        self.base, self.shift, self.seed = base, shift, seed
+        self.labels = base.labels
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key):
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        image, label, bad = self.base[key]
+        if self.shift:
+            g = torch.Generator().manual_seed(_sample_seed(self.seed + 17, epoch, index))
+            dy, dx = torch.randint(0, 2 * self.shift + 1, (2,), generator=g).tolist()
+            s, (h, w) = self.shift, image.shape[-2:]
+            image = F.pad(image, (s, s, s, s))[:, dy:dy + h, dx:dx + w]
+        return image, label, bad
+
+
+class SeededTimmTransform:
+    """timm's training transform (RandAugment, random erasing, ...) returning images in [0, 1].
+
+    timm draws from Python's `random`; it is seeded from torch's RNG, which ImageFolderDataset
+    seeds per (epoch, index), so augmentations repeat exactly on resume."""
+
+    def __init__(self, image_size: int, aa: str | None, reprob: float):
+        self.transform = create_transform(image_size, is_training=True, auto_augment=aa or None, re_prob=reprob,
+                                          re_mode="pixel", re_count=1, interpolation="bicubic",
+                                          mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+    def __call__(self, img):
+        state = random.getstate()
+        random.seed(int(torch.randint(2 ** 62, ())))
+        try:
+            x = self.transform(img)
+        finally:
+            random.setstate(state)
+        return x * self.std + self.mean  # the classifier normalises its input itself
+
+
+class Subset(Dataset):
+    """The items `indices` of a dataset addressed by (index, epoch) keys."""
+
+    def __init__(self, base: Dataset, indices: list[int]):
+        self.base, self.indices = base, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key):
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        return self.base[(self.indices[index], epoch)]
+
+
+def labels_of(dataset) -> list[int]:
+    if hasattr(dataset, "labels"):
+        return [int(x) for x in dataset.labels]
+    return [label for _, label in dataset.samples]
+
+
+def per_class_subset(labels: list[int], n: int, seed: int) -> list[int]:
+    """The first `n` images of each class in a permutation drawn from `seed` (sorted)."""
+    if n < 1:
+        raise AddpError(f"--labels-per-class must be at least 1, got {n}")
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed + 99)).tolist()
+    taken: dict[int, int] = {}
+    pick = []
+    for i in order:
+        if taken.get(labels[i], 0) < n:
+            taken[labels[i]] = taken.get(labels[i], 0) + 1
+            pick.append(i)
+    return sorted(pick)
+
+
+def build_datasets(args, image_size: int):
+    """(train, val, num_classes)."""
+    if args.data_path:
+        root = Path(args.data_path)
+        for split in ("train", "val"):
+            if not (root / split).is_dir():
+                raise AddpError(f"{root} has no {split}/ folder (expected {root}/train/<class>/*.jpg "
+                                f"and {root}/val/<class>/*.jpg)")
+        train = ImageFolderDataset(root / "train", image_size, seed=args.seed)
+        train.transform = SeededTimmTransform(image_size, args.aa, args.reprob)
+        val = ImageFolderDataset(root / "val", image_size, train=False)
+        if train.classes != val.classes:
+            raise AddpError(f"train/ has {len(train.classes)} classes and val/ has {len(val.classes)}: they must match")
+        num_classes = len(train.classes)
+    else:
+        train = ShiftedDigits(DigitsDataset("train", image_size), args.shift, args.seed)
+        val = DigitsDataset("heldout", image_size)
+        num_classes = 10
+    if args.labels_per_class:
+        train = Subset(train, per_class_subset(labels_of(train), args.labels_per_class, args.seed))
+    return train, val, num_classes
+
+
+# -- model -----------------------------------------------------------------------------------
+def head_of(model: nn.Module) -> nn.Module:
+    return model.body.get_classifier() if isinstance(model, CNNClassifier) else model.get_classifier()
+
+
+def build_classifier_for(args, num_classes: int | None = None, image_size: int | None = None):
+    """The classifier to train: from --finetune (encoder, or a whole classifier) or a preset.
+
+    With `num_classes=None` only the config is worked out (to size the data first)."""
+    probe = args.linear_probe
+    overrides = dict(drop_path=0.0 if probe else args.drop_path, head_norm=probe)
+    if args.global_pool or probe:
+        overrides["global_pool"] = args.global_pool or "token"
+    if image_size:
+        overrides["image_size"] = image_size
+    if not args.finetune:
+        config = registry.preset_config(args.model or "vit_small_cls", **overrides)
+        if num_classes is None:
+            return config
+        model = build_classifier(_with(config, num_classes=num_classes))
+        _init_head(model, probe)
+        return model
+    models = load_components(args.finetune)
+    if "classifier" in models:
+        saved = models["classifier"]
+        config = _with(saved.config, **overrides)
+        if num_classes is None:
+            return config
+        if saved.config.num_classes != num_classes:
+            raise AddpError(f"{args.finetune} has a {saved.config.num_classes}-class head but the data has "
+                            f"{num_classes} classes")
+        return _classifier_from_saved(saved, config, args.finetune)
+    if "addp" not in models:
+        raise CheckpointError(f"{args.finetune} holds no encoder (it holds: {', '.join(models)}); pass an "
+                              "ADDP pretraining checkpoint (ours or addp-vit-*-16.pth) or a classifier")
+    addp = models["addp"]
+    config = classifier_config_for(addp.config, **overrides)
+    if num_classes is None:
+        return config
+    config = _with(config, num_classes=num_classes)
+    state = encoder_state_from_addp(addp, config.image_size, config.global_pool, config.pre_norm)
+    model = load_encoder_state(build_classifier(config), state, args.finetune)
+    _init_head(model, probe)
+    return model
+
+
+def _with(config: ClassifierConfig, **overrides) -> ClassifierConfig:
+    return ClassifierConfig(**{**config.__dict__, **overrides})
+
+
+def _classifier_from_saved(saved: nn.Module, config: ClassifierConfig, source: str) -> nn.Module:
+    state = saved.state_dict()
+    if config.arch == "vit" and config.image_size != saved.config.image_size:
+        state["pos_embed"] = resample_pos_embed(state["pos_embed"], config.patch_size, config.image_size)
+    model = build_classifier(config)
+    result = model.load_state_dict(state, strict=False)
+    bad = result.unexpected_keys + result.missing_keys
+    if bad:
+        raise CheckpointError(f"{source}: the saved classifier does not fit the options asked for "
+                              f"(e.g. --global-pool or --linear-probe differ: {', '.join(bad[:3])})")
+    return model
+
+
+def _init_head(model: nn.Module, probe: bool) -> None:
+    """MAE's head init: std 2e-5 for fine-tuning, 0.01 for a probe; zero bias."""
+    head = head_of(model)
+    linear = head[-1] if isinstance(head, nn.Sequential) else head
+    nn.init.trunc_normal_(linear.weight, std=0.01 if probe else 2e-5)
+    nn.init.zeros_(linear.bias)
+
+
+# -- the stage -------------------------------------------------------------------------------
+class _Objective(nn.Module):
+    def __init__(self, model: nn.Module, criterion: nn.Module):
+        super().__init__()
+        self.model, self.criterion = model, criterion
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.criterion(self.model(images), targets)
+
+
+class ClassifierStage:
+    """Fine-tuning (layer-decay AdamW) or linear probing (LARS/SGD on the head) for the Trainer."""
+
+    name = "finetune"
+
+    def __init__(self, model: nn.Module, num_classes: int, probe: bool = False, layer_decay: float = 0.75,
+                 mixup: float = 0.0, cutmix: float = 0.0, smoothing: float = 0.1, probe_optimizer: str = "lars"):
+        self.model, self.probe, self.layer_decay, self.probe_optimizer = model, probe, layer_decay, probe_optimizer
+        self.mixup = None
+        if mixup > 0 or cutmix > 0:
+            self.mixup = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=smoothing,
+                               num_classes=num_classes)
+            criterion = SoftTargetCrossEntropy()
+        elif smoothing > 0:
+            criterion = LabelSmoothingCrossEntropy(smoothing)
+        else:
+            criterion = nn.CrossEntropyLoss()
+        if probe:
+            model.requires_grad_(False)
+            head_of(model).requires_grad_(True)
+        self.loss_module = _Objective(model, criterion)
+
+    def prepare(self, images, generator, labels):
+        if self.mixup is None:
+            return {"images": images, "targets": labels}
+        # timm's Mixup draws from numpy's global RNG: seed it from our generator (exact resume)
+        state = np.random.get_state()
+        np.random.seed(int(torch.randint(2 ** 31, (), generator=generator)))
+        try:
+            images, targets = self.mixup(images, labels)
+        finally:
+            np.random.set_state(state)
+        return {"images": images, "targets": targets}
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        if self.probe:  # LARS adapts matrices only (MAE); no decay on vectors
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay, "always_adapt": True},
+                    {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "always_adapt": False}]
+        net = self.model.body if isinstance(self.model, CNNClassifier) else self.model
+        no_decay = net.no_weight_decay() if hasattr(net, "no_weight_decay") else ()
+        return param_groups_layer_decay(net, weight_decay, no_weight_decay_list=no_decay,
+                                        layer_decay=self.layer_decay)
+
+    def make_optimizer(self, groups: list[dict], lr: float) -> torch.optim.Optimizer:
+        if not self.probe:
+            return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+        if self.probe_optimizer == "lars":
+            return Lars(groups, lr=lr, momentum=0.9)
+        for g in groups:
+            g.pop("always_adapt", None)
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+
+
+# -- evaluation ------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 256,
+             num_workers: int = 0) -> dict:
+    """Top-1 / top-5 accuracy (%) and mean cross entropy; shards across DDP ranks."""
+    import torch.distributed as dist
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    shard = torch.utils.data.Subset(dataset, list(range(rank, len(dataset), world)))
+    loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, loss sum, count
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        logits = model(images).float()
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        totals += torch.stack([(top[:, 0] == labels).sum(), (top == labels[:, None]).any(1).sum(),
+                               F.cross_entropy(logits, labels, reduction="sum"),
+                               torch.tensor(len(labels), device=device)]).double()
+    if world > 1:
+        dist.all_reduce(totals)
+    top1, top5, loss, n = totals.tolist()
+    return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "loss": loss / n, "num_images": int(n)}
+
+
+def _collate(items):
+    images, labels, _ = zip(*items)
+    return torch.stack(images), torch.as_tensor(labels)
+
+
+# -- main ------------------------------------------------------------------------------------
+def train_config(args, num_train: int, world_size: int) -> TrainConfig:
+    steps = args.steps
+    if args.epochs is not None:
+        steps = max(1, round(args.epochs * num_train / (args.batch_size * args.accum_steps * world_size)))
+    warmup = args.warmup_steps if args.warmup_steps is not None else steps // 20
+    probe = args.linear_probe
+    default_blr = (0.1 if probe else 5e-4) if args.data_path else (25.0 if probe else 1e-2)
+    blr = args.blr if args.blr is not None else default_blr
+    wd = args.weight_decay if args.weight_decay is not None else (0.0 if probe else 0.05)
+    workers = args.num_workers if args.num_workers is not None else (8 if args.data_path else 0)
+    return TrainConfig(steps=steps, batch_size=args.batch_size, accum_steps=args.accum_steps, blr=blr, lr=args.lr,
+                       min_lr=args.min_lr, warmup_steps=min(warmup, steps - 1), weight_decay=wd,
+                       betas=(0.9, 0.999), clip_grad=args.clip_grad, precision=args.precision,
+                       ema_decay=args.ema_decay, compile=args.compile, log_every=args.log_every,
+                       ckpt_every=args.ckpt_every, seed=args.seed, num_workers=workers)
+
+
+def main(args) -> dict:
+    dist = init_distributed(args.device)
+    torch.manual_seed(args.seed)
+    started = time.perf_counter()
+    out = Path(args.output_dir)
+    config = build_classifier_for(args, image_size=args.input_size)  # sizes the data
+    train_set, val_set, num_classes = build_datasets(args, config.image_size)
+    model = build_classifier_for(args, num_classes=num_classes, image_size=args.input_size)
+    digits = not args.data_path
+    mixup = args.mixup if args.mixup is not None else (0.0 if digits or args.linear_probe else 0.8)
+    cutmix = args.cutmix if args.cutmix is not None else (0.0 if digits or args.linear_probe else 1.0)
+    if (mixup > 0 or cutmix > 0) and args.batch_size % 2:
+        raise AddpError(f"mixup/cutmix need an even --batch-size, got {args.batch_size}")
+    stage = ClassifierStage(model, num_classes, args.linear_probe, args.layer_decay, mixup, cutmix,
+                            args.smoothing, args.probe_optimizer)
+    cfg = train_config(args, len(train_set), dist.world_size)
+    identity = identity_of(cfg, model.config, {
+        "finetune": str(args.finetune), "linear_probe": args.linear_probe, "layer_decay": args.layer_decay,
+        "mixup": mixup, "cutmix": cutmix, "smoothing": args.smoothing, "probe_optimizer": args.probe_optimizer,
+        "data": args.data_path or "digits", "labels_per_class": args.labels_per_class, "shift": args.shift,
+        "aa": args.aa, "reprob": args.reprob, "world_size": dist.world_size})
+    trainer = Trainer(stage, cfg, out, dist, identity)
+    report = {"output_dir": str(out), "model": model.config.name, "finetune": args.finetune,
+              "mode": "linear_probe" if args.linear_probe else "finetune", "num_classes": num_classes,
+              "train_images": len(train_set), "val_images": len(val_set)}
+    if args.eval_only:
+        if args.resume:
+            trainer.load(Path(args.resume))
+    else:
+        trainer.maybe_resume(args.resume, args.force)
+        if trainer.step and dist.is_main:
+            print(f"[finetune] resuming at step {trainer.step} from {trainer.checkpoint_path}")
+        trainer.fit(lambda start: make_loader(train_set, cfg.batch_size, cfg.seed, dist.rank, dist.world_size,
+                                              start, cfg.num_workers))
+        report["steps"] = cfg.steps
+    final = trainer.final_model()
+    report.update({f"val_{k}": v for k, v in evaluate(final, val_set, dist.device,
+                                                      num_workers=cfg.num_workers).items()})
+    report["chance_top1"] = 100.0 / num_classes
+    if dist.is_main and not args.eval_only:
+        report["classifier"] = str(save_checkpoint(out / "classifier.safetensors", final.cpu()))
+    report["wall_time_s"] = round(time.perf_counter() - started, 1)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(json.dumps(report, indent=1))
+        print(f"\n[finetune] val top-1 {report['val_top1']:.2f}%  top-5 {report['val_top5']:.2f}%  "
+              f"({report['val_num_images']} images, chance {report['chance_top1']:.1f}%)")
+    return report
+
+
+def cli(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        main(args)
+    except AddpError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the last complete checkpoint in {args.output_dir} is intact; "
+              "run the same command again to resume", file=sys.stderr)
+        return 130
+    finally:
+        cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
