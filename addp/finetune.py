@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import signal
 import sys
 import time
 from pathlib import Path
@@ -36,8 +35,9 @@ from .classifier import (GLOBAL_POOLS, CNNClassifier, ClassifierConfig, build_cl
                          classifier_config_for, encoder_state_from_addp, load_encoder_state,
                          resample_pos_embed)
 from .data import DigitsDataset, ImageFolderDataset, _sample_seed, make_loader
-from .distributed import cleanup, init_distributed
+from .distributed import init_distributed
 from .model import IMAGENET_MEAN, IMAGENET_STD
+from .cli import run
 from .registry import AddpError
 from .trainer import PRECISIONS, TrainConfig, Trainer, identity_of
 
@@ -428,19 +428,7 @@ def main(args) -> dict:
 
 def cli(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    try:
-        main(args)
-    except AddpError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: the last complete checkpoint in {args.output_dir} is intact; "
-              "run the same command again to resume", file=sys.stderr)
-        return 130
-    finally:
-        cleanup()
-    return 0
+    return run(main, args, args.output_dir)
 
 
 if __name__ == "__main__":

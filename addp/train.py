@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import time
 from pathlib import Path
@@ -21,9 +20,10 @@ import torch
 from . import registry
 from .checkpoint import load_checkpoint, save_checkpoint
 from .diffusion import CONDITIONS, MAPPINGS, MASKINGS, DiffusionConfig
-from .distributed import cleanup, init_distributed
+from .distributed import init_distributed
 from .loss import TARGETS
 from .model import TOKEN_INPUTS
+from .cli import run
 from .registry import AddpError
 from .stages import ADDPStage, PredictorStage, TokenizerStage, masked_token_accuracy, reconstruction_psnr
 from .trainer import PRECISIONS, TrainConfig, Trainer, identity_of
@@ -253,19 +253,7 @@ def _finish(dist, report: dict, started: float) -> dict:
 
 def cli(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    try:
-        main(args)
-    except AddpError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: the last complete checkpoint in {args.output_dir} is intact; "
-              "run the same command again to resume", file=sys.stderr)
-        return 130
-    finally:
-        cleanup()
-    return 0
+    return run(main, args, args.output_dir)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,7 @@ from addp.registry import AddpError
 OFFICIAL = Path(__file__).parent / "data" / "official_keys"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def layout(model):

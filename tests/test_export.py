@@ -11,12 +11,7 @@ from addp import export
 SMALL = dict(patch_size=4, embed_dim=64, depth=4, num_heads=4)  # addp_vit_small's encoder
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def addp_file(tmp_path):

@@ -13,12 +13,7 @@ from addp.classifier import encoder_state_from_addp, load_encoder_state
 OFFICIAL = Path(__file__).parent / "data" / "official_keys"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def args_for(tmp_path, *extra):

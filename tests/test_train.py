@@ -22,13 +22,7 @@ from addp.trainer import TrainConfig, Trainer
 HERE = Path(__file__).parent
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Several test processes share two cores; keep each one from oversubscribing."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def addp_stage(seed=0, target="hard"):

@@ -1,0 +1,31 @@
+"""What every command-line entry point shares: one-line errors, Ctrl-C/SIGTERM handling."""
+from __future__ import annotations
+
+import signal
+import sys
+
+from .distributed import cleanup
+from .registry import AddpError
+
+
+def _raise_interrupt(*_):
+    raise KeyboardInterrupt
+
+
+def run(main, args, output_dir: str | None = None) -> int:
+    """Call `main(args)`: an AddpError is printed as one `error:` line (exit 2); Ctrl-C or
+    SIGTERM says the last complete checkpoint is intact (exit 130)."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        main(args)
+    except AddpError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        where = f" in {output_dir}" if output_dir else ""
+        print(f"\ninterrupted: the last complete checkpoint{where} is intact; "
+              "run the same command again to resume", file=sys.stderr)
+        return 130
+    finally:
+        cleanup()
+    return 0
