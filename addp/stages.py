@@ -19,6 +19,16 @@ from .diffusion import DiffusionConfig, DiffusionProcess, _rand
 from .loss import addp_loss, hard_target_cross_entropy
 
 
+def device_noise(device: torch.device, generator: torch.Generator, cache: dict) -> torch.Generator:
+    """A generator on `device`, reseeded each step from the (host) `generator`: noise is drawn
+    where it is used (no host-to-device copy, no sync) yet follows the resumable host stream."""
+    seed = int(torch.randint(2 ** 62, (), generator=generator))
+    dev = torch.device(device)
+    if dev not in cache:
+        cache[dev] = torch.Generator(device=dev)
+    return cache[dev].manual_seed(seed)
+
+
 class _Objective(nn.Module):
     def __init__(self, model: nn.Module, fn):
         super().__init__()
@@ -77,6 +87,7 @@ class PredictorStage:
     def __init__(self, predictor: nn.Module, tokenizer: nn.Module, diffusion: DiffusionConfig = DiffusionConfig()):
         self.model, self.tokenizer, self.cfg = predictor, tokenizer.eval().requires_grad_(False), diffusion
         self.loss_module = _Objective(predictor, _predictor_loss)
+        self._generators: dict = {}
 
     @torch.no_grad()
     def prepare(self, images, generator):
@@ -85,7 +96,8 @@ class PredictorStage:
         B, L = ids.shape
         ratio = truncated_normal(c.ratio_mu, c.ratio_std, c.ratio_min, c.ratio_max, generator)
         n_mask, n_drop = math.ceil(L * ratio), math.ceil(L * c.ratio_min)
-        rank = _rand((B, L), ids.device, generator).argsort(1).argsort(1)
+        noise = _rand((B, L), ids.device, device_noise(ids.device, generator, self._generators))
+        rank = noise.argsort(1).argsort(1)
         return {"ids": ids, "mask": rank < n_mask, "drop": rank < n_drop, "num_kept": L - n_drop}
 
 
@@ -123,9 +135,10 @@ class ADDPStage:
         self.model = net
         self.process = DiffusionProcess(tokenizer, predictor, diffusion)
         self.loss_module = _Objective(net, lambda m, **kw: _addp_loss(m, kind=target, **kw))
+        self._generators: dict = {}
 
     def prepare(self, images, generator):
         self.process.to(images.device)
-        s = self.process(images, generator, generator)
+        s = self.process(images, generator, device_noise(images.device, generator, self._generators))
         return {"x_t": s.x_t, "ids": s.ids, "mask": s.mask, "num_reliable": s.num_reliable,
                 "target": s.target}

@@ -78,6 +78,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, help="a training checkpoint.pt to continue from")
     p.add_argument("--force", action="store_true", help="start over in an output folder of another run")
     p.add_argument("--num-samples", type=int, default=64, help="samples in the final grid (0: none)")
+    p.add_argument("--sample-temperature", type=float, default=1.0,
+                   help="Gumbel choice temperature of the final grid (the paper's ImageNet setting: 6.0)")
     return p
 
 
@@ -209,7 +211,8 @@ def main(args) -> dict:
     _say(dist, f"[addp] loss: first 100 steps {report['addp_loss_first100']:.4f} -> "
                f"last 100 steps {report['addp_loss_final100']:.4f}")
     if args.num_samples and dist.is_main:
-        report["samples"] = str(write_samples(net, tokenizer, args.num_samples, out / "samples.png", args.seed))
+        report["samples"] = str(write_samples(net, tokenizer, args.num_samples, out / "samples.png", args.seed,
+                                              args.sample_temperature))
     report["addp_checkpoint"] = str(net_file)
     return _finish(dist, report, started)
 
@@ -223,11 +226,13 @@ def heldout_images(args, net_config) -> torch.Tensor:
     return torch.stack([val[int(i)][0] for i in pick])
 
 
-def write_samples(net, tokenizer, n: int, path: Path, seed: int) -> Path:
+def write_samples(net, tokenizer, n: int, path: Path, seed: int, temperature: float) -> Path:
     from torchvision.utils import save_image
-    from .sampler import SamplerConfig, generate
-    images = generate(net, tokenizer, n, SamplerConfig(), generator=torch.Generator().manual_seed(seed))
+
     from .checkpoint import atomic_write
+    from .sampler import SamplerConfig, generate
+    images = generate(net.to("cpu"), tokenizer.to("cpu"), n, SamplerConfig(temperature=temperature),
+                      generator=torch.Generator().manual_seed(seed))
     return atomic_write(path, lambda tmp: save_image(images, tmp, nrow=int(n ** 0.5), format="png"))
 
 
