@@ -30,8 +30,10 @@ runs_here = pytest.mark.skipif(not RUNS_HERE, reason="no CUDA and not under TRIT
                     else "triton is not installed")
 def test_in_interpreter_subprocess():
     env = dict(os.environ, TRITON_INTERPRET="1")
+    # cwd = tests/: from the repo root, `python -m pytest` would put the source tree (which has
+    # no addp.kernels or addp._C: they exist only once installed) ahead of the installed package.
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=300, cwd=os.path.dirname(__file__))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
 
 
