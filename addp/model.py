@@ -196,30 +196,26 @@ class ADDP(nn.Module):
         return self.forward_decoder(self.forward_encoder(images), ids, mask, num_reliable)
 
 
-def _addp(**kw) -> ADDPConfig:
-    return ADDPConfig(**kw)
-
-
 @register_preset
 def addp_vit_base_patch16() -> ADDPConfig:
     """ADDP ViT-B/16 at 256 px (addp-vit-base-16.pth)."""
-    return _addp()
+    return ADDPConfig()
 
 
 @register_preset
 def addp_vit_large_patch16() -> ADDPConfig:
     """ADDP ViT-L/16 at 256 px (addp-vit-large-16.pth)."""
-    return _addp(embed_dim=1024, depth=24, num_heads=16, decoder_embed_dim=1024)
+    return ADDPConfig(embed_dim=1024, depth=24, num_heads=16, decoder_embed_dim=1024)
 
 
 @register_preset
 def addp_resnet50() -> ADDPConfig:
     """ADDP with timm's ResNet-50 as the pixel encoder (paper App. C.2)."""
-    return _addp(encoder="resnet50")
+    return ADDPConfig(encoder="resnet50")
 
 
 @register_preset
 def addp_vit_small() -> ADDPConfig:
     """32 px images, 8x8 tokens, 256-entry codebook: the CPU demo preset."""
-    return _addp(image_size=32, patch_size=4, codebook_size=256, extra_tokens=2, embed_dim=64,
+    return ADDPConfig(image_size=32, patch_size=4, codebook_size=256, extra_tokens=2, embed_dim=64,
                  depth=4, num_heads=4, decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4, dropout=0.0)

@@ -131,24 +131,20 @@ def _kept_positions(drop: torch.Tensor, num_kept: int | None) -> torch.Tensor:
     return torch.cat([order.new_zeros(drop.shape[0], 1), order], dim=1)
 
 
-def _mage(**kw) -> PredictorConfig:
-    return PredictorConfig(**kw)
-
-
 @register_preset
 def mage_vit_base_patch16() -> PredictorConfig:
     """MAGE ViT-B (mage-vitb-1600.pth)."""
-    return _mage()
+    return PredictorConfig()
 
 
 @register_preset
 def mage_vit_large_patch16() -> PredictorConfig:
     """MAGE ViT-L (mage-vitl-1600.pth)."""
-    return _mage(embed_dim=1024, depth=24, num_heads=16, decoder_embed_dim=1024)
+    return PredictorConfig(embed_dim=1024, depth=24, num_heads=16, decoder_embed_dim=1024)
 
 
 @register_preset
 def mage_vit_small() -> PredictorConfig:
     """Tiny MAGE for 8x8 token grids and a 256-entry codebook (CPU demo; no dropout)."""
-    return _mage(codebook_size=256, num_classes=1, seq_len=64, max_positions=65, embed_dim=64,
+    return PredictorConfig(codebook_size=256, num_classes=1, seq_len=64, max_positions=65, embed_dim=64,
                  depth=4, num_heads=4, decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4, dropout=0.0)

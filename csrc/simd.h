@@ -1,4 +1,4 @@
-// Small SIMD helpers shared by the CPU kernels of gumbel_topk.cpp and soft_ce.cpp.
+// Small SIMD helpers shared by the CPU kernels (weighted_sum.cpp, gumbel_topk.cpp, soft_ce.cpp).
 //
 // Vectors are GCC/Clang vector extensions (V = float lanes, VI = int32 lanes of the same
 // width). A kernel is written once as a template on (V, VI) and instantiated per ISA inside

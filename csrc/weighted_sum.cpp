@@ -24,28 +24,26 @@
 #include <string>
 #include <vector>
 
+#include "simd.h"
+
 namespace addp {
 namespace {
 
-#define ADDP_INLINE inline __attribute__((always_inline))
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define ADDP_X86 1
-#endif
-
-typedef float vf4 __attribute__((vector_size(16)));
-typedef int32_t vi4 __attribute__((vector_size(16)));
-typedef float vf8 __attribute__((vector_size(32)));
-typedef int32_t vi8 __attribute__((vector_size(32)));
-typedef float vf16 __attribute__((vector_size(64)));
-typedef int32_t vi16 __attribute__((vector_size(64)));
+#define ADDP_INLINE ADDP_SIMD_INLINE
+using simd::loadu;
+using simd::storeu;
+using simd::vf16;
+using simd::vf4;
+using simd::vf8;
+using simd::vi16;
+using simd::vi4;
+using simd::vi8;
 
 constexpr int64_t kPad = 16;  // K and D are padded to multiples of this (widest vector)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 ADDP_INLINE int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-template <class V> ADDP_INLINE V loadu(const float* p) { V v; std::memcpy(&v, p, sizeof(V)); return v; }
-template <class V> ADDP_INLINE void storeu(float* p, V v) { std::memcpy(p, &v, sizeof(V)); }
 
 // exp(x) for x <= 0 (Cephes polynomial, ~1 ulp). -inf -> 0; NaN stays NaN.
 template <class V, class VI>
@@ -172,7 +170,7 @@ ADDP_INLINE void process_tile(const Tile& t) {
   }
 }
 
-#ifdef ADDP_X86
+#ifdef ADDP_SIMD_X86
 __attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma")))
 void tile_avx512(const Tile& t) { process_tile<vf16, vi16, 6, 4>(t); }
 __attribute__((target("avx2,fma")))
@@ -183,14 +181,13 @@ void tile_generic(const Tile& t) { process_tile<vf4, vi4, 4, 4>(t); }
 using TileFn = void (*)(const Tile&);
 
 TileFn pick_tile_fn() {
-  const char* env = std::getenv("ADDP_CPU_ISA");
-  const std::string cap = env ? env : "";
-#ifdef ADDP_X86
-  if (cap != "generic" && cap != "avx2" && __builtin_cpu_supports("avx512f")) return tile_avx512;
-  if (cap != "generic" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    return tile_avx2;
+  switch (simd::cpu_isa()) {
+#ifdef ADDP_SIMD_X86
+    case simd::Isa::avx512: return tile_avx512;
+    case simd::Isa::avx2: return tile_avx2;
 #endif
-  return tile_generic;
+    default: return tile_generic;
+  }
 }
 
 // dst[0:K] = float(src[k * stride])
