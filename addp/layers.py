@@ -5,6 +5,8 @@ Parameter names follow the official MAGE/ADDP code (`norm1`, `attn.qkv`, `attn.p
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 
 import torch
@@ -12,22 +14,78 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 
-# "sdpa" (torch's fused attention, the default) or "math" (explicit softmax(QK^T)V, the
-# parity path). Read once at import; tests and benchmarks may assign to it.
+log = logging.getLogger(__name__)
+
+ATTENTION_BACKENDS = ("sdpa", "xformers", "math")
+# The attention implementation of every Attention module, chosen once for the process:
+#   sdpa      torch's scaled_dot_product_attention (flash / memory-efficient / cuDNN kernels)
+#   xformers  xformers.ops.memory_efficient_attention, when it imports and its kernels run for
+#             this torch and device (probed once; otherwise a log line and sdpa)
+#   math      softmax(QK^T / sqrt(d)) V in fp32 with the attention matrix materialised, as the
+#             official code does: the parity path
+# Default from ADDP_ATTENTION (else "sdpa"); change it with set_attention_backend().
 ATTENTION_BACKEND = os.environ.get("ADDP_ATTENTION", "sdpa")
-_ATTENTION_BACKENDS = ("sdpa", "math")
+_XFORMERS: dict = {}  # device type -> xformers.ops module, or None when it cannot run there
+
+
+def set_attention_backend(name: str) -> str:
+    """Choose the attention implementation for every Attention module; returns the old one."""
+    global ATTENTION_BACKEND
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {name!r}")
+    old, ATTENTION_BACKEND = ATTENTION_BACKEND, name
+    return old
+
+
+@contextlib.contextmanager
+def attention_backend(name: str):
+    """``with attention_backend("math"): ...`` runs the block with another attention backend."""
+    old = set_attention_backend(name)
+    try:
+        yield
+    finally:
+        set_attention_backend(old)
+
+
+def xformers_ops(device: torch.device):
+    """xformers.ops when its memory-efficient attention runs on ``device``, else None.
+
+    Probed once per device type with a tiny call (xformers wheels are built for one torch
+    version; a mismatch imports but fails in the kernel), logging why it falls back.
+    """
+    kind = torch.device(device).type
+    if kind not in _XFORMERS:
+        try:
+            import xformers.ops as xops
+
+            q = torch.zeros(1, 8, 1, 16, device=device, dtype=torch.float16 if kind == "cuda" else torch.float32)
+            xops.memory_efficient_attention(q, q, q)
+            _XFORMERS[kind] = xops
+        except Exception as exc:  # ImportError, or kernels that do not load / run here
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            log.warning("addp: xformers attention unavailable on %s (%s); using torch's "
+                        "scaled_dot_product_attention", kind, reason)
+            _XFORMERS[kind] = None
+    return _XFORMERS[kind]
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
-    """Multi-head attention. q, k, v: (B, H, N, Dh) -> (B, H, N, Dh)."""
+    """Multi-head attention with the process-wide backend. q, k, v: (B, H, N, Dh) -> (B, H, N, Dh)."""
     backend = ATTENTION_BACKEND
+    if backend == "xformers":
+        xops = xformers_ops(q.device)
+        if xops is not None:  # xformers takes (B, N, H, Dh)
+            out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                  p=dropout_p)
+            return out.transpose(1, 2)
+        backend = "sdpa"
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
     if backend == "math":
         scores = (q.float() @ k.float().transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, N, N)
         weights = F.dropout(scores.softmax(dim=-1), p=dropout_p)
         return (weights @ v.float()).to(v.dtype)
-    raise ValueError(f"ADDP_ATTENTION={backend!r} is not one of {_ATTENTION_BACKENDS}")
+    raise ValueError(f"ADDP_ATTENTION={backend!r} is not one of {ATTENTION_BACKENDS}")
 
 
 class Attention(nn.Module):

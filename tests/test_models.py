@@ -132,16 +132,58 @@ def test_low_precision_autocast_is_close_to_fp32(small, dtype):
     assert (low - ref).abs().max() < 0.05
 
 
-def test_attention_backends_agree(small, monkeypatch):
+def test_attention_backends_agree(small):
     import addp.layers as layers
     net = small["addp_vit_small"]
     img, ids = torch.rand(2, 3, 32, 32), torch.randint(0, 256, (2, 64))
-    mask = torch.rand(2, 64) < 2
-    monkeypatch.setattr(layers, "ATTENTION_BACKEND", "sdpa")
-    a = net(img, ids, mask)
-    monkeypatch.setattr(layers, "ATTENTION_BACKEND", "math")
-    b = net(img, ids, mask)
-    assert torch.allclose(a, b, atol=1e-4)
+    mask = torch.rand(2, 64).argsort(1).argsort(1) < 40
+    outputs = {}
+    for name in layers.ATTENTION_BACKENDS:
+        with layers.attention_backend(name):
+            outputs[name] = net(img, ids, mask, 24)
+    assert layers.ATTENTION_BACKEND == "sdpa"  # restored
+    for name, out in outputs.items():
+        assert torch.allclose(out, outputs["math"], atol=1e-4), name
+
+
+def test_attention_functions_agree_over_shapes():
+    import addp.layers as layers
+    g = torch.Generator().manual_seed(0)
+    for B, H, N, Dh in [(1, 1, 1, 8), (3, 4, 17, 16), (2, 2, 130, 32)]:
+        q, k, v = (torch.randn(B, H, N, Dh, generator=g) for _ in range(3))
+        ref = torch.softmax(q @ k.transpose(-2, -1) / Dh ** 0.5, -1) @ v
+        for name in layers.ATTENTION_BACKENDS:
+            with layers.attention_backend(name):
+                assert torch.allclose(layers.attention(q, k, v), ref, atol=1e-5), (name, B, H, N, Dh)
+
+
+def test_xformers_falls_back_to_sdpa_with_one_log_line(caplog, monkeypatch):
+    import builtins
+
+    import addp.layers as layers
+    real_import = builtins.__import__
+
+    def no_xformers(name, *args, **kwargs):
+        if name.startswith("xformers"):
+            raise ImportError("No module named 'xformers'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_xformers)
+    monkeypatch.setattr(layers, "_XFORMERS", {})
+    q = torch.randn(1, 2, 5, 8)
+    with caplog.at_level("WARNING", logger="addp.layers"), layers.attention_backend("xformers"):
+        a = layers.attention(q, q, q)
+        b = layers.attention(q, q, q)  # probed once
+    assert torch.equal(a, torch.nn.functional.scaled_dot_product_attention(q, q, q)) and torch.equal(a, b)
+    lines = [r.getMessage() for r in caplog.records if "xformers" in r.getMessage()]
+    assert len(lines) == 1 and "No module named 'xformers'" in lines[0] and "scaled_dot_product_attention" in lines[0]
+
+
+def test_unknown_attention_backend_is_refused():
+    import addp.layers as layers
+    with pytest.raises(ValueError, match="attention backend must be one of"):
+        layers.set_attention_backend("flash9")
+    assert layers.ATTENTION_BACKEND == "sdpa"
 
 
 def test_timm_encoder_preset_runs_at_its_grid():
