@@ -43,7 +43,7 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (images.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def _open(path) -> Image.Image:
+def open_image(path) -> Image.Image:
     try:
         with Image.open(path) as im:
             im.load()
@@ -57,7 +57,7 @@ def _open(path) -> Image.Image:
 def _image_tensor(image: ImageLike) -> tuple[torch.Tensor, bool]:
     """An image (PIL, path, (3, H, W) or (B, 3, H, W) tensor in [0, 1]) -> ((B, 3, H, W) float, was_pil)."""
     if isinstance(image, (str, os.PathLike)):
-        image = _open(image)
+        image = open_image(image)
     if isinstance(image, Image.Image):
         arr = np.asarray(image.convert("RGB"), dtype=np.uint8)
         return torch.from_numpy(arr.copy()).permute(2, 0, 1)[None].float() / 255, True
@@ -71,10 +71,10 @@ def _image_tensor(image: ImageLike) -> tuple[torch.Tensor, bool]:
     return x.float(), False
 
 
-def _mask_tensor(mask) -> torch.Tensor:
+def mask_tensor(mask) -> torch.Tensor:
     """A mask (PIL, path, (H, W) / (1, H, W) / (B, 1, H, W) tensor) -> (1 or B, 1, H, W) bool, True = hole."""
     if isinstance(mask, (str, os.PathLike)):
-        mask = _open(mask)
+        mask = open_image(mask)
     if isinstance(mask, Image.Image):
         m = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.uint8).copy()) >= 128
     elif isinstance(mask, torch.Tensor):
@@ -98,7 +98,7 @@ def _like(out: torch.Tensor, image, was_pil: bool):
     return out[0] if image.dim() == 3 else out
 
 
-def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def resize_images(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
@@ -153,8 +153,10 @@ class ADDPPipeline:
     @torch.no_grad()
     def __call__(self, num_images: int = 16, steps: int = 20, schedule: str = "cosine", temperature: float = 6.0,
                  top_p: float = 1.0, generator: Optional[torch.Generator] = None, batch_size: Optional[int] = None,
-                 output_type: str = "pil", return_dict: bool = True, progress: bool = False):
+                 output_type: str = "pil", return_dict: bool = True, progress: bool = False,
+                 cuda_graph: Optional[bool] = None):
         """Generate ``num_images`` images, ``batch_size`` at a time (default: all at once).
+        On a GPU each batch replays a captured CUDA graph (``cuda_graph=False``: eager).
 
         Returns ``{"images": ...}`` (or the bare list/tensor with ``return_dict=False``):
         a list of PIL images (output_type "pil") or a (N, 3, H, W) tensor in [0, 1] ("pt").
@@ -163,7 +165,7 @@ class ADDPPipeline:
             raise AddpError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
         config = S.SamplerConfig(steps=steps, schedule=schedule, temperature=temperature, top_p=top_p)
         images = S.generate(self.net, self.tokenizer, num_images, config, generator=generator,
-                            batch_size=batch_size, progress=progress)
+                            batch_size=batch_size, progress=progress, cuda_graph=cuda_graph)
         images = to_pil(images) if output_type == "pil" else images
         return {"images": images} if return_dict else images
 
@@ -179,7 +181,7 @@ class ADDPPipeline:
         result is resized back before blending. One mask for every image of a batch.
         """
         x, was_pil = _image_tensor(image)
-        hole = _mask_tensor(mask)
+        hole = mask_tensor(mask)
         if tuple(hole.shape[-2:]) != tuple(x.shape[-2:]):
             raise AddpError(f"mask size {tuple(hole.shape[-2:])} differs from image size {tuple(x.shape[-2:])}")
         if hole.shape[0] not in (1, x.shape[0]) or (hole.shape[0] > 1 and not (hole == hole[:1]).all()):
@@ -198,11 +200,11 @@ class ADDPPipeline:
         """(B, 3, H, W), hole (1, 1, H, W) -> generated images (B, 3, H, W), not yet blended."""
         size = (self.image_size, self.image_size)
         H, W = x.shape[-2:]
-        xs = _resize(x, size)
+        xs = resize_images(x, size)
         # resized: a model pixel is in the hole when it overlaps any hole pixel
         holes = hole if (H, W) == size else F.adaptive_max_pool2d(hole.float(), size) > 0
         images = self.fill(xs, holes.expand(x.shape[0], -1, -1, -1), config, generator)
-        return _resize(images, (H, W))
+        return resize_images(images, (H, W))
 
     def fill(self, x: torch.Tensor, hole: torch.Tensor, config: S.SamplerConfig = S.SamplerConfig(),
              generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -281,7 +283,7 @@ class ADDPPipeline:
         h, w = max(1, round(H * fit)), max(1, round(W * fit))
         t, l = (S_ - h) // 2, (S_ - w) // 2
         canvas = torch.zeros(x.shape[0], 3, S_, S_)
-        canvas[..., t:t + h, l:l + w] = _resize(x, (h, w))
+        canvas[..., t:t + h, l:l + w] = resize_images(x, (h, w))
         hole = torch.ones(1, 1, S_, S_, dtype=torch.bool)
         hole[..., t:t + h, l:l + w] = False
         return _like(self.inpaint(canvas, hole, **kwargs), image, was_pil)

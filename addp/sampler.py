@@ -41,6 +41,7 @@ draw one after another from the same generator).
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -196,7 +197,12 @@ def _denoise_step(net, tokenizer, x, ids, mask, num_reliable: int, mask_len: int
     the noise in the order documented above.
     """
     K = tokenizer.codebook.shape[0]
-    logits = net(x, ids, mask, num_reliable)[..., :K].float()  # (B, L, K)
+    if num_reliable == 0:
+        # Every position unreliable: the network reads neither the image nor any token, so
+        # every row gets the same logits. One row is computed and shared by the batch.
+        logits = net(x[:1], ids[:1], mask[:1], 0)[..., :K].float().expand(x.shape[0], -1, -1)
+    else:
+        logits = net(x, ids, mask, num_reliable)[..., :K].float()  # (B, L, K)
     ids, mask = ops.gumbel_topk_unmask(logits, ids, mask, mask_len, tau, generator=generator, top_p=top_p)
     emb = ops.codebook_weighted_sum(logits, tokenizer.codebook, ids, mask)  # (B, L, D)
     x = tokenizer.decode_embeddings(emb).clamp(0, 1)
@@ -258,9 +264,64 @@ class _EvalMode:
             m.train(flag)
 
 
+class CudaGraphSampler:
+    """``sample_batch`` for one (network, tokenizer, batch size, config), captured as one
+    CUDA graph and replayed: the T steps launch as a single graph, with no Python between
+    kernels. Shapes are static (every step's mask_len and number of reliable tokens is
+    fixed by the schedule), and the noise comes from a private generator registered with
+    the graph. Each call copies the caller's generator state into it, replays, and advances
+    the caller's generator by what the eager sampler would have drawn, so for the same
+    generator state the replay computes exactly what ``sample_batch`` computes.
+
+    The graph reads the module's parameters in place: load new weights with
+    ``load_state_dict`` (in place), not by replacing parameter tensors.
+    """
+
+    def __init__(self, net: nn.Module, tokenizer: nn.Module, batch_size: int, config: SamplerConfig):
+        device = next(net.parameters()).device
+        if device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the network on a CUDA device, it is on {device}")
+        self.net, self.tokenizer, self.batch_size, self.config = net, tokenizer, batch_size, config
+        self.generator = torch.Generator(device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side), torch.no_grad():  # compiles Triton kernels, picks cuDNN algorithms
+            self._run()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        self.graph.register_generator_state(self.generator)
+        with torch.cuda.graph(self.graph), torch.no_grad():
+            self.images = self._run()
+
+    def _run(self) -> torch.Tensor:
+        return sample_batch(self.net, self.tokenizer, self.batch_size, self.config, self.generator)
+
+    def __call__(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """One batch (B, 3, H, W) drawn from ``generator`` (None: the device's default generator)."""
+        device = self.images.device
+        source = generator if generator is not None else torch.cuda.default_generators[device.index or 0]
+        self.generator.set_state(source.get_state())
+        self.graph.replay()
+        source.set_state(self.generator.get_state())
+        return self.images.clone()
+
+
+# Captured graphs, per network: {(id(tokenizer), batch size, config): CudaGraphSampler}.
+_GRAPHS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def graphed_sampler(net: nn.Module, tokenizer: nn.Module, batch_size: int, config: SamplerConfig) -> CudaGraphSampler:
+    """The cached ``CudaGraphSampler`` for these arguments, captured on first use."""
+    graphs = _GRAPHS.setdefault(net, {})
+    key = (id(tokenizer), batch_size, config)
+    if key not in graphs or graphs[key].tokenizer is not tokenizer:
+        graphs[key] = CudaGraphSampler(net, tokenizer, batch_size, config)
+    return graphs[key]
+
+
 def generate(net: nn.Module, tokenizer: nn.Module, num_images: int, config: SamplerConfig = SamplerConfig(),
              generator: Optional[torch.Generator] = None, batch_size: Optional[int] = None,
-             return_intermediates: bool = False, progress: bool = False):
+             return_intermediates: bool = False, progress: bool = False, cuda_graph: Optional[bool] = None):
     """Generate ``num_images`` images with the alternating denoising process.
 
     Args:
@@ -273,6 +334,9 @@ def generate(net: nn.Module, tokenizer: nn.Module, num_images: int, config: Samp
         batch_size: images per batch (default: all N in one batch).
         return_intermediates: also return every step's images, masks and ids.
         progress: show a tqdm bar over batches.
+        cuda_graph: replay each batch size's T steps as one captured CUDA graph
+            (``CudaGraphSampler``; same images as eager). None = on for CUDA devices unless
+            ``return_intermediates``; True off CUDA is an error.
 
     Returns:
         images (N, 3, H, W) in [0, 1], or a ``GenerationOutput`` with lists of T tensors
@@ -283,12 +347,21 @@ def generate(net: nn.Module, tokenizer: nn.Module, num_images: int, config: Samp
     batch_size = num_images if batch_size is None else batch_size
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    on_cuda = next(net.parameters()).device.type == "cuda"
+    if cuda_graph and not on_cuda:
+        raise ValueError("cuda_graph=True needs the network on a CUDA device")
+    if cuda_graph and return_intermediates:
+        raise ValueError("cuda_graph=True cannot return intermediates (the graph keeps only the final images)")
+    use_graph = (on_cuda and not return_intermediates) if cuda_graph is None else cuda_graph
     sizes = [min(batch_size, num_images - i) for i in range(0, num_images, batch_size)]
     if progress:
         from tqdm.auto import tqdm
         sizes = tqdm(sizes, desc="generating", unit="batch")
     with torch.no_grad(), _EvalMode(net, tokenizer):
-        results = [sample_batch(net, tokenizer, b, config, generator, return_intermediates) for b in sizes]
+        if use_graph:
+            results = [graphed_sampler(net, tokenizer, b, config)(generator) for b in sizes]
+        else:
+            results = [sample_batch(net, tokenizer, b, config, generator, return_intermediates) for b in sizes]
     if not return_intermediates:
         return torch.cat(results)
     return GenerationOutput(
