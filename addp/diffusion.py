@@ -131,6 +131,15 @@ class DiffusionProcess(nn.Module):
         for p in self.parameters():
             p.requires_grad_(False)
         self.schedule = MaskSchedule(config, predictor.config.seq_len)
+        self._encode, self._predict, self._decode = tokenizer.encode, predictor.forward, tokenizer.decode_embeddings
+
+    def compile(self, **options) -> "DiffusionProcess":
+        """torch.compile the frozen networks' passes (their shapes are fixed by the batch size,
+        so they compile once)."""
+        self._encode = torch.compile(self.tokenizer.encode, **options)
+        self._predict = torch.compile(self.predictor.forward, **options)
+        self._decode = torch.compile(self.tokenizer.decode_embeddings, **options)
+        return self
 
     def train(self, mode: bool = True):
         return super().train(False)  # frozen: always in eval mode (no dropout)
@@ -139,7 +148,7 @@ class DiffusionProcess(nn.Module):
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None,
                 noise_generator: torch.Generator | None = None) -> TrainingSample:
         """images (B, 3, H, W) in [0, 1] -> TrainingSample."""
-        z0 = self.tokenizer.encode(images)  # (B, L)
+        z0 = self._encode(images)  # (B, L)
         B, L = z0.shape
         if L != self.schedule.seq_len:
             raise ValueError(f"images give {L} tokens, the token predictor expects {self.schedule.seq_len}")
@@ -155,14 +164,14 @@ class DiffusionProcess(nn.Module):
                 u = _rand(logits_in.shape, logits_in.device, noise_generator)
                 guess = (logits_in.float() - torch.log(-torch.log(u.clamp_min(1e-20)))).argmax(-1)  # Gumbel-max
             emb = self.tokenizer.embed_ids(torch.where(masks.mask_t, guess, z0))
-        x_t = self.tokenizer.decode_embeddings(emb).clamp(0, 1).float()
+        x_t = self._decode(emb).clamp(0, 1).float()
         target = logits_target.float().softmax(-1) * masks.mask_t[..., None]
         return TrainingSample(x_t, z0, masks.mask_t, masks.mask_next, L - masks.num_masked, target)
 
     def predict(self, z0: torch.Tensor, masks: MaskPair) -> tuple[torch.Tensor, torch.Tensor]:
         """Predictor logits for the input mapping and for the target, in one batched pass."""
         if self.config.condition == "same":
-            logits = self.predictor(z0, masks.mask_t)
+            logits = self._predict(z0, masks.mask_t)
             return logits, logits
-        both = self.predictor(torch.cat([z0, z0]), torch.cat([masks.mask_next, masks.mask_t]))
+        both = self._predict(torch.cat([z0, z0]), torch.cat([masks.mask_next, masks.mask_t]))
         return both.chunk(2)

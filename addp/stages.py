@@ -137,6 +137,10 @@ class ADDPStage:
         self.loss_module = _Objective(net, lambda m, **kw: _addp_loss(m, kind=target, **kw))
         self._generators: dict = {}
 
+    def compile(self) -> None:
+        """Called by the trainer under --compile: the frozen passes compile too."""
+        self.process.compile()
+
     def prepare(self, images, generator):
         self.process.to(images.device)
         s = self.process(images, generator, device_noise(images.device, generator, self._generators))

@@ -90,7 +90,7 @@ class Trainer:
             self.optimizer = stage.make_optimizer(groups, self.lr)
         else:
             self.optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=tuple(config.betas),
-                                               fused=dist.device.type == "cuda")
+                                               fused=dist.device.type in ("cuda", "cpu"))
         self.prepare_takes_labels = "labels" in inspect.signature(stage.prepare).parameters
         warm = config.warmup_steps
         self.scheduler = CosineLRScheduler(self.optimizer, t_initial=config.steps - warm, lr_min=config.min_lr,
@@ -108,6 +108,8 @@ class Trainer:
             step_module = nn.parallel.DistributedDataParallel(
                 step_module, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
         self.step_module = torch.compile(step_module) if config.compile else step_module
+        if config.compile and hasattr(stage, "compile"):
+            stage.compile()  # e.g. the frozen networks of the ADDP stage
 
     # -- checkpoints -------------------------------------------------------------------
     @property
@@ -178,7 +180,7 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------
     def fit(self, make_loader) -> dict:
         """Train to `steps`; `make_loader(start_micro_batch)` returns an endless loader."""
-        cfg, dev = self.cfg, self.dist.device
+        cfg = self.cfg
         log = _Log(self.out, self.dist.is_main)
         batches = iter(make_loader(self.step * cfg.accum_steps))
         window_start, window_images = time.perf_counter(), 0
@@ -188,30 +190,9 @@ class Trainer:
         self.model.train()
         while self.step < cfg.steps:
             self.scheduler.step_update(self.step)
-            step_loss = torch.zeros((), device=dev)
-            for micro in range(cfg.accum_steps):
-                images, labels, bad = next(batches)
-                skipped += bad
-                images = images.to(dev, non_blocking=True)
-                if self.prepare_takes_labels:
-                    inputs = self.stage.prepare(images, self.generator, labels=labels.to(dev, non_blocking=True))
-                else:
-                    inputs = self.stage.prepare(images, self.generator)
-                sync = micro == cfg.accum_steps - 1 or not self.dist.enabled
-                with self._no_sync(sync), torch.autocast(dev.type, dtype=self.amp_dtype,
-                                                         enabled=self.amp_dtype is not None):
-                    loss = self.step_module(**inputs) / cfg.accum_steps
-                self.scaler.scale(loss).backward()
-                step_loss += loss.detach()
-                window_images += images.shape[0]
-            if cfg.clip_grad:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.ema:
-                self.ema.update(self.model, step=self.step)
+            step_loss, images_seen, bad = self.train_step(batches)
+            skipped += bad
+            window_images += images_seen
             self.losses[self.step] = step_loss
             self.step += 1
             bar.update(1)
@@ -234,6 +215,38 @@ class Trainer:
         if self.skipped and self.dist.is_main:
             print(f"[{self.stage.name}] skipped {self.skipped} unreadable images")
         return {"losses": self.losses.cpu().tolist()}
+
+    def train_step(self, batches) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """One optimizer step over ``accum_steps`` micro-batches drawn from the iterator
+        ``batches`` of (images, labels, unreadable count). Returns the step's loss (a device
+        scalar: no host sync), the number of images and the unreadable count."""
+        cfg, dev = self.cfg, self.dist.device
+        step_loss = torch.zeros((), device=dev)
+        images_seen, skipped = 0, torch.zeros((), dtype=torch.int64)
+        for micro in range(cfg.accum_steps):
+            images, labels, bad = next(batches)
+            skipped += bad
+            images = images.to(dev, non_blocking=True)
+            if self.prepare_takes_labels:
+                inputs = self.stage.prepare(images, self.generator, labels=labels.to(dev, non_blocking=True))
+            else:
+                inputs = self.stage.prepare(images, self.generator)
+            sync = micro == cfg.accum_steps - 1 or not self.dist.enabled
+            with self._no_sync(sync), torch.autocast(dev.type, dtype=self.amp_dtype,
+                                                     enabled=self.amp_dtype is not None):
+                loss = self.step_module(**inputs) / cfg.accum_steps
+            self.scaler.scale(loss).backward()
+            step_loss += loss.detach()
+            images_seen += images.shape[0]
+        if cfg.clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema:
+            self.ema.update(self.model, step=self.step)
+        return step_loss, images_seen, skipped
 
     def _no_sync(self, sync: bool):
         module = getattr(self.step_module, "_orig_mod", self.step_module)
