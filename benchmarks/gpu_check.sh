@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# GPU check of the fused ops, one script, < 5 minutes on one GPU (no internet needed):
+# Every GPU check in one script, < 10 minutes on one GPU (no internet needed):
 #   1. builds addp._C with the CUDA sources (pip, no build isolation, no deps),
 #   2. runs the Triton/CUDA parity tests (tests/test_kernels_triton.py runs on CUDA here),
-#      the op tests and the CPU benchmarks' parity,
+#      the op tests, the CUDA-graph sampler tests (graph replay == eager, bitwise) and the
+#      attention-backend tests,
 #   3. benchmarks every op vs its reference at the ViT-B/256 shapes (B=64 L=256 K=1024 D=256)
-#      with a device-to-device copy bandwidth baseline (benchmarks/gpu_bench.py).
+#      with a device-to-device copy bandwidth baseline (benchmarks/gpu_bench.py),
+#   4. end to end at ADDP ViT-B/16, 256 px, bf16, batch 64, 20 steps: generation (CUDA graph vs
+#      the reference loop and vs our eager sampler) and the training step (eager and compiled,
+#      with FLOPs and MFU) vs the reference loop (benchmarks/test_bench_e2e.py).
 # The raw log goes to benchmarks/results/gpu_check-<date>.log. Usage: bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,9 +29,14 @@ python -c "import addp.ops as o; print('compiled ops loaded:', o.has_compiled_op
 step "parity tests (Triton and CUDA on the GPU, CPU kernels)"
 timeout 150 python -m pytest -q -x tests/test_kernels_triton.py tests/test_ops.py tests/test_ops_unmask.py \
   tests/test_ops_loss.py || status=1
+timeout 90 python -m pytest -q -rs tests/test_cuda_graph.py tests/test_models.py -k "graph or attention" || status=1
 
 step "benchmarks at ViT-B/256 shapes"
 timeout 90 python benchmarks/gpu_bench.py --B 64 --L 256 --K 1024 --D 256 || status=1
+
+step "end to end: ADDP ViT-B/16 256 px, bf16, B=64, T=20 vs the reference loop"
+ADDP_BENCH_PRESET=base timeout 300 python -m pytest -q -s benchmarks/test_bench_e2e.py \
+  --benchmark-json="${LOG%.log}-e2e.json" || status=1
 
 step "done: exit status $status; log in $LOG"
 exit $status
