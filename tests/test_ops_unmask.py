@@ -163,3 +163,51 @@ def test_reference_agrees_with_noise_given():
     u2 = torch.rand(2, 8, generator=g, dtype=torch.float64)
     expected = gumbel_topk_unmask_reference(logits, u1, u2, ids, mask, 3, 1.0)
     assert_same(run("reference", logits, ids, mask, 3, 1.0, seed=3), expected)
+
+
+# --------------------------------------------------------------------------- CUDA C++ kernel
+def _cuda_kernel_built() -> bool:
+    return (torch.cuda.is_available() and has_compiled_ops()
+            and torch._C._dispatch_has_kernel_for_dispatch_key("addp::gumbel_topk_unmask", "CUDA"))
+
+
+needs_cuda_kernel = pytest.mark.skipif(not _cuda_kernel_built(), reason="no CUDA device, or addp._C was built "
+                                       "without its CUDA kernels (ADDP_BUILD_CUDA=1)")
+
+
+@needs_cuda_kernel
+@pytest.mark.parametrize("i", range(len(SHAPES)), ids=[str(s) for s in SHAPES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_parity_cuda(i, dtype):
+    B, L, K = SHAPES[i]
+    logits, ids, mask = (t.cuda() for t in make_inputs(B, L, K, dtype, layout=("contig", "sliced", "transposed")[i % 3]))
+    for mask_len in (1, L, torch.tensor(L // 2, device="cuda"), 0):
+        for top_p in (1.0, 0.8):
+            a, b = (gumbel_topk_unmask(logits, ids, mask, mask_len, 2.0, torch.Generator("cuda").manual_seed(1),
+                                       top_p, backend=backend) for backend in ("cuda", "reference"))
+            assert_same(a, b)
+
+
+@needs_cuda_kernel
+def test_cuda_ties_all_reliable_and_infinite_logits():
+    flat = torch.zeros(2, 6, 4, device="cuda")
+    ids = torch.arange(6, device="cuda").expand(2, 6).contiguous()
+    for mask in (torch.ones(2, 6, dtype=torch.bool, device="cuda"), torch.zeros(2, 6, dtype=torch.bool, device="cuda")):
+        new_ids, new_mask = gumbel_topk_unmask(flat, ids, mask, 2, 0.0, backend="cuda")
+        assert new_mask.tolist() == [[True, True, False, False, False, False]] * 2  # ties: lower index first
+        if not mask.any():
+            assert torch.equal(new_ids, ids)
+    logits = torch.full((1, 3, 5), float("-inf"), device="cuda")
+    logits[0, :, 3] = 0.0  # one finite logit per row: always sampled
+    new_ids, _ = gumbel_topk_unmask(logits, ids[:1, :3], torch.ones(1, 3, dtype=torch.bool, device="cuda"), 1, 1.0,
+                                    backend="cuda")
+    assert new_ids.tolist() == [[3, 3, 3]]
+
+
+@needs_cuda_kernel
+def test_cuda_kernel_opcheck():
+    logits, ids, mask = (t.cuda() for t in make_inputs(2, 6, 20))
+    u1 = torch.rand(2, 6, 20, device="cuda")
+    u2 = torch.rand(2, 6, device="cuda", dtype=torch.float64)
+    torch.library.opcheck(torch.ops.addp.gumbel_topk_unmask.default,
+                          (logits, u1, u2, ids, mask, torch.tensor(3, device="cuda"), 2.0, None))
