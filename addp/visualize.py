@@ -1,0 +1,174 @@
+"""`python -m addp.visualize`: one generation run, step by step (the paper's Fig. 16).
+
+Rows are the images; for each shown step there is a group of three tiles:
+  image   the decoded image x after the step
+  mask    the positions still unreliable after the step (white), upscaled to the image size
+  tokens  the ids after the step (candidates at unreliable positions) coloured by the PCA of
+          the network's token embeddings (``sampler.token_embedding_pca``), upscaled (nearest)
+Shown steps (1-based): 1, 1 + k, 1 + 2k, ... and always the last, k = --every. Every tile is
+the image size times --scale (nearest). Writes one PNG (atomically) and prints a JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+from . import sampler as S
+from .checkpoint import atomic_write
+from .cli import run
+from .inpaint import check_output_file
+from .pipeline import ADDPPipeline, to_uint8
+from .registry import AddpError
+
+MIN_TILE = 64  # default --scale: the smallest integer making a tile at least this many pixels
+MARGIN = 4  # around the figure
+PAD = 2  # between tiles of a group and between rows
+GAP = 10  # between step groups
+HEADER = 28  # label band above the tiles: "step s/T", then "image mask tokens"
+BACKGROUND = 96
+TEXT = (255, 255, 255)
+KINDS = ("image", "mask", "tokens")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("python -m addp.visualize", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="our .safetensors (addp + tokenizer), a folder, or addp-vit-*.pth")
+    p.add_argument("--tokenizer", default=None, help="VQGAN checkpoint when --checkpoint holds no tokenizer")
+    p.add_argument("--num-images", type=int, default=4, help="rows of the figure")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps T")
+    p.add_argument("--every", type=int, default=1, help="show every k-th step (the first and last always)")
+    p.add_argument("--schedule", default="cosine", choices=S.SCHEDULES, help="mask schedule")
+    p.add_argument("--temperature", type=float, default=6.0, help="Gumbel scale of the choice of positions")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling of candidate ids (1: off)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
+    p.add_argument("--scale", type=int, default=None,
+                   help=f"integer upscaling of every tile; default: the smallest making tiles >= {MIN_TILE} px")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--output", default="denoising_steps.png", help="the figure (PNG)")
+    return p
+
+
+# --------------------------------------------------------------------------- layout
+def shown_steps(steps: int, every: int) -> list[int]:
+    """0-based indices of the steps shown: 0, k, 2k, ... and steps - 1."""
+    shown = list(range(0, steps, every))
+    if shown[-1] != steps - 1:
+        shown.append(steps - 1)
+    return shown
+
+
+def default_scale(image_size: int) -> int:
+    return max(1, math.ceil(MIN_TILE / image_size))
+
+
+def figure_size(rows: int, groups: int, tile_h: int, tile_w: int) -> tuple[int, int]:
+    """(width, height) of the figure in pixels."""
+    group_w = len(KINDS) * tile_w + (len(KINDS) - 1) * PAD
+    width = 2 * MARGIN + groups * group_w + (groups - 1) * GAP
+    height = HEADER + 2 * MARGIN + rows * tile_h + (rows - 1) * PAD
+    return width, height
+
+
+def tile_origin(row: int, group: int, kind: int, tile_h: int, tile_w: int) -> tuple[int, int]:
+    """(x, y) of the top-left pixel of tile ``kind`` (0 image, 1 mask, 2 tokens) of a row and step group."""
+    group_w = len(KINDS) * tile_w + (len(KINDS) - 1) * PAD
+    x = MARGIN + group * (group_w + GAP) + kind * (tile_w + PAD)
+    y = HEADER + MARGIN + row * (tile_h + PAD)
+    return x, y
+
+
+# --------------------------------------------------------------------------- tiles
+def upscale(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, C, h, w) -> (B, C, H, W) by pixel repetition (nearest); exact when H, W are multiples."""
+    h, w = images.shape[-2:]
+    H, W = size
+    if H % h == 0 and W % w == 0:
+        return images.repeat_interleave(H // h, dim=-2).repeat_interleave(W // w, dim=-1)
+    return F.interpolate(images, size=size, mode="nearest")
+
+
+def step_tiles(net, result: S.GenerationOutput, step: int, scale: int) -> list[np.ndarray]:
+    """The three tiles of every image at ``step``: [image, mask, tokens], each (N, H*scale, W*scale, 3) uint8."""
+    x = result.step_images[step].float().cpu()  # (N, 3, H, W)
+    N, _, H, W = x.shape
+    size = (H * scale, W * scale)
+    side = math.isqrt(result.step_masks[step].shape[1])
+    mask = result.step_masks[step].cpu().float().reshape(N, 1, side, side).expand(-1, 3, -1, -1)
+    pca = S.token_embedding_pca(net, result.step_ids[step].to(next(net.parameters()).device)).float().cpu()
+    image_tile = upscale(to_uint8(x), size)
+    mask_tile = upscale(upscale(to_uint8(mask), (H, W)), size)
+    pca_tile = upscale(upscale(to_uint8(pca), (H, W)), size)
+    return [t.permute(0, 2, 3, 1).numpy() for t in (image_tile, mask_tile, pca_tile)]
+
+
+def make_figure(net, result: S.GenerationOutput, steps: list[int], scale: int) -> np.ndarray:
+    """The figure (height, width, 3) uint8 of the given 0-based ``steps`` of a run."""
+    N, _, H, W = result.step_images[0].shape
+    th, tw = H * scale, W * scale
+    T = len(result.step_images)
+    width, height = figure_size(N, len(steps), th, tw)
+    fig = np.full((height, width, 3), BACKGROUND, dtype=np.uint8)
+    for g, s in enumerate(steps):
+        for k, tiles in enumerate(step_tiles(net, result, s, scale)):
+            for r in range(N):
+                x0, y0 = tile_origin(r, g, k, th, tw)
+                fig[y0:y0 + th, x0:x0 + tw] = tiles[r]
+    image = Image.fromarray(fig)
+    _draw_labels(image, steps, T, th, tw)
+    return np.asarray(image)
+
+
+def _draw_labels(image: Image.Image, steps: list[int], T: int, th: int, tw: int) -> None:
+    """Write "step s/T" over each group and the tile kinds under it, inside the header band."""
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    for g, s in enumerate(steps):
+        x0, _ = tile_origin(0, g, 0, th, tw)
+        draw.text((x0, MARGIN), f"step {s + 1}/{T}", fill=TEXT, font=font)
+        for k, kind in enumerate(KINDS):
+            xk, _ = tile_origin(0, g, k, th, tw)
+            draw.text((xk, MARGIN + HEADER // 2), kind, fill=TEXT, font=font)
+
+
+# --------------------------------------------------------------------------- command
+def main(args) -> dict:
+    for name in ("num_images", "every"):
+        if getattr(args, name) < 1:
+            raise AddpError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.scale is not None and args.scale < 1:
+        raise AddpError(f"--scale must be >= 1, got {args.scale}")
+    config = S.SamplerConfig(steps=args.steps, schedule=args.schedule, temperature=args.temperature,
+                             top_p=args.top_p)
+    output = Path(args.output)
+    check_output_file(output)
+    pipe = ADDPPipeline.from_pretrained(args.checkpoint, tokenizer=args.tokenizer, device=args.device)
+    scale = args.scale if args.scale is not None else default_scale(pipe.image_size)
+    generator = torch.Generator(pipe.device).manual_seed(args.seed)
+    result = S.generate(pipe.net, pipe.tokenizer, args.num_images, config, generator=generator,
+                        return_intermediates=True)
+    steps = shown_steps(config.steps, args.every)
+    fig = make_figure(pipe.net, result, steps, scale)
+    atomic_write(output, lambda tmp: Image.fromarray(fig).save(tmp, format="PNG"))
+    summary = {"output": str(output), "num_images": args.num_images, "steps": config.steps,
+               "shown_steps": [s + 1 for s in steps], "scale": scale, "size": [fig.shape[1], fig.shape[0]],
+               "temperature": config.temperature, "top_p": config.top_p, "seed": args.seed}
+    print(json.dumps(summary))
+    return summary
+
+
+def cli(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    return run(main, args, errors=(AddpError, ValueError, OSError))
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
