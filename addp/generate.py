@@ -48,6 +48,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="replay each batch as one captured CUDA graph (default: on for GPUs; same images as eager)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the pixel encoder and the tokenizer's decoder (pays off for many batches)")
     p.add_argument("--overwrite", action="store_true", help="start over in a folder made with other settings")
     return p
 
@@ -120,7 +122,7 @@ def main(args) -> dict:
             if todo:
                 g = torch.Generator(pipe.device).manual_seed(batch_seed(args.seed, b))
                 images = pipe(num_images=B, generator=g, output_type="pt", return_dict=False,
-                              cuda_graph=args.cuda_graph, **_options(config))
+                              cuda_graph=args.cuda_graph, compile=args.compile, **_options(config))
                 arr = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
                 for i in todo:
                     _save_png(out / image_name(i), arr[i - start])

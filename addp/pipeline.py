@@ -154,9 +154,10 @@ class ADDPPipeline:
     def __call__(self, num_images: int = 16, steps: int = 20, schedule: str = "cosine", temperature: float = 6.0,
                  top_p: float = 1.0, generator: Optional[torch.Generator] = None, batch_size: Optional[int] = None,
                  output_type: str = "pil", return_dict: bool = True, progress: bool = False,
-                 cuda_graph: Optional[bool] = None):
+                 cuda_graph: Optional[bool] = None, compile: bool = False):
         """Generate ``num_images`` images, ``batch_size`` at a time (default: all at once).
-        On a GPU each batch replays a captured CUDA graph (``cuda_graph=False``: eager).
+        On a GPU each batch replays a captured CUDA graph (``cuda_graph=False``: eager);
+        ``compile=True`` compiles the fixed-shape parts first (``sampler.compiled_models``).
 
         Returns ``{"images": ...}`` (or the bare list/tensor with ``return_dict=False``):
         a list of PIL images (output_type "pil") or a (N, 3, H, W) tensor in [0, 1] ("pt").
@@ -165,7 +166,8 @@ class ADDPPipeline:
             raise AddpError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
         config = S.SamplerConfig(steps=steps, schedule=schedule, temperature=temperature, top_p=top_p)
         images = S.generate(self.net, self.tokenizer, num_images, config, generator=generator,
-                            batch_size=batch_size, progress=progress, cuda_graph=cuda_graph)
+                            batch_size=batch_size, progress=progress, cuda_graph=cuda_graph,
+                            compile=compile)
         images = to_pil(images) if output_type == "pil" else images
         return {"images": images} if return_dict else images
 

@@ -41,7 +41,6 @@ draw one after another from the same generator).
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -264,6 +263,62 @@ class _EvalMode:
             m.train(flag)
 
 
+class _CompiledNet(nn.Module):
+    """An ADDP network whose pixel encoder is compiled; the token decoder, whose sequence
+    length changes with the number of reliable tokens at every step, stays eager."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net, self.config = net, net.config
+        self.encoder = torch.compile(net.forward_encoder)
+
+    def forward(self, x, ids, mask, num_reliable=None):
+        return self.net.forward_decoder(self.encoder(x), ids, mask, num_reliable)
+
+
+class _CompiledTokenizer(nn.Module):
+    """A VQ tokenizer whose decoder (fixed shapes for a batch size) is compiled."""
+
+    def __init__(self, tokenizer: nn.Module):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.decode = torch.compile(tokenizer.decode_embeddings)
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        return self.tokenizer.codebook
+
+    def decode_embeddings(self, emb: torch.Tensor) -> torch.Tensor:
+        return self.decode(emb)
+
+
+class _SamplerCache(dict):
+    """Compiled parts and CUDA graphs of one network, kept on it (so they live as long as it
+    does); a copy or pickle of the network starts with an empty cache."""
+
+    def __deepcopy__(self, memo):
+        return _SamplerCache()
+
+    def __reduce__(self):
+        return _SamplerCache, ()
+
+
+def _cache(net: nn.Module) -> dict:
+    # a plain attribute, not a submodule: not in the state dict, not moved by .to()
+    return net.__dict__.setdefault("_addp_sampler_cache", _SamplerCache())
+
+
+def compiled_models(net: nn.Module, tokenizer: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(net, tokenizer) with their fixed-shape parts compiled (cached on the net): the ADDP
+    pixel encoder and the tokenizer's decoder. Other networks are compiled whole."""
+    cache = _cache(net)
+    key = ("compiled", id(tokenizer))
+    if key not in cache or cache[key][1].tokenizer is not tokenizer:
+        fast_net = _CompiledNet(net) if hasattr(net, "forward_encoder") else torch.compile(net)
+        cache[key] = (fast_net, _CompiledTokenizer(tokenizer))
+    return cache[key]
+
+
 class CudaGraphSampler:
     """``sample_batch`` for one (network, tokenizer, batch size, config), captured as one
     CUDA graph and replayed: the T steps launch as a single graph, with no Python between
@@ -306,22 +361,19 @@ class CudaGraphSampler:
         return self.images.clone()
 
 
-# Captured graphs, per network: {(id(tokenizer), batch size, config): CudaGraphSampler}.
-_GRAPHS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
-
-
 def graphed_sampler(net: nn.Module, tokenizer: nn.Module, batch_size: int, config: SamplerConfig) -> CudaGraphSampler:
-    """The cached ``CudaGraphSampler`` for these arguments, captured on first use."""
-    graphs = _GRAPHS.setdefault(net, {})
-    key = (id(tokenizer), batch_size, config)
-    if key not in graphs or graphs[key].tokenizer is not tokenizer:
-        graphs[key] = CudaGraphSampler(net, tokenizer, batch_size, config)
-    return graphs[key]
+    """The ``CudaGraphSampler`` for these arguments, captured on first use and cached on the net."""
+    cache = _cache(net)
+    key = ("graph", id(tokenizer), batch_size, config)
+    if key not in cache or cache[key].tokenizer is not tokenizer:
+        cache[key] = CudaGraphSampler(net, tokenizer, batch_size, config)
+    return cache[key]
 
 
 def generate(net: nn.Module, tokenizer: nn.Module, num_images: int, config: SamplerConfig = SamplerConfig(),
              generator: Optional[torch.Generator] = None, batch_size: Optional[int] = None,
-             return_intermediates: bool = False, progress: bool = False, cuda_graph: Optional[bool] = None):
+             return_intermediates: bool = False, progress: bool = False, cuda_graph: Optional[bool] = None,
+             compile: bool = False):
     """Generate ``num_images`` images with the alternating denoising process.
 
     Args:
@@ -337,6 +389,8 @@ def generate(net: nn.Module, tokenizer: nn.Module, num_images: int, config: Samp
         cuda_graph: replay each batch size's T steps as one captured CUDA graph
             (``CudaGraphSampler``; same images as eager). None = on for CUDA devices unless
             ``return_intermediates``; True off CUDA is an error.
+        compile: torch.compile the fixed-shape parts (the ADDP pixel encoder and the
+            tokenizer's decoder; ``compiled_models``). The first batch pays the compilation.
 
     Returns:
         images (N, 3, H, W) in [0, 1], or a ``GenerationOutput`` with lists of T tensors
@@ -358,6 +412,8 @@ def generate(net: nn.Module, tokenizer: nn.Module, num_images: int, config: Samp
         from tqdm.auto import tqdm
         sizes = tqdm(sizes, desc="generating", unit="batch")
     with torch.no_grad(), _EvalMode(net, tokenizer):
+        if compile:
+            net, tokenizer = compiled_models(net, tokenizer)
         if use_graph:
             results = [graphed_sampler(net, tokenizer, b, config)(generator) for b in sizes]
         else:

@@ -4,7 +4,8 @@
 On the CPU: the small presets (addp_vit_small, vqgan_small, mage_vit_small; 32 px, 8x8
 tokens), fp32, batch 32, 20 steps. On a GPU: ADDP ViT-B/16 at 256 px with MAGE's VQGAN and
 the MAGE ViT-B predictor, bf16, batch 64, 20 steps (random weights: speed does not depend on
-them). ADDP_BENCH_PRESET=small|base, ADDP_BENCH_BATCH and ADDP_BENCH_STEPS override.
+them). ADDP_BENCH_PRESET=small|base, ADDP_BENCH_BATCH, ADDP_BENCH_STEPS and
+ADDP_BENCH_PRECISION=fp32|bf16 (autocast on both sides) override.
 
 Rounds of ours and of the reference are interleaved and the medians compared, so load from
 other processes hits both alike. Times are wall-clock with the device synchronised; on a GPU
@@ -37,7 +38,9 @@ MODELS = {"small": ("addp_vit_small", "vqgan_small", "mage_vit_small"),
           "base": ("addp_vit_base_patch16", "vqgan_mage", "mage_vit_base_patch16")}[PRESET]
 BATCH = int(os.environ.get("ADDP_BENCH_BATCH", 64 if PRESET == "base" else 32))
 STEPS = int(os.environ.get("ADDP_BENCH_STEPS", 20))
-AMP = torch.bfloat16 if DEVICE.type == "cuda" else None
+# autocast dtype of both sides (the reference keeps its attention in fp32, as the official code)
+AMP = {"bf16": torch.bfloat16, "fp32": None}[os.environ.get("ADDP_BENCH_PRECISION",
+                                                             "bf16" if DEVICE.type == "cuda" else "fp32")]
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}  # bf16 dense
 MIN_RATIO = 1.0  # fail when ours is slower than the reference loop
 
@@ -82,9 +85,11 @@ def _autocast():
 
 
 # --------------------------------------------------------------------------- generation
-def test_bench_generation(benchmark, report_ratio, models):
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compile"])
+def test_bench_generation(benchmark, report_ratio, models, compile):
     """Images/s of one batch of T steps. Both sides keep the official last step (parity=True)
-    so they do the same work; ours replays a CUDA graph on a GPU, runs eager on the CPU."""
+    so they do the same work; ours replays a CUDA graph on a GPU, runs eager on the CPU, and
+    with ``compile`` compiles the pixel encoder and the tokenizer's decoder."""
     net, tok, _ = models
     config = S.SamplerConfig(steps=STEPS, parity=True)
 
@@ -92,7 +97,7 @@ def test_bench_generation(benchmark, report_ratio, models):
         def run():
             with _autocast():
                 S.generate(net, tok, BATCH, config, generator=torch.Generator(DEVICE).manual_seed(0),
-                           cuda_graph=cuda_graph)
+                           cuda_graph=cuda_graph, compile=compile)
         return run
 
     def reference():
@@ -107,7 +112,7 @@ def test_bench_generation(benchmark, report_ratio, models):
     detail = (f"(reference {BATCH / ref_s:.1f} img/s, ours {BATCH / our_s:.1f} img/s, "
               f"B={BATCH} T={STEPS}, {DEVICE.type}, {torch.get_num_threads()} threads)")
     benchmark.extra_info.update(reference_img_s=BATCH / ref_s, ours_img_s=BATCH / our_s, speedup=ref_s / our_s)
-    report_ratio(f"generation {MODELS[0]}", ref_s / our_s, detail)
+    report_ratio(f"generation {MODELS[0]} ({'compiled' if compile else 'eager'})", ref_s / our_s, detail)
     if DEVICE.type == "cuda":
         eager_s = times[2]
         benchmark.extra_info.update(ours_eager_img_s=BATCH / eager_s)

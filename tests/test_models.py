@@ -192,3 +192,13 @@ def test_timm_encoder_preset_runs_at_its_grid():
                  torch.ones(1, 16, dtype=torch.bool))
     assert logits.shape == (1, 16, 1024 + 1001)
     assert not hasattr(net, "blocks") and hasattr(net, "encoder")
+
+
+def test_sdpa_on_cpu_in_bf16_uses_the_explicit_matmuls():
+    import addp.layers as layers
+    q, k, v = (torch.randn(2, 3, 9, 8, generator=torch.Generator().manual_seed(i)).bfloat16() for i in range(3))
+    with layers.attention_backend("sdpa"):
+        fast = layers.attention(q, k, v)
+    with layers.attention_backend("math"):
+        ref = layers.attention(q, k, v)
+    assert fast.dtype == torch.bfloat16 and torch.equal(fast, ref)

@@ -115,6 +115,12 @@ def test_addp_network_layout(tmp_path, size):
     with torch.no_grad():
         logits = net(torch.rand(2, 3, 256, 256), ids, mask, num_reliable=56)
     assert logits.shape == (2, 256, 2025)
+    if size == "base":  # the official release generates through the pipeline as it is
+        from addp.pipeline import ADDPPipeline
+        pipe = ADDPPipeline.from_pretrained(path, device="cpu")
+        images = pipe(num_images=1, steps=2, temperature=1.0, generator=torch.Generator().manual_seed(0),
+                      output_type="pt", return_dict=False)
+        assert images.shape == (1, 3, 256, 256) and 0 <= float(images.min()) <= float(images.max()) <= 1
 
 
 def test_a_wrong_shape_in_an_official_file_is_named(tmp_path):

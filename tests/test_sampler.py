@@ -254,3 +254,16 @@ def test_token_embedding_pca(models):
     flat = img.flatten(2)  # (B, 3, L): the same id gets the same colour
     assert torch.equal(flat[1], flat[0].flip(-1))
     assert not torch.equal(flat[0, :, 0], flat[0, :, 1]) or ids[0, 0] == ids[0, 1]
+
+
+def test_compiled_parts_give_the_eager_images(models):
+    net, tok = models
+    config = S.SamplerConfig(steps=3, temperature=1.0)
+    eager = S.generate(net, tok, 2, config, generator=torch.Generator().manual_seed(4))
+    fast = S.generate(net, tok, 2, config, generator=torch.Generator().manual_seed(4), compile=True)
+    again = S.generate(net, tok, 2, config, generator=torch.Generator().manual_seed(4), compile=True)
+    assert torch.allclose(fast, eager, atol=1e-4) and torch.equal(fast, again)
+    assert S.compiled_models(net, tok) is S.compiled_models(net, tok)  # compiled once per pair
+    assert not any("_addp" in k for k in net.state_dict())  # the cache is not part of the weights
+    import copy
+    assert copy.deepcopy(net)._addp_sampler_cache == {}
