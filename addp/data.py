@@ -7,6 +7,8 @@ images of step s are the same whether or not the run was interrupted and resumed
 """
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 
 import torch
@@ -19,6 +21,11 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from .registry import AddpError
 
 MAX_CONSECUTIVE_BAD = 20
+
+
+def default_workers() -> int:
+    """Data-loading processes for image folders: 8, or fewer on a machine with fewer cores."""
+    return min(8, os.cpu_count() or 1)
 
 
 def load_digits(split: str = "train", image_size: int = 32, holdout: float = 0.2, seed: int = 0):

@@ -34,7 +34,7 @@ from .checkpoint import CheckpointError, load_components, save_checkpoint
 from .classifier import (GLOBAL_POOLS, CNNClassifier, ClassifierConfig, build_classifier,
                          classifier_config_for, encoder_state_from_addp, load_encoder_state,
                          resample_pos_embed)
-from .data import DigitsDataset, ImageFolderDataset, _sample_seed, make_loader
+from .data import DigitsDataset, ImageFolderDataset, _sample_seed, default_workers, make_loader
 from .distributed import init_distributed
 from .model import IMAGENET_MEAN, IMAGENET_STD
 from .cli import run
@@ -84,7 +84,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-workers", type=int, default=None, help="default: 0 for digits, 8 for folders")
+    p.add_argument("--num-workers", type=int, default=None, help="default: 0 for digits, min(8, CPU cores) for folders")
     p.add_argument("--device", default=None)
     p.add_argument("--resume", default=None, help="a checkpoint.pt of this run to continue from")
     p.add_argument("--force", action="store_true", help="start over in an output folder of another run")
@@ -368,7 +368,7 @@ def train_config(args, num_train: int, world_size: int) -> TrainConfig:
     default_blr = (0.1 if probe else 5e-4) if args.data_path else (25.0 if probe else 1e-2)
     blr = args.blr if args.blr is not None else default_blr
     wd = args.weight_decay if args.weight_decay is not None else (0.0 if probe else 0.05)
-    workers = args.num_workers if args.num_workers is not None else (8 if args.data_path else 0)
+    workers = args.num_workers if args.num_workers is not None else (default_workers() if args.data_path else 0)
     return TrainConfig(steps=steps, batch_size=args.batch_size, accum_steps=args.accum_steps, blr=blr, lr=args.lr,
                        min_lr=args.min_lr, warmup_steps=min(warmup, steps - 1), weight_decay=wd,
                        betas=(0.9, 0.999), clip_grad=args.clip_grad, precision=args.precision,

@@ -24,6 +24,7 @@ from .distributed import init_distributed
 from .loss import TARGETS
 from .model import TOKEN_INPUTS
 from .cli import run
+from .data import default_workers
 from .registry import AddpError
 from .stages import ADDPStage, PredictorStage, TokenizerStage, masked_token_accuracy, reconstruction_psnr
 from .trainer import PRECISIONS, TrainConfig, Trainer, identity_of
@@ -73,7 +74,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-workers", type=int, default=None, help="default: 0 for digits, 8 for folders")
+    p.add_argument("--num-workers", type=int, default=None, help="default: 0 for digits, min(8, CPU cores) for folders")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--resume", default=None, help="a training checkpoint.pt to continue from")
     p.add_argument("--force", action="store_true", help="start over in an output folder of another run")
@@ -117,7 +118,8 @@ def train_config(args, stage: str) -> TrainConfig:
                        weight_decay=0.0 if stage == "tokenizer" else args.weight_decay,
                        clip_grad=args.clip_grad, precision=args.precision, ema_decay=args.ema_decay,
                        compile=args.compile, log_every=args.log_every, ckpt_every=args.ckpt_every, seed=args.seed,
-                       num_workers=args.num_workers if args.num_workers is not None else (8 if args.data_path else 0))
+                       num_workers=args.num_workers if args.num_workers is not None
+                       else (default_workers() if args.data_path else 0))
 
 
 def run_stage(stage, args, dist, dataset, extra_identity: dict) -> dict:
