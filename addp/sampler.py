@@ -364,7 +364,9 @@ class CudaGraphSampler:
 def graphed_sampler(net: nn.Module, tokenizer: nn.Module, batch_size: int, config: SamplerConfig) -> CudaGraphSampler:
     """The ``CudaGraphSampler`` for these arguments, captured on first use and cached on the net."""
     cache = _cache(net)
-    key = ("graph", id(tokenizer), batch_size, config)
+    # a graph replays the kernels it captured: autocast at capture time is part of the key
+    autocast = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda")
+    key = ("graph", id(tokenizer), batch_size, config, autocast)
     if key not in cache or cache[key].tokenizer is not tokenizer:
         cache[key] = CudaGraphSampler(net, tokenizer, batch_size, config)
     return cache[key]

@@ -63,3 +63,18 @@ def test_default_on_cuda_uses_the_graph_and_global_rng(cpu_models):
         assert any(k[0] == "graph" for k in S._cache(net))
     finally:
         net.cpu(), tok.cpu()
+
+
+@needs_cuda
+def test_autocast_state_gets_its_own_graph(cpu_models):
+    net, tok = (m.cuda() for m in cpu_models)
+    config = S.SamplerConfig(steps=2)
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            S.generate(net, tok, 2, config, cuda_graph=True)
+        fp32 = S.generate(net, tok, 2, config, generator=torch.Generator("cuda").manual_seed(1), cuda_graph=True)
+        eager = S.generate(net, tok, 2, config, generator=torch.Generator("cuda").manual_seed(1), cuda_graph=False)
+        assert torch.equal(fp32, eager)  # not the bf16 graph replayed
+        assert sum(k[0] == "graph" and k[2] == 2 for k in S._cache(net)) == 2
+    finally:
+        net.cpu(), tok.cpu()
