@@ -48,7 +48,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop-min", type=float, default=0.2, help="RandomResizedCrop scale lower bound")
     p.add_argument("--no-flip", action="store_true", help="no horizontal flips")
     p.add_argument("--output-dir", default="output/addp_demo")
-    p.add_argument("--steps", type=int, default=3000, help="ADDP training steps")
+    p.add_argument("--steps", type=int, default=6000, help="ADDP training steps")
     p.add_argument("--tokenizer-steps", type=int, default=500)
     p.add_argument("--predictor-steps", type=int, default=2400)
     p.add_argument("--batch-size", type=int, default=32, help="per process and micro-step")
