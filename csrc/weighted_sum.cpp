@@ -30,6 +30,7 @@ namespace addp {
 namespace {
 
 #define ADDP_INLINE ADDP_SIMD_INLINE
+using simd::exp_nonpos;
 using simd::loadu;
 using simd::storeu;
 using simd::vf16;
@@ -44,27 +45,6 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 ADDP_INLINE int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-
-// exp(x) for x <= 0 (Cephes polynomial, ~1 ulp). -inf -> 0; NaN stays NaN.
-template <class V, class VI>
-ADDP_INLINE V exp_nonpos(V x) {
-  const V lo = V{} - 87.33654f;
-  const V magic = V{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  V xc = x < lo ? lo : x;
-  V t = xc * 1.44269504f + magic;
-  V n = t - magic;
-  V r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  V p = r * 1.9875691500e-4f + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  V y = p * (r * r) + r + 1.0f;
-  VI scale = (((VI)t - 0x4B400000) + 127) << 23;  // 2^n built from the exponent bits
-  y = y * (V)scale;
-  return x < lo ? V{} : y;
-}
 
 // w[k] <- exp((x[k] - max(x)) / T) for k < K; x may alias w. w[K:round_up(K, W)] is set to 0.
 // Returns the sum of the weights.
