@@ -15,6 +15,13 @@ def cpu_models():
     return addp.create_model("addp_vit_small").eval(), addp.create_model("vqgan_small").eval()
 
 
+@pytest.fixture
+def cuda_models(cpu_models):
+    net, tok = (m.cuda() for m in cpu_models)
+    yield net, tok
+    net.cpu(), tok.cpu()
+
+
 def test_cuda_graph_off_cuda_is_an_error(cpu_models):
     with pytest.raises(ValueError, match="CUDA device"):
         S.generate(*cpu_models, 2, S.SamplerConfig(steps=2), cuda_graph=True)
@@ -33,48 +40,39 @@ def test_generate_cli_cuda_graph_on_cpu_is_one_line_error(cpu_models, tmp_path, 
 
 @needs_cuda
 @pytest.mark.parametrize("parity", [False, True])
-def test_graph_replay_equals_eager_bitwise(cpu_models, parity):
-    net, tok = (m.cuda() for m in cpu_models)
+def test_graph_replay_equals_eager_bitwise(cuda_models, parity):
+    net, tok = cuda_models
     config = S.SamplerConfig(steps=5, temperature=2.0, parity=parity)
-    try:
-        for seed in (0, 1):  # the second seed replays the graph captured for the first
-            g_eager = torch.Generator("cuda").manual_seed(seed)
-            g_graph = torch.Generator("cuda").manual_seed(seed)
-            eager = S.generate(net, tok, 6, config, generator=g_eager, batch_size=3, cuda_graph=False)
-            graph = S.generate(net, tok, 6, config, generator=g_graph, batch_size=3, cuda_graph=True)
-            assert torch.equal(eager, graph)
-            # the caller's generator advanced exactly as in eager sampling
-            assert torch.equal(torch.rand(4, generator=g_eager, device="cuda"),
-                               torch.rand(4, generator=g_graph, device="cuda"))
-    finally:
-        net.cpu(), tok.cpu()
+    for seed in (0, 1):  # the second seed replays the graph captured for the first
+        g_eager = torch.Generator("cuda").manual_seed(seed)
+        g_graph = torch.Generator("cuda").manual_seed(seed)
+        eager = S.generate(net, tok, 6, config, generator=g_eager, batch_size=3, cuda_graph=False)
+        graph = S.generate(net, tok, 6, config, generator=g_graph, batch_size=3, cuda_graph=True)
+        assert torch.equal(eager, graph)
+        # the caller's generator advanced exactly as in eager sampling
+        assert torch.equal(torch.rand(4, generator=g_eager, device="cuda"),
+                           torch.rand(4, generator=g_graph, device="cuda"))
 
 
 @needs_cuda
-def test_default_on_cuda_uses_the_graph_and_global_rng(cpu_models):
-    net, tok = (m.cuda() for m in cpu_models)
+def test_default_on_cuda_uses_the_graph_and_global_rng(cuda_models):
+    net, tok = cuda_models
     config = S.SamplerConfig(steps=3)
-    try:
-        torch.cuda.manual_seed(5)
-        a = S.generate(net, tok, 2, config)  # graph by default on CUDA
-        torch.cuda.manual_seed(5)
-        b = S.generate(net, tok, 2, config, cuda_graph=False)
-        assert torch.equal(a, b)
-        assert any(k[0] == "graph" for k in S._cache(net))
-    finally:
-        net.cpu(), tok.cpu()
+    torch.cuda.manual_seed(5)
+    a = S.generate(net, tok, 2, config)  # graph by default on CUDA
+    torch.cuda.manual_seed(5)
+    b = S.generate(net, tok, 2, config, cuda_graph=False)
+    assert torch.equal(a, b)
+    assert any(k[0] == "graph" for k in S._cache(net))
 
 
 @needs_cuda
-def test_autocast_state_gets_its_own_graph(cpu_models):
-    net, tok = (m.cuda() for m in cpu_models)
+def test_autocast_state_gets_its_own_graph(cuda_models):
+    net, tok = cuda_models
     config = S.SamplerConfig(steps=2)
-    try:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            S.generate(net, tok, 2, config, cuda_graph=True)
-        fp32 = S.generate(net, tok, 2, config, generator=torch.Generator("cuda").manual_seed(1), cuda_graph=True)
-        eager = S.generate(net, tok, 2, config, generator=torch.Generator("cuda").manual_seed(1), cuda_graph=False)
-        assert torch.equal(fp32, eager)  # not the bf16 graph replayed
-        assert sum(k[0] == "graph" and k[2] == 2 for k in S._cache(net)) == 2
-    finally:
-        net.cpu(), tok.cpu()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        S.generate(net, tok, 2, config, cuda_graph=True)
+    fp32 = S.generate(net, tok, 2, config, generator=torch.Generator("cuda").manual_seed(1), cuda_graph=True)
+    eager = S.generate(net, tok, 2, config, generator=torch.Generator("cuda").manual_seed(1), cuda_graph=False)
+    assert torch.equal(fp32, eager)  # not the bf16 graph replayed
+    assert sum(k[0] == "graph" and k[2] == 2 for k in S._cache(net)) == 2
