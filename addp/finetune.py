@@ -30,7 +30,7 @@ from timm.optim import Lars, param_groups_layer_decay
 from torch.utils.data import DataLoader, Dataset
 
 from . import registry
-from .checkpoint import CheckpointError, load_components, save_checkpoint
+from .checkpoint import CheckpointError, atomic_write, load_components, save_checkpoint
 from .classifier import (GLOBAL_POOLS, CNNClassifier, ClassifierConfig, build_classifier,
                          classifier_config_for, encoder_state_from_addp, load_encoder_state,
                          resample_pos_embed)
@@ -420,7 +420,8 @@ def main(args) -> dict:
     report["wall_time_s"] = round(time.perf_counter() - started, 1)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "report.json").write_text(json.dumps(report, indent=1))
+        text = json.dumps(report, indent=1)
+        atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(text))
         print(f"\n[finetune] val top-1 {report['val_top1']:.2f}%  top-5 {report['val_top5']:.2f}%  "
               f"({report['val_num_images']} images, chance {report['chance_top1']:.1f}%)")
     return report

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from . import registry
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from .diffusion import CONDITIONS, MAPPINGS, MASKINGS, DiffusionConfig
 from .distributed import init_distributed
 from .loss import TARGETS
@@ -231,7 +231,6 @@ def heldout_images(args, net_config) -> torch.Tensor:
 def write_samples(net, tokenizer, n: int, path: Path, seed: int, temperature: float) -> Path:
     from torchvision.utils import save_image
 
-    from .checkpoint import atomic_write
     from .sampler import SamplerConfig, generate
     images = generate(net.to("cpu"), tokenizer.to("cpu"), n, SamplerConfig(temperature=temperature),
                       generator=torch.Generator().manual_seed(seed))
@@ -253,7 +252,8 @@ def _finish(dist, report: dict, started: float) -> dict:
     if dist.is_main:
         out = Path(report["output_dir"])
         out.mkdir(parents=True, exist_ok=True)
-        (out / "report.json").write_text(json.dumps(report, indent=1))
+        text = json.dumps(report, indent=1)
+        atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(text))
         print("\n".join(["", "== addp.train finished =="] + [f"{k}: {v}" for k, v in report.items()]))
     return report
 
