@@ -40,7 +40,9 @@ ADDP_SIMD_INLINE RowResult sample_row(const float* x, const float* u, const bool
   for (int i = 0; i < W; ++i) iota[i] = i;
   V best = splat<V>(-kInf), xmax = splat<V>(-kInf);
   VI arg = VI{};
-  auto step = [&](V xv, V uv, VI kidx, VI kv) {
+  // Lambdas do not inherit the caller's target ISA: always_inline puts their vector code
+  // into the caller, which is compiled for it.
+  auto step = [&](V xv, V uv, VI kidx, VI kv) ADDP_SIMD_INLINE_LAMBDA {
     V s = select<V, VI>(kv, xv + gumbel<V, VI>(uv), splat<V>(-kInf));
     VI upd = s > best;  // strict: each lane keeps its first maximum
     best = select<V, VI>(upd, s, best);
@@ -97,7 +99,7 @@ struct Args {
 };
 
 template <class V, class VI>
-void sample_rows(const Args& a, int64_t begin, int64_t end) {
+ADDP_SIMD_INLINE void sample_rows(const Args& a, int64_t begin, int64_t end) {
   std::vector<float> buf(a.K);
   for (int64_t r = begin; r < end; ++r) {
     if (!a.mask[r]) {

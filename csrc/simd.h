@@ -17,6 +17,7 @@ namespace addp {
 namespace simd {
 
 #define ADDP_SIMD_INLINE inline __attribute__((always_inline))
+#define ADDP_SIMD_INLINE_LAMBDA __attribute__((always_inline))
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define ADDP_SIMD_X86 1
 #endif
