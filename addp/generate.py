@@ -49,7 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="replay each batch as one captured CUDA graph (default: on for GPUs; same images as eager)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the pixel encoder and the tokenizer's decoder (pays off for many batches)")
+                   help="torch.compile the ADDP network and the tokenizer's decoder (pays off for many batches)")
     p.add_argument("--overwrite", action="store_true", help="start over in a folder made with other settings")
     return p
 

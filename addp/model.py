@@ -159,6 +159,15 @@ class ADDP(nn.Module):
     def forward_decoder(self, features: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
                         num_reliable: int | None = None) -> torch.Tensor:
         """features (B, N, C), ids (B, N), mask (B, N) True = unreliable -> logits (B, N, V)."""
+        x = self.decoder_blocks_output(features, ids, mask, num_reliable)
+        # norm and head are per position: only the N image slots are needed (the official
+        # code runs them on every slot and slices afterwards)
+        return self.mlm_layer(self.decoder_norm(x[:, 1: 1 + mask.shape[1]]), self.token_emb.weight)
+
+    def decoder_blocks_output(self, features: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                              num_reliable: int | None = None) -> torch.Tensor:
+        """The decoder's sequence after its blocks: (B, 1 + N [+ R], Dd) -- the class slot,
+        the N image slots, then (token_input "decoder") the R reliable-token slots."""
         B, N = mask.shape
         x = self.decoder_embed(features)  # (B, N, Dd)
         x = torch.where(mask[..., None], self.mask_token.to(x.dtype), x)
@@ -169,8 +178,7 @@ class ADDP(nn.Module):
             x = torch.cat([x, self._reliable_token_input(ids, mask, num_reliable)], dim=1)
         for blk in self.decoder_blocks:
             x = blk(x)
-        logits = self.mlm_layer(self.decoder_norm(x), self.token_emb.weight)
-        return logits[:, 1: 1 + N]
+        return x
 
     def _reliable_token_input(self, ids, mask, num_reliable):
         """Embeddings of the reliable tokens in position order + their position embedding."""

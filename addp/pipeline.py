@@ -157,7 +157,7 @@ class ADDPPipeline:
                  cuda_graph: Optional[bool] = None, compile: bool = False):
         """Generate ``num_images`` images, ``batch_size`` at a time (default: all at once).
         On a GPU each batch replays a captured CUDA graph (``cuda_graph=False``: eager);
-        ``compile=True`` compiles the fixed-shape parts first (``sampler.compiled_models``).
+        ``compile=True`` compiles the networks first (``sampler.compiled_models``).
 
         Returns ``{"images": ...}`` (or the bare list/tensor with ``return_dict=False``):
         a list of PIL images (output_type "pil") or a (N, 3, H, W) tensor in [0, 1] ("pt").

@@ -264,16 +264,18 @@ class _EvalMode:
 
 
 class _CompiledNet(nn.Module):
-    """An ADDP network whose pixel encoder is compiled; the token decoder, whose sequence
-    length changes with the number of reliable tokens at every step, stays eager."""
+    """An ADDP network with a compiled pixel encoder and a compiled token decoder; the
+    decoder's sequence length changes with the number of reliable tokens at every step, so
+    it is compiled for dynamic shapes (one graph for all steps)."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net, self.config = net, net.config
         self.encoder = torch.compile(net.forward_encoder)
+        self.decoder = torch.compile(net.forward_decoder, dynamic=True)
 
     def forward(self, x, ids, mask, num_reliable=None):
-        return self.net.forward_decoder(self.encoder(x), ids, mask, num_reliable)
+        return self.decoder(self.encoder(x), ids, mask, num_reliable)
 
 
 class _CompiledTokenizer(nn.Module):
@@ -309,8 +311,8 @@ def _cache(net: nn.Module) -> dict:
 
 
 def compiled_models(net: nn.Module, tokenizer: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """(net, tokenizer) with their fixed-shape parts compiled (cached on the net): the ADDP
-    pixel encoder and the tokenizer's decoder. Other networks are compiled whole."""
+    """(net, tokenizer) compiled (cached on the net): the ADDP pixel encoder, its token
+    decoder (dynamic shapes) and the tokenizer's decoder. Other networks are compiled whole."""
     cache = _cache(net)
     key = ("compiled", id(tokenizer))
     if key not in cache or cache[key][1].tokenizer is not tokenizer:
@@ -391,8 +393,8 @@ def generate(net: nn.Module, tokenizer: nn.Module, num_images: int, config: Samp
         cuda_graph: replay each batch size's T steps as one captured CUDA graph
             (``CudaGraphSampler``; same images as eager). None = on for CUDA devices unless
             ``return_intermediates``; True off CUDA is an error.
-        compile: torch.compile the fixed-shape parts (the ADDP pixel encoder and the
-            tokenizer's decoder; ``compiled_models``). The first batch pays the compilation.
+        compile: torch.compile the networks (the ADDP pixel encoder, its token decoder and
+            the tokenizer's decoder; ``compiled_models``). The first batch pays the compilation.
 
     Returns:
         images (N, 3, H, W) in [0, 1], or a ``GenerationOutput`` with lists of T tensors

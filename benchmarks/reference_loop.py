@@ -9,6 +9,8 @@ What makes it the official loop, kept on purpose:
   * Gumbel noise for the choice of positions drawn with NumPy on the host and copied over;
   * the number of reliable tokens read back from the device (boolean indexing in the
     official decoder), ``loss.item()`` and a device synchronisation every step;
+  * the decoder's norm and MLM head run on every slot of its sequence (class slot, image
+    slots and the appended reliable tokens), the logits sliced afterwards;
   * the token predictor run twice per training step (input condition t+1, target t);
   * the loss through ``nn.CrossEntropyLoss`` on a zero-padded probability target;
   * default (non-fused) AdamW.
@@ -36,6 +38,15 @@ def _sync(device: torch.device) -> None:
 
 def _autocast(device: torch.device, dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def _forward(net: nn.Module, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """models_addp.forward_decoder: the number of reliable tokens read back from the device,
+    norm + MLM head over the whole decoder sequence, then the image slots kept."""
+    num_reliable = int((~mask[0]).sum())
+    x = net.decoder_blocks_output(net.forward_encoder(images), ids, mask, num_reliable)
+    logits = net.mlm_layer(net.decoder_norm(x), net.token_emb.weight)
+    return logits[:, 1: 1 + mask.shape[1]]
 
 
 # --------------------------------------------------------------------------- generation
@@ -68,7 +79,7 @@ def generate(net: nn.Module, tokenizer: nn.Module, batch_size: int, steps: int =
     with attention_backend("math"):
         for step in range(steps):
             with _autocast(device, amp_dtype):
-                logits = net(x, ids, masks.bool())[..., :K].float()  # reliable count read back (sync)
+                logits = _forward(net, x, ids, masks.bool())[..., :K].float()
             sampled = torch.distributions.Categorical(logits=logits).sample()
             ids_next = torch.where(masks.bool(), sampled, ids)
             probs = F.softmax(logits, dim=-1)
@@ -128,7 +139,7 @@ class TrainStep:
             z_t = torch.where(mask_t.bool().unsqueeze(-1), soft, codebook[z0])
             x_t = self.tokenizer.decode_embeddings(z_t).float()
         with attention_backend("math"), _autocast(device, self.amp_dtype):
-            logits = self.net(x_t, z0, mask_t.bool())  # (B, L, V), reliable count read back
+            logits = _forward(self.net, x_t, z0, mask_t.bool())  # (B, L, V)
         V = logits.shape[-1]
         padded = torch.cat([target, target.new_zeros(*target.shape[:2], V - target.shape[-1])], dim=-1)
         loss = self.criterion(logits.float().permute(0, 2, 1), padded.permute(0, 2, 1))  # (B, L)

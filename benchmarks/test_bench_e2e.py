@@ -89,7 +89,7 @@ def _autocast():
 def test_bench_generation(benchmark, report_ratio, models, compile):
     """Images/s of one batch of T steps. Both sides keep the official last step (parity=True)
     so they do the same work; ours replays a CUDA graph on a GPU, runs eager on the CPU, and
-    with ``compile`` compiles the pixel encoder and the tokenizer's decoder."""
+    with ``compile`` compiles the ADDP network and the tokenizer's decoder."""
     net, tok, _ = models
     config = S.SamplerConfig(steps=STEPS, parity=True)
 
