@@ -79,11 +79,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
                                                   p=dropout_p)
             return out.transpose(1, 2)
         backend = "sdpa"
-    if backend == "sdpa" and not (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)):
+    if backend == "sdpa" and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        # torch's CPU flash kernel is slow in bf16/fp16 (2.6x the fp32 time, forward + backward
+        # of addp_vit_small, batch 32, 2 cores); in fp32 it beats the math path (3x forward)
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout_p).to(v.dtype)
+    if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-    if backend in ("sdpa", "math"):
-        # also sdpa's CPU fallback for bf16/fp16: torch's CPU flash kernel is 2.6x slower there
-        # (forward + backward of addp_vit_small, batch 32, 2 cores: 139 vs 54 ms)
+    if backend == "math":
         scores = (q.float() @ k.float().transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, N, N)
         weights = F.dropout(scores.softmax(dim=-1), p=dropout_p)
         return (weights @ v.float()).to(v.dtype)
