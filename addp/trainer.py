@@ -227,13 +227,16 @@ class Trainer:
             images, labels, bad = next(batches)
             skipped += bad
             images = images.to(dev, non_blocking=True)
-            if self.prepare_takes_labels:
-                inputs = self.stage.prepare(images, self.generator, labels=labels.to(dev, non_blocking=True))
-            else:
-                inputs = self.stage.prepare(images, self.generator)
+            # the frozen passes of `prepare` (tokenizer, predictor) run under the same autocast
+            # as the model, as in the official code
+            autocast = torch.autocast(dev.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+            with autocast:
+                if self.prepare_takes_labels:
+                    inputs = self.stage.prepare(images, self.generator, labels=labels.to(dev, non_blocking=True))
+                else:
+                    inputs = self.stage.prepare(images, self.generator)
             sync = micro == cfg.accum_steps - 1 or not self.dist.enabled
-            with self._no_sync(sync), torch.autocast(dev.type, dtype=self.amp_dtype,
-                                                     enabled=self.amp_dtype is not None):
+            with self._no_sync(sync), autocast:
                 loss = self.step_module(**inputs) / cfg.accum_steps
             self.scaler.scale(loss).backward()
             step_loss += loss.detach()

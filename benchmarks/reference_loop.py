@@ -129,12 +129,12 @@ class TrainStep:
     def __call__(self, images: torch.Tensor) -> float:
         device = images.device
         codebook = self.tokenizer.codebook
-        with torch.no_grad(), attention_backend("math"):
+        # as engine_pretrain: the whole forward, frozen passes included, under autocast
+        with torch.no_grad(), attention_backend("math"), _autocast(device, self.amp_dtype):
             z0 = self.tokenizer.encode(images)
             mask_t, mask_next = _random_masking(self.schedule, images.shape[0], device)
-            with _autocast(device, self.amp_dtype):  # the predictor, twice
-                p_in = F.softmax(self.predictor(z0, mask_next.bool()).float(), dim=-1)
-                target = F.softmax(self.predictor(z0, mask_t.bool()).float(), dim=-1)
+            p_in = F.softmax(self.predictor(z0, mask_next.bool()).float(), dim=-1)  # the predictor, twice
+            target = F.softmax(self.predictor(z0, mask_t.bool()).float(), dim=-1)
             soft = torch.einsum("bln,nd->bld", p_in, codebook)
             z_t = torch.where(mask_t.bool().unsqueeze(-1), soft, codebook[z0])
             x_t = self.tokenizer.decode_embeddings(z_t).float()
