@@ -105,7 +105,7 @@ def test_bench_generation(benchmark, report_ratio, models, compile):
     def reference():
         R.generate(net, tok, BATCH, STEPS, seed=0, amp_dtype=AMP)
 
-    rounds = 5 if PRESET == "small" else 10
+    rounds = 8 if PRESET == "small" else 10
     benchmark.group = f"generation {MODELS[0]} B={BATCH} T={STEPS} {DEVICE.type}"
     benchmark.pedantic(ours(), rounds=3, iterations=1, warmup_rounds=1)
     fns = [reference, ours()] + ([ours(cuda_graph=False)] if DEVICE.type == "cuda" else [])
