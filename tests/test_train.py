@@ -214,3 +214,18 @@ def test_mixed_precision_and_ema_steps(tmp_path, precision):
     assert not torch.equal(ema["mlm_layer.fc.weight"], live["mlm_layer.fc.weight"])
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert torch.equal(state["ema"]["mlm_layer.fc.weight"], ema["mlm_layer.fc.weight"])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_frozen_passes_run_under_the_steps_autocast(tmp_path, precision):
+    """As in the official engine: the predictor's (and tokenizer's) frozen passes are inside
+    the step's autocast, so with bf16 they compute in bf16 like the model."""
+    stage = addp_stage()
+    seen = []
+    stage.process.predictor.blocks[0].attn.qkv.register_forward_hook(
+        lambda module, args, out: seen.append((torch.is_autocast_enabled("cpu"), out.dtype)))
+    trainer = Trainer(stage, TrainConfig(steps=1, batch_size=4, precision=precision), tmp_path, DistInfo(), {})
+    images = torch.rand(4, 3, 32, 32)
+    trainer.train_step(iter([(images, torch.zeros(4, dtype=torch.long), 0)]))
+    expected = (True, torch.bfloat16) if precision == "bf16" else (False, torch.float32)
+    assert seen == [expected]
