@@ -24,10 +24,12 @@ from .checkpoint import atomic_write
 from .cli import run
 from .pipeline import ADDPPipeline, to_uint8
 from .registry import AddpError, build_model
+from .trainer import PRECISIONS, autocast_dtype
 
 GRID_IMAGES = 64
 SETTINGS = ("checkpoint", "tokenizer", "random_init", "steps", "schedule", "temperature", "top_p", "seed",
-            "batch_size")
+            "batch_size", "precision")
+SETTING_DEFAULTS = {"precision": "fp32"}  # settings added later: what older generate.json files used
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -50,6 +52,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="replay each batch as one captured CUDA graph (default: on for GPUs; same images as eager)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the ADDP network and the tokenizer's decoder (pays off for many batches)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="autocast of the networks (auto: bf16 on GPU, fp32 on CPU); fp32 as the official code")
     p.add_argument("--overwrite", action="store_true", help="start over in a folder made with other settings")
     return p
 
@@ -74,7 +78,7 @@ def _prepare_output(out: Path, settings: dict, overwrite: bool) -> None:
     record = out / "generate.json"
     if record.exists() and not overwrite:
         old = json.loads(record.read_text())
-        diff = sorted(k for k in SETTINGS if old.get(k) != settings.get(k))
+        diff = sorted(k for k in SETTINGS if old.get(k, SETTING_DEFAULTS.get(k)) != settings.get(k))
         if diff:
             raise AddpError(f"{out} holds images made with other settings ({', '.join(diff)}); "
                             f"use another --output-dir or --overwrite")
@@ -111,6 +115,7 @@ def main(args) -> dict:
     if args.cuda_graph and pipe.device.type != "cuda":
         raise AddpError(f"--cuda-graph needs a CUDA device; the model runs on {pipe.device}")
     _record_settings(out, settings, args.overwrite)
+    amp = autocast_dtype(args.precision, pipe.device)
 
     from tqdm.auto import tqdm
     N, B = args.num_images, args.batch_size
@@ -121,8 +126,9 @@ def main(args) -> dict:
             todo = [i for i in indices if not (out / image_name(i)).exists()]
             if todo:
                 g = torch.Generator(pipe.device).manual_seed(batch_seed(args.seed, b))
-                images = pipe(num_images=B, generator=g, output_type="pt", return_dict=False,
-                              cuda_graph=args.cuda_graph, compile=args.compile, **_options(config))
+                with torch.autocast(pipe.device.type, dtype=amp, enabled=amp is not None):
+                    images = pipe(num_images=B, generator=g, output_type="pt", return_dict=False,
+                                  cuda_graph=args.cuda_graph, compile=args.compile, **_options(config))
                 arr = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
                 for i in todo:
                     _save_png(out / image_name(i), arr[i - start])

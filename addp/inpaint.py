@@ -28,6 +28,7 @@ from .checkpoint import atomic_write
 from .cli import run
 from .pipeline import ADDPPipeline, mask_tensor, open_image, resize_images, to_uint8
 from .registry import AddpError
+from .trainer import PRECISIONS, autocast_dtype
 
 HOLE_GREY = 128  # how the hole is shown in the side-by-side's input panel
 GAP = 2  # pixels between the two panels of the side-by-side
@@ -52,6 +53,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling of candidate ids (1: off)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="autocast of the networks (auto: bf16 on GPU, fp32 on CPU); fp32 as the official code")
     p.add_argument("--output", default=None, help="result PNG; default: <image stem>_inpainted.png in the current folder")
     return p
 
@@ -159,12 +162,14 @@ def main(args) -> dict:
     generator = torch.Generator(pipe.device).manual_seed(args.seed)
     options = dict(steps=config.steps, schedule=config.schedule, temperature=config.temperature,
                    top_p=config.top_p, generator=generator)
-    if mode == "inpaint":
-        result = pipe.inpaint(image, mask, **options)
-    elif mode == "outpaint":
-        result = pipe.outpaint(image, **margins, **options)
-    else:
-        result = pipe.uncrop(image, args.uncrop, **options)
+    amp = autocast_dtype(args.precision, pipe.device)
+    with torch.autocast(pipe.device.type, dtype=amp, enabled=amp is not None):
+        if mode == "inpaint":
+            result = pipe.inpaint(image, mask, **options)
+        elif mode == "outpaint":
+            result = pipe.outpaint(image, **margins, **options)
+        else:
+            result = pipe.uncrop(image, args.uncrop, **options)
 
     result_arr = np.asarray(result.convert("RGB"), dtype=np.uint8)
     panel, canvas_hole = _input_panel(image, mode, args, result.size, hole)
