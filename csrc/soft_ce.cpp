@@ -156,6 +156,16 @@ void load(const at::Tensor& t, int64_t r, A* dst) {
   to_float(row_ptr<T>(t, r), t.stride(2), t.size(2), dst);
 }
 
+// Row r of t as acc_t values: in place when t already holds contiguous acc_t rows, else
+// converted into buf.
+template <class acc_t>
+const acc_t* row_as(const at::Tensor& t, int64_t r, std::vector<acc_t>& buf) {
+  if (t.scalar_type() == c10::CppTypeToScalarType<acc_t>::value && t.stride(2) == 1) return row_ptr<acc_t>(t, r);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "soft_ce_row",
+                                  [&] { load<scalar_t>(t, r, buf.data()); });
+  return buf.data();
+}
+
 // Runs body(r, x, q) for every masked row r in parallel, with x (V) and q (K) as acc_t rows.
 template <class acc_t, class Body>
 void for_masked_rows(const at::Tensor& logits, const at::Tensor& target, const bool* mask, Body body) {
@@ -163,12 +173,7 @@ void for_masked_rows(const at::Tensor& logits, const at::Tensor& target, const b
   at::parallel_for(0, N, std::max<int64_t>(1, 8192 / V), [&](int64_t r0, int64_t r1) {
     std::vector<acc_t> xb(V), qb(K);
     for (int64_t r = r0; r < r1; ++r) {
-      if (!mask[r]) continue;
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "soft_ce_x",
-                                      [&] { load<scalar_t>(logits, r, xb.data()); });
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, target.scalar_type(), "soft_ce_q",
-                                      [&] { load<scalar_t>(target, r, qb.data()); });
-      body(r, xb.data(), qb.data());
+      if (mask[r]) body(r, row_as<acc_t>(logits, r, xb), row_as<acc_t>(target, r, qb));
     }
   });
 }
@@ -209,7 +214,7 @@ template <class acc_t, class out_t>
 at::Tensor backward_impl(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
                          const at::Tensor& mask, const at::Tensor& lse, const at::Tensor& qsum, double eps) {
   const int64_t V = logits.size(2), K = target.size(2);
-  at::Tensor out = at::zeros(logits.sizes(), logits.options());
+  at::Tensor out = at::empty(logits.sizes(), logits.options());
   at::Tensor mask_c = mask.contiguous();
   at::Tensor lse_c = lse.contiguous().to(std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat);
   at::Tensor qs_c = qsum.contiguous().to(lse_c.scalar_type());
@@ -222,6 +227,10 @@ at::Tensor backward_impl(const at::Tensor& grad, const at::Tensor& logits, const
   const acc_t* qs_p = qs_c.const_data_ptr<acc_t>();
   out_t* o = out.mutable_data_ptr<out_t>();
   const GradFn grad_fn = pick_fns().second;
+  at::parallel_for(0, mask_c.numel(), 256, [&](int64_t r0, int64_t r1) {  // rows without loss: 0
+    for (int64_t r = r0; r < r1; ++r)
+      if (!m[r]) std::fill(o + r * V, o + (r + 1) * V, out_t(0));
+  });
   for_masked_rows<acc_t>(logits, target, m, [&](int64_t r, const acc_t* x, const acc_t* q) {
     const acc_t c = a * qs_p[r] + static_cast<acc_t>(eps);
     thread_local std::vector<acc_t> d;
