@@ -68,6 +68,25 @@ def test_bench_gumbel_topk_unmask_cpu(benchmark, report_ratio):
     _report(benchmark, report_ratio, "gumbel_topk_unmask cpu", ref_s, op_s)
 
 
+@pytest.mark.skipif(not has_compiled_ops(), reason="addp._C is not built")
+def test_bench_gumbel_topk_unmask_kernel_cpu(benchmark, report_ratio):
+    """The step given its noise: the kernel vs the reference on the same uniforms (torch's CPU
+    generator, one thread, takes most of the whole step above; both sides draw alike)."""
+    from addp.ops import gumbel_topk_unmask_reference
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(B, L, K, generator=g) * 3
+    ids = torch.randint(0, K, (B, L), generator=g)
+    mask = torch.rand(B, L, generator=g) < 0.6
+    u1, u2 = torch.rand(B, L, K, generator=g), torch.rand(B, L, generator=g, dtype=torch.float64)
+    args = (logits, u1, u2, ids, mask, torch.tensor(L // 3), 3.0, None)
+
+    benchmark.group = f"gumbel_topk_unmask kernel B={B} L={L} K={K} fp32"
+    benchmark.pedantic(torch.ops.addp.gumbel_topk_unmask, args=args, rounds=20, iterations=3, warmup_rounds=1)
+    ref_s, op_s = _interleaved_medians([gumbel_topk_unmask_reference, torch.ops.addp.gumbel_topk_unmask], args,
+                                       rounds=30)
+    _report(benchmark, report_ratio, "gumbel_topk_unmask cpu, noise given", ref_s, op_s)
+
+
 # --------------------------------------------------------------------------- soft-target cross entropy
 @pytest.mark.skipif(not has_compiled_ops(), reason="addp._C is not built")
 def test_bench_soft_target_cross_entropy_cpu(benchmark, report_ratio):
