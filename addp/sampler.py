@@ -87,6 +87,16 @@ class SamplerConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
 
 
+# Named sampler settings of the official release (ChangyaoTian/ADDP generation scripts).
+# "paper-steps256" is the paper's FID protocol (Tab. 1).
+SAMPLER_PROTOCOLS: dict[str, SamplerConfig] = {
+    "paper-steps20": SamplerConfig(steps=20, schedule="cosine", temperature=6.0,
+                                   temperature_schedule="annealed", parity=True),
+    "paper-steps256": SamplerConfig(steps=256, schedule="linear", temperature=6.0,
+                                    temperature_schedule="annealed", parity=True),
+}
+
+
 @dataclass
 class GenerationOutput:
     """Result of ``generate(..., return_intermediates=True)``.
