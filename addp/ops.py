@@ -234,7 +234,9 @@ def nucleus_keep(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
 
 
-def _gumbel(u: torch.Tensor) -> torch.Tensor:
+def gumbel(u: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel noise from uniforms u in [0, 1): -log(-log(u)), u clamped below at the
+    smallest normal number of its dtype (finite: a zero scale times it is 0, never NaN)."""
     return -torch.log(-torch.log(u.clamp_min(torch.finfo(u.dtype).tiny)))
 
 
@@ -248,11 +250,11 @@ def gumbel_topk_unmask_reference(logits, u1, u2, ids, mask, mask_len, tau, keep=
     """
     scores = logits.float()
     sample_scores = scores if keep is None else scores.masked_fill(~keep, float("-inf"))
-    sampled = torch.argmax(sample_scores + _gumbel(u1), dim=-1)
+    sampled = torch.argmax(sample_scores + gumbel(u1), dim=-1)
     new_ids = torch.where(mask, sampled, ids)
     # log of the sampled probability (not log_softmax): the sampler's (official) rounding
     prob = torch.softmax(scores, dim=-1).gather(-1, new_ids.unsqueeze(-1)).squeeze(-1)
-    confidence = torch.log(prob) + (tau * _gumbel(u2)).float()
+    confidence = torch.log(prob) + (tau * gumbel(u2)).float()
     confidence = confidence.masked_fill(~mask, float("inf"))
     return new_ids, lowest_k_mask_reference(confidence, mask_len)
 
