@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import registry
+from . import ops, registry
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from .diffusion import CONDITIONS, MAPPINGS, MASKINGS, DiffusionConfig
 from .distributed import init_distributed
@@ -156,7 +156,7 @@ def main(args) -> dict:
     dataset = build_dataset(args, net_config.image_size)
     diffusion = DiffusionConfig(mapping=args.mapping, condition=args.condition, masking=args.masking)
     run_all = args.stage == "all"
-    report: dict = {"output_dir": str(out)}
+    report: dict = {"output_dir": str(out), "ops_backends": ops.backends(dist.device)}
     started = time.perf_counter()
 
     tok_file, pred_file, net_file = out / "tokenizer.safetensors", out / "predictor.safetensors", out / "addp.safetensors"

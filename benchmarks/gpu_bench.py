@@ -35,8 +35,7 @@ def copy_bandwidth(nbytes=2 << 30):
 
 
 def available(op, backend, x):
-    impl = ops._IMPLS[op].get(backend)
-    return impl is not None and impl.unavailable(x) is None
+    return ops.backends(x.device, backend)[op] == backend
 
 
 def bench(name, op, make_call, nbytes, x, copy_gbs):
@@ -67,8 +66,7 @@ def main(args):
         tag = str(dtype).replace("torch.", "")
 
         def ws(backend):
-            fn = ops._IMPLS["codebook_weighted_sum"][backend].fn
-            return lambda: fn(logits[..., :K], codebook, ids, mask, 1.0)
+            return lambda: ops.codebook_weighted_sum(logits[..., :K], codebook, ids, mask, 1.0, backend=backend)
         bench(f"codebook_weighted_sum {tag}", "codebook_weighted_sum", ws,
               B * L * K * es + K * D * es + B * L * D * es, logits, copy_gbs)
 
@@ -77,7 +75,8 @@ def main(args):
         mask_len = torch.tensor(L // 3, device="cuda")
 
         def gt(backend):
-            fn = ops._IMPLS["gumbel_topk_unmask"][backend].fn
+            fn = {"reference": ops.gumbel_topk_unmask_reference, "triton": torch.ops.addp.gumbel_topk_unmask,
+                  "cuda": torch.ops.addp.gumbel_topk_unmask_cuda}[backend]
             return lambda: fn(logits[..., :K], u1, u2, ids, mask, mask_len, 3.0, None)
         bench(f"gumbel_topk_unmask (noise given) {tag}", "gumbel_topk_unmask", gt,
               mask.float().mean().item() * B * L * K * (es + 4) + B * L * 26, logits, copy_gbs)

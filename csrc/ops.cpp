@@ -1,6 +1,6 @@
-// Schemas of the addp custom ops (defined once, here) and their CPU registrations.
-// Python: `import addp._C` loads this library, which runs the registrations below;
-// addp/ops.py adds the fake (meta) implementations and the backend dispatch.
+// CPU registrations of the addp ops. Their schemas, fakes and autograd are defined in Python
+// (addp/ops/<op>.py, one module per op); `import addp.ops` defines them, then loads this
+// library (addp._C), whose registrations below attach the CPU kernels to them.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -20,24 +20,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_target_cross_entropy_cpu(
 at::Tensor soft_target_cross_entropy_backward_cpu(const at::Tensor& grad, const at::Tensor& logits,
                                                  const at::Tensor& target, const at::Tensor& mask,
                                                  const at::Tensor& lse, const at::Tensor& qsum, double smoothing);
-
-TORCH_LIBRARY(addp, m) {
-  m.def(
-      "codebook_weighted_sum(Tensor logits, Tensor codebook, Tensor? ids, Tensor? mask, "
-      "float temperature) -> Tensor");
-  // Uniform noise u1 (B, L, K) float32 and u2 (B, L) float64 comes from the caller (the
-  // Python wrapper draws it from a torch.Generator), so every backend gives the same result.
-  m.def(
-      "gumbel_topk_unmask(Tensor logits, Tensor u1, Tensor u2, Tensor ids, Tensor mask, "
-      "Tensor mask_len, float tau, Tensor? keep) -> (Tensor new_ids, Tensor new_mask)");
-  // -> (loss, lse, qsum): the masked mean loss and, per position, logsumexp and sum of target.
-  m.def(
-      "soft_target_cross_entropy(Tensor logits, Tensor target, Tensor mask, float smoothing) "
-      "-> (Tensor loss, Tensor lse, Tensor qsum)");
-  m.def(
-      "soft_target_cross_entropy_backward(Tensor grad, Tensor logits, Tensor target, Tensor mask, "
-      "Tensor lse, Tensor qsum, float smoothing) -> Tensor");
-}
 
 TORCH_LIBRARY_IMPL(addp, CPU, m) {
   m.impl("codebook_weighted_sum", &codebook_weighted_sum_cpu);

@@ -281,7 +281,6 @@ at::Tensor codebook_weighted_sum_cpu(const at::Tensor& logits, const at::Tensor&
   const int64_t K = codebook.size(0), D = codebook.size(1), V = logits.size(-1);
   TORCH_CHECK(K >= 1, op, "codebook is empty (K = 0)");
   TORCH_CHECK(K <= V, op, "codebook size K = ", K, " exceeds the logits' last dim V = ", V);
-  TORCH_CHECK(temperature > 0, op, "temperature must be > 0, got ", temperature);
   TORCH_CHECK(ids.has_value() == mask.has_value(), op,
               "ids and mask must be given together (got ", ids.has_value() ? "ids" : "mask",
               " only)");

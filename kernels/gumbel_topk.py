@@ -12,7 +12,7 @@ Two launches, no host synchronisation:
    CUDA graph can replay every step with a new mask_len. Ties go to the lower index, as in
    the reference (NaN confidences, from all -inf logits rows, are not ordered).
 
-Registered as the custom op ``addp::gumbel_topk_unmask_triton`` (same schema as the C++ op).
+``gumbel_topk_unmask`` below is the op's CUDA kernel (registered by ``addp.ops.gumbel_topk``).
 """
 from __future__ import annotations
 
@@ -88,10 +88,10 @@ def _select_kernel(conf_ptr, mask_len_ptr, out_ptr, L,
     tl.store(out_ptr + b * L + i, (rank < n).to(tl.int8), mask=i < L)
 
 
-@torch.library.custom_op("addp::gumbel_topk_unmask_triton", mutates_args=())
-def gumbel_topk_unmask_triton(logits: torch.Tensor, u1: torch.Tensor, u2: torch.Tensor, ids: torch.Tensor,
-                              mask: torch.Tensor, mask_len: torch.Tensor, tau: float,
-                              keep: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def gumbel_topk_unmask(logits: torch.Tensor, u1: torch.Tensor, u2: torch.Tensor, ids: torch.Tensor,
+                       mask: torch.Tensor, mask_len: torch.Tensor, tau: float,
+                       keep: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CUDA kernel of ``addp::gumbel_topk_unmask`` (inputs checked by ``addp.ops``)."""
     B, L, K = logits.shape
     u1, u2, ids, mask = u1.contiguous(), u2.contiguous(), ids.contiguous(), mask.contiguous()
     keep = keep.contiguous() if keep is not None else None
@@ -112,9 +112,3 @@ def gumbel_topk_unmask_triton(logits: torch.Tensor, u1: torch.Tensor, u2: torch.
     _select_kernel[(B,)](conf, mask_len.reshape(()).to(torch.int64), new_mask.view(torch.int8), L,
                          BLOCK_L=BLOCK_L, BLOCK_J=BLOCK_J, num_warps=8 if BLOCK_L >= 512 else 4)
     return new_ids, new_mask
-
-
-@gumbel_topk_unmask_triton.register_fake
-def _(logits, u1, u2, ids, mask, mask_len, tau, keep):
-    B, L, _ = logits.shape
-    return ids.new_empty((B, L)), mask.new_empty((B, L))

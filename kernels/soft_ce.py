@@ -8,8 +8,8 @@ x and the sums of x and q * x, giving per position
 two tiny torch reductions over (B, L). Backward, one program per position:
     dlogits = (exp(x - lse) ((1 - eps) sum q + eps) - (1 - eps) q - eps / V) * grad / max(#masked, 1)
 with grad and #masked read from device memory (no host sync). The log-probabilities are
-never stored. Registered as the custom ops ``addp::soft_target_cross_entropy_triton`` and
-``addp::soft_target_cross_entropy_backward_triton`` (the C++ ops' schemas).
+never stored. The two launchers below are the CUDA kernels of ``addp::soft_target_cross_entropy``
+and ``addp::soft_target_cross_entropy_backward`` (registered by ``addp.ops.soft_ce``).
 """
 from __future__ import annotations
 
@@ -76,9 +76,9 @@ def _block_v(V):
     return min(triton.next_power_of_2(V), 4096)
 
 
-@torch.library.custom_op("addp::soft_target_cross_entropy_triton", mutates_args=())
-def soft_target_cross_entropy_triton(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
-                                     smoothing: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def soft_target_cross_entropy(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                              smoothing: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The CUDA kernel of ``addp::soft_target_cross_entropy`` -> (loss, lse, qsum)."""
     B, L, V = logits.shape
     K = target.shape[-1]
     mask = mask.contiguous()
@@ -91,16 +91,10 @@ def soft_target_cross_entropy_triton(logits: torch.Tensor, target: torch.Tensor,
     return loss, lse, qsum
 
 
-@soft_target_cross_entropy_triton.register_fake
-def _(logits, target, mask, smoothing):
-    stats = logits.new_empty(logits.shape[:2], dtype=torch.float32)
-    return logits.new_empty((), dtype=torch.float32), stats, torch.empty_like(stats)
-
-
-@torch.library.custom_op("addp::soft_target_cross_entropy_backward_triton", mutates_args=())
-def soft_target_cross_entropy_backward_triton(grad: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,
-                                              mask: torch.Tensor, lse: torch.Tensor, qsum: torch.Tensor,
-                                              smoothing: float) -> torch.Tensor:
+def soft_target_cross_entropy_backward(grad: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,
+                                       mask: torch.Tensor, lse: torch.Tensor, qsum: torch.Tensor,
+                                       smoothing: float) -> torch.Tensor:
+    """The CUDA kernel of ``addp::soft_target_cross_entropy_backward`` -> dlogits."""
     B, L, V = logits.shape
     mask = mask.contiguous()
     out = torch.empty((B, L, V), dtype=logits.dtype, device=logits.device)
@@ -110,8 +104,3 @@ def soft_target_cross_entropy_backward_triton(grad: torch.Tensor, logits: torch.
                                    mask.view(torch.int8), lse.contiguous(), qsum.contiguous(), out, L, V,
                                    target.shape[-1], float(smoothing), BLOCK_V=_block_v(V), num_warps=8)
     return out
-
-
-@soft_target_cross_entropy_backward_triton.register_fake
-def _(grad, logits, target, mask, lse, qsum, smoothing):
-    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)

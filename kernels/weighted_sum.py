@@ -8,7 +8,8 @@ online softmax -- running max m, running sum s, accumulator acc rescaled by exp(
 the weights are cast to the codebook's dtype for bf16/fp16 codebooks, fp32 codebooks use
 the 3-pass tf32 dot, ~fp32 accurate). The B x L x K probabilities never exist. Reliable rows
 skip the logits and gather codebook[ids]. (Under TRITON_INTERPRET=1 a bf16 codebook is
-upcast to fp32 for the dot: the interpreter's bf16 tl.dot gives wrong results.) Registered as ``addp::codebook_weighted_sum_triton``.
+upcast to fp32 for the dot: the interpreter's bf16 tl.dot gives wrong results.)
+``codebook_weighted_sum`` below is the op's CUDA kernel (registered by ``addp.ops.weighted_sum``).
 """
 from __future__ import annotations
 
@@ -63,9 +64,9 @@ def _weighted_sum_kernel(x_ptr, sx0, sx1, sx2, cb_ptr, sck, scd, ids_ptr, mask_p
              mask=in_rows[:, None] & in_d[None, :])
 
 
-@torch.library.custom_op("addp::codebook_weighted_sum_triton", mutates_args=())
-def codebook_weighted_sum_triton(logits: torch.Tensor, codebook: torch.Tensor, ids: Optional[torch.Tensor],
-                                 mask: Optional[torch.Tensor], temperature: float) -> torch.Tensor:
+def codebook_weighted_sum(logits: torch.Tensor, codebook: torch.Tensor, ids: Optional[torch.Tensor],
+                          mask: Optional[torch.Tensor], temperature: float) -> torch.Tensor:
+    """The CUDA kernel of ``addp::codebook_weighted_sum`` (inputs checked by ``addp.ops``)."""
     lead = logits.shape[:-1]
     K, D = codebook.shape
     x = logits.reshape(1, 1, -1) if logits.dim() == 1 else logits.reshape(-1, *logits.shape[-2:])
@@ -85,8 +86,3 @@ def codebook_weighted_sum_triton(logits: torch.Tensor, codebook: torch.Tensor, i
                                    UPCAST=_INTERPRET and codebook.dtype == torch.bfloat16,
                                    BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, num_warps=4)
     return out.reshape(*lead, D)
-
-
-@codebook_weighted_sum_triton.register_fake
-def _(logits, codebook, ids, mask, temperature):
-    return logits.new_empty((*logits.shape[:-1], codebook.shape[1]), dtype=codebook.dtype)

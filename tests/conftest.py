@@ -1,5 +1,8 @@
+"""Shared fixtures and helpers of the tests (import helpers with ``from conftest import ...``)."""
 import pytest
 import torch
+
+from addp.ops import has_compiled_ops
 
 
 @pytest.fixture
@@ -9,3 +12,81 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# --------------------------------------------------------------------------- fused ops
+needs_c = pytest.mark.skipif(not has_compiled_ops(), reason="addp._C is not built (pip install --no-build-isolation -e .)")
+
+
+def assert_close(actual, expected, atol, rtol):
+    """Elementwise |a - e| <= atol + rtol * |e| (NaN must match NaN); names the worst index."""
+    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"dtype {actual.dtype} != {expected.dtype}"
+    a, e = actual.float(), expected.float()
+    nan_ok = torch.isnan(a) == torch.isnan(e)
+    excess = ((a - e).abs() - (atol + rtol * e.abs())).nan_to_num(nan=0.0)
+    excess = torch.where(nan_ok, excess, torch.full_like(excess, float("inf")))
+    if excess.numel() and excess.max() > 0:
+        idx = tuple(int(i) for i in torch.unravel_index(excess.argmax(), excess.shape))
+        bad = int((excess > 0).sum())
+        pytest.fail(f"{bad}/{excess.numel()} elements differ; worst at {idx}: got {a[idx].item()!r}, "
+                    f"expected {e[idx].item()!r} (atol={atol}, rtol={rtol})")
+
+
+def assert_same(a, b):
+    """Two (ids, mask) results of gumbel_topk_unmask are identical; counts the differences."""
+    (ia, ma), (ib, mb) = a, b
+    assert ia.dtype == ib.dtype == torch.int64 and ma.dtype == mb.dtype == torch.bool
+    bad_ids, bad_mask = int((ia != ib).sum()), int((ma != mb).sum())
+    assert bad_ids == 0 and bad_mask == 0, f"{bad_ids} ids and {bad_mask} mask entries differ of {ia.numel()}"
+
+
+LAYOUTS = ["contig", "transposed", "strided_v", "sliced"]
+
+
+def make_logits(B, L, V, layout="contig", generator=None, scale=1.0, dtype=torch.float32):
+    """(B, L, V) random logits with the given memory layout:
+    contig; transposed (leading dims swapped: (L, B, V) viewed as (B, L, V)); strided_v (last dim
+    not unit-stride); sliced (an offset view of a wider tensor with a step on the last dim)."""
+    g = generator
+    if layout == "contig":
+        x = torch.randn(B, L, V, generator=g)
+    elif layout == "transposed":
+        x = torch.randn(L, B, V, generator=g).transpose(0, 1)
+    elif layout == "strided_v":
+        x = torch.randn(B, V, L, generator=g).permute(0, 2, 1)
+    elif layout == "sliced":
+        x = torch.randn(B, L + 1, 2 * V + 3, generator=g)[:, 1:, 3::2]
+    else:
+        raise ValueError(layout)
+    return (x * scale).to(dtype)
+
+
+def make_inputs(B, L, K, D, V, layout="contig", masked=True, dtype=torch.float32, cb_dtype=None, seed=0):
+    """Inputs of codebook_weighted_sum: logits (B, L, V), codebook (K, D), ids and mask (B, L) or None."""
+    g = torch.Generator().manual_seed(seed)
+    logits = make_logits(B, L, V, layout, g, 2.5, dtype)
+    codebook = torch.randn(K, D, generator=g).to(cb_dtype or dtype)
+    ids = mask = None
+    if masked:
+        ids = torch.randint(0, K, (B, L), generator=g)
+        mask = torch.rand(B, L, generator=g) < 0.5
+    return logits, codebook, ids, mask
+
+
+def make_unmask_inputs(B, L, K, dtype=torch.float32, layout="contig", p_mask=0.6, seed=0, scale=3.0):
+    """Inputs of gumbel_topk_unmask: logits (B, L, K), ids (B, L) int64, mask (B, L) bool."""
+    g = torch.Generator().manual_seed(seed)
+    logits = make_logits(B, L, K, layout, g, scale, dtype)
+    ids = torch.randint(0, K, (B, L), generator=g)
+    mask = torch.rand(B, L, generator=g) < p_mask
+    return logits, ids, mask
+
+
+def make_loss_inputs(B, L, V, K, dtype=torch.float32, t_dtype=None, layout="contig", p_mask=0.5, seed=0):
+    """Inputs of soft_target_cross_entropy: logits (B, L, V), target (B, L, K) probabilities, mask (B, L)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = make_logits(B, L, V, layout, g, 3.0, dtype)
+    target = torch.softmax(torch.randn(B, L, K, generator=g) * 2, -1).to(t_dtype or dtype)
+    mask = torch.rand(B, L, generator=g) < p_mask
+    return logits, target, mask

@@ -1,8 +1,8 @@
 """Triton kernels vs the references: on CUDA when present, else on the CPU under TRITON_INTERPRET=1.
 
-The interpreter flag must be set before triton-decorated kernels are imported, and setting it
-in this process would change other test modules (the triton backend would become "available"
-for CPU tensors). So without a GPU, `test_in_interpreter_subprocess` reruns this module in a
+The interpreter flag must be set before addp.ops and the triton-decorated kernels are imported
+(under it the ops' CPU kernels are the Triton kernels), and setting it in this process would
+change other test modules. So without a GPU, `test_in_interpreter_subprocess` reruns this module in a
 subprocess with TRITON_INTERPRET=1 (tiny shapes: the interpreter is slow), and the kernel
 tests here are skipped in the parent process.
 """
@@ -30,8 +30,6 @@ runs_here = pytest.mark.skipif(not RUNS_HERE, reason="no CUDA and not under TRIT
                     else "triton is not installed")
 def test_in_interpreter_subprocess():
     env = dict(os.environ, TRITON_INTERPRET="1")
-    # cwd = tests/: from the repo root, `python -m pytest` would put the source tree (which has
-    # no addp.kernels or addp._C: they exist only once installed) ahead of the installed package.
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
                           env=env, capture_output=True, text=True, timeout=300, cwd=os.path.dirname(__file__))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
@@ -110,17 +108,21 @@ def test_soft_target_cross_entropy(shape, dtype, tol):
 
 @runs_here
 def test_opcheck_triton_ops():
-    from addp.kernels import gumbel_topk, soft_ce, weighted_sum  # noqa: F401  (registers the ops)
+    """opcheck of the public ops where the dispatcher runs their Triton kernels (CUDA tensors, or
+    CPU tensors under TRITON_INTERPRET=1)."""
+    assert set(ops.backends(DEVICE).values()) == {"triton"}
     lg, cb = rand(2, 3, 16), rand(16, 8, seed=1)
     ids = torch.randint(0, 16, (2, 3), device=DEVICE)
     mask = torch.tensor([[True, False, True], [True, True, False]], device=DEVICE)
-    torch.library.opcheck(torch.ops.addp.codebook_weighted_sum_triton.default, (lg, cb, ids, mask, 0.7))
+    torch.library.opcheck(torch.ops.addp.codebook_weighted_sum.default, (lg, cb, ids, mask, 0.7))
     u1 = torch.rand(2, 3, 16, device=DEVICE)
     u2 = torch.rand(2, 3, device=DEVICE, dtype=torch.float64)
-    torch.library.opcheck(torch.ops.addp.gumbel_topk_unmask_triton.default,
+    torch.library.opcheck(torch.ops.addp.gumbel_topk_unmask.default,
                           (lg, u1, u2, ids, mask, torch.tensor(2, device=DEVICE), 1.0, None))
     target = torch.softmax(rand(2, 3, 14), -1)
-    loss, lse, qsum = torch.ops.addp.soft_target_cross_entropy_triton(lg, target, mask, 0.1)
-    torch.library.opcheck(torch.ops.addp.soft_target_cross_entropy_triton.default, (lg, target, mask, 0.1))
-    torch.library.opcheck(torch.ops.addp.soft_target_cross_entropy_backward_triton.default,
+    loss, lse, qsum = torch.ops.addp.soft_target_cross_entropy(lg, target, mask, 0.1)
+    torch.library.opcheck(torch.ops.addp.soft_target_cross_entropy.default, (lg, target, mask, 0.1))
+    torch.library.opcheck(torch.ops.addp.soft_target_cross_entropy.default,
+                          (lg.clone().requires_grad_(True), target, mask, 0.1))
+    torch.library.opcheck(torch.ops.addp.soft_target_cross_entropy_backward.default,
                           (torch.tensor(1.0, device=DEVICE), lg, target, mask, lse, qsum, 0.1))

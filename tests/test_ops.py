@@ -1,48 +1,17 @@
-"""Parity and error tests of the fused ops in addp.ops (compiled CPU kernel vs the reference)."""
+"""Parity and error tests of codebook_weighted_sum (compiled CPU kernel vs the reference), and of the
+backend choice shared by the fused ops."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+from conftest import LAYOUTS, assert_close, make_inputs, needs_c
 
 import addp.ops as ops
 from addp.ops import codebook_weighted_sum, codebook_weighted_sum_reference, has_compiled_ops
-
-needs_c = pytest.mark.skipif(not has_compiled_ops(), reason="addp._C is not built (pip install --no-build-isolation .)")
-
-
-def assert_close(actual, expected, atol, rtol):
-    """Elementwise |a - e| <= atol + rtol * |e| (NaN must match NaN); names the worst index."""
-    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert actual.dtype == expected.dtype, f"dtype {actual.dtype} != {expected.dtype}"
-    a, e = actual.float(), expected.float()
-    nan_ok = torch.isnan(a) == torch.isnan(e)
-    excess = ((a - e).abs() - (atol + rtol * e.abs())).nan_to_num(nan=0.0)
-    excess = torch.where(nan_ok, excess, torch.full_like(excess, float("inf")))
-    if excess.numel() and excess.max() > 0:
-        idx = tuple(int(i) for i in torch.unravel_index(excess.argmax(), excess.shape))
-        bad = int((excess > 0).sum())
-        pytest.fail(f"{bad}/{excess.numel()} elements differ; worst at {idx}: got {a[idx].item()!r}, "
-                    f"expected {e[idx].item()!r} (atol={atol}, rtol={rtol})")
-
-
-def make_inputs(B, L, K, D, V, layout="contig", masked=True, dtype=torch.float32, cb_dtype=None, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    if layout == "contig":
-        logits = torch.randn(B, L, V, generator=g)
-    elif layout == "transposed":  # leading dims swapped: (L, B, V) viewed as (B, L, V)
-        logits = torch.randn(L, B, V, generator=g).transpose(0, 1)
-    elif layout == "strided_v":  # last dim not unit-stride
-        logits = torch.randn(B, V, L, generator=g).permute(0, 2, 1)
-    elif layout == "sliced":  # offset view with a step on the last dim
-        logits = torch.randn(B, L + 1, 2 * V + 3, generator=g)[:, 1:, 3::2]
-    else:
-        raise ValueError(layout)
-    logits = (logits * 2.5).to(dtype)
-    codebook = torch.randn(K, D, generator=g).to(cb_dtype or dtype)
-    ids = mask = None
-    if masked:
-        ids = torch.randint(0, K, (B, L), generator=g)
-        mask = torch.rand(B, L, generator=g) < 0.5
-    return logits, codebook, ids, mask
-
 
 # (B, L, K, D, V): K < 8, K and D not multiples of 8/16/32/64, V > K, up to B=64, L=300, K=2000, D=300
 SHAPES = [
@@ -52,7 +21,6 @@ SHAPES = [
     (64, 2, 17, 300, 17), (3, 50, 8, 16, 9), (9, 9, 31, 31, 31), (2, 64, 512, 64, 512),
     (12, 40, 2000, 7, 2048), (1, 5, 2, 2, 3), (33, 3, 127, 129, 200), (64, 1, 64, 32, 100),
 ]
-LAYOUTS = ["contig", "transposed", "strided_v", "sliced"]
 
 
 @needs_c
@@ -146,13 +114,54 @@ def test_auto_backend_and_gradients():
     assert logits.grad is not None and logits.grad.shape == logits.shape
 
 
-def test_missing_extension_falls_back(monkeypatch):
-    monkeypatch.setattr(ops, "_C_ERROR", ImportError("simulated: no addp._C"))
-    logits, codebook, _, _ = make_inputs(2, 4, 10, 6, 12, masked=False)
-    assert not ops.has_compiled_ops()
-    assert_close(codebook_weighted_sum(logits, codebook), codebook_weighted_sum_reference(logits, codebook), 0, 0)
-    with pytest.raises(RuntimeError, match="backend 'cpu' is unavailable.*simulated"):
-        codebook_weighted_sum(logits, codebook, backend="cpu")
+_WITHOUT_C = """
+import sys
+# an editable install of addp elsewhere would supply its own addp._C: keep to this copy
+sys.meta_path = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+import torch
+import addp.ops as ops
+from conftest import make_inputs
+logits, codebook, _, _ = make_inputs(2, 4, 10, 6, 12, masked=False)
+assert not ops.has_compiled_ops()
+assert torch.equal(ops.codebook_weighted_sum(logits, codebook), ops.codebook_weighted_sum_reference(logits, codebook))
+assert set(ops.backends("cpu").values()) == {"reference"}, ops.backends("cpu")
+try:
+    ops.codebook_weighted_sum(logits, codebook, backend="cpu")
+except RuntimeError as exc:
+    print("error:", exc)
+import addp, addp.ops  # imported again: no second warning
+"""
+
+
+def test_import_without_extension_warns_once_and_falls_back(tmp_path):
+    """A copy of the package without addp/_C*.so: one WARNING naming the reason and the fix,
+    the reference runs under auto, and an explicit backend="cpu" fails in one line."""
+    src = Path(ops.__file__).parents[1]
+    shutil.copytree(src, tmp_path / "addp", symlinks=True,
+                    ignore=shutil.ignore_patterns("_C*.so", "_C*.pyd", "kernels", "__pycache__"))
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{Path(__file__).parent}")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_C], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warnings = [line for line in proc.stderr.splitlines() if "addp._C" in line]
+    assert len(warnings) == 1, proc.stderr
+    assert "did not load" in warnings[0] and "pip install --no-build-isolation -e ." in warnings[0]
+    errors = [line for line in proc.stdout.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "backend 'cpu' is unavailable" in errors[0] and "addp._C did not load" in errors[0]
+
+
+def test_backends_follow_the_override(monkeypatch):
+    monkeypatch.delenv("ADDP_OPS_BACKEND", raising=False)
+    expected = "cpu" if has_compiled_ops() else "reference"
+    expected_names = ["codebook_weighted_sum", "gumbel_topk_unmask", "soft_target_cross_entropy"]
+    assert ops.backends("cpu") == {"codebook_weighted_sum": expected, "gumbel_topk_unmask": expected,
+                                   "soft_target_cross_entropy": expected}
+    monkeypatch.setenv("ADDP_OPS_BACKEND", "reference")
+    assert set(ops.backends("cpu").values()) == {"reference"}
+    monkeypatch.setenv("ADDP_OPS_BACKEND", "triton")
+    assert all("backend 'triton' is unavailable" in v for v in ops.backends("cpu").values())
+    assert ops.backends("cpu", "reference") == {name: "reference" for name in expected_names}
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda", "nonsense"])

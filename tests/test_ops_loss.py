@@ -1,25 +1,11 @@
 """Fused soft-target cross entropy (compiled CPU forward + backward) vs the reference and addp.loss."""
 import pytest
 import torch
+from conftest import make_loss_inputs as make_inputs
+from conftest import needs_c
 
 from addp import loss as addp_loss
-from addp.ops import has_compiled_ops, soft_target_cross_entropy, soft_target_cross_entropy_reference
-
-needs_c = pytest.mark.skipif(not has_compiled_ops(), reason="addp._C is not built (pip install --no-build-isolation .)")
-
-
-def make_inputs(B, L, V, K, dtype=torch.float32, t_dtype=None, layout="contig", p_mask=0.5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    if layout == "contig":
-        logits = torch.randn(B, L, V, generator=g)
-    elif layout == "sliced":
-        logits = torch.randn(B, L, 2 * V + 1, generator=g)[..., 1::2]
-    else:  # transposed
-        logits = torch.randn(L, B, V, generator=g).transpose(0, 1)
-    logits = (logits * 3).to(dtype)
-    target = torch.softmax(torch.randn(B, L, K, generator=g) * 2, -1).to(t_dtype or dtype)
-    mask = torch.rand(B, L, generator=g) < p_mask
-    return logits, target, mask
+from addp.ops import soft_target_cross_entropy, soft_target_cross_entropy_reference
 
 
 def loss_and_grad(logits, target, mask, smoothing, backend):
@@ -83,6 +69,22 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.addp.soft_target_cross_entropy.default, (logits, target, mask, 0.1))
         torch.library.opcheck(torch.ops.addp.soft_target_cross_entropy_backward.default,
                               (torch.tensor(1.5), logits, target, mask, lse, qsum, 0.1))
+        # with a gradient: checks the registered autograd (forward op -> backward op)
+        torch.library.opcheck(torch.ops.addp.soft_target_cross_entropy.default,
+                              (logits.detach().requires_grad_(True), target, mask, 0.1))
+
+
+@needs_c
+def test_op_is_differentiable_by_itself():
+    """torch.ops.addp.soft_target_cross_entropy carries its autograd (register_autograd)."""
+    logits, target, mask = make_inputs(3, 4, 11, 9, layout="transposed")
+    x = logits.clone().requires_grad_(True)
+    loss, lse, qsum = torch.ops.addp.soft_target_cross_entropy(x, target, mask, 0.2)
+    assert not lse.requires_grad and not qsum.requires_grad
+    (grad,) = torch.autograd.grad(loss, x)
+    ref = x.detach().clone().requires_grad_(True)
+    (ref_grad,) = torch.autograd.grad(soft_target_cross_entropy_reference(ref, target, mask, 0.2), ref)
+    torch.testing.assert_close(grad, ref_grad)
 
 
 @needs_c

@@ -1,37 +1,18 @@
 """Gumbel top-k unmasking: compiled CPU kernel vs the reference, the sampler's semantics, statistics."""
+import importlib.util
+
 import pytest
 import torch
+from conftest import assert_same, needs_c
+from conftest import make_unmask_inputs as make_inputs
 
 from addp import ops
 from addp.ops import gumbel_topk_unmask, gumbel_topk_unmask_reference, has_compiled_ops, lowest_k_mask_reference
-
-needs_c = pytest.mark.skipif(not has_compiled_ops(), reason="addp._C is not built (pip install --no-build-isolation .)")
-
-
-def make_inputs(B, L, K, dtype=torch.float32, layout="contig", p_mask=0.6, seed=0, scale=3.0):
-    g = torch.Generator().manual_seed(seed)
-    if layout == "contig":
-        logits = torch.randn(B, L, K, generator=g)
-    elif layout == "sliced":  # logits[..., :K] of a wider tensor, with a step on the last dim
-        logits = torch.randn(B, L, 2 * K + 5, generator=g)[..., 1:2 * K + 1:2]
-    else:  # "transposed": (L, B, K) viewed as (B, L, K)
-        logits = torch.randn(L, B, K, generator=g).transpose(0, 1)
-    logits = (logits * scale).to(dtype)
-    ids = torch.randint(0, K, (B, L), generator=g)
-    mask = torch.rand(B, L, generator=g) < p_mask
-    return logits, ids, mask
 
 
 def run(backend, logits, ids, mask, mask_len, tau, seed=1, top_p=1.0):
     return gumbel_topk_unmask(logits, ids, mask, mask_len, tau, torch.Generator().manual_seed(seed), top_p,
                               backend=backend)
-
-
-def assert_same(a, b):
-    (ia, ma), (ib, mb) = a, b
-    assert ia.dtype == ib.dtype == torch.int64 and ma.dtype == mb.dtype == torch.bool
-    bad_ids, bad_mask = int((ia != ib).sum()), int((ma != mb).sum())
-    assert bad_ids == 0 and bad_mask == 0, f"{bad_ids} ids and {bad_mask} mask entries differ of {ia.numel()}"
 
 
 # (B, L, K): K < 16 / not a power of two / up to 16384, L up to 1024, B up to 64
@@ -168,7 +149,7 @@ def test_reference_agrees_with_noise_given():
 # --------------------------------------------------------------------------- CUDA C++ kernel
 def _cuda_kernel_built() -> bool:
     return (torch.cuda.is_available() and has_compiled_ops()
-            and torch._C._dispatch_has_kernel_for_dispatch_key("addp::gumbel_topk_unmask", "CUDA"))
+            and torch._C._dispatch_has_kernel_for_dispatch_key("addp::gumbel_topk_unmask_cuda", "CUDA"))
 
 
 needs_cuda_kernel = pytest.mark.skipif(not _cuda_kernel_built(), reason="no CUDA device, or addp._C was built "
@@ -209,5 +190,14 @@ def test_cuda_kernel_opcheck():
     logits, ids, mask = (t.cuda() for t in make_inputs(2, 6, 20))
     u1 = torch.rand(2, 6, 20, device="cuda")
     u2 = torch.rand(2, 6, device="cuda", dtype=torch.float64)
-    torch.library.opcheck(torch.ops.addp.gumbel_topk_unmask.default,
+    torch.library.opcheck(torch.ops.addp.gumbel_topk_unmask_cuda.default,
                           (logits, u1, u2, ids, mask, torch.tensor(3, device="cuda"), 2.0, None))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_auto_prefers_triton_on_cuda(monkeypatch):
+    """The CUDA C++ kernel runs only when asked for: auto takes the Triton kernel on CUDA tensors
+    (the dispatcher's CUDA kernel; asking which runs needs no GPU)."""
+    monkeypatch.delenv("ADDP_OPS_BACKEND", raising=False)
+    assert ops.backends("cuda") == {"codebook_weighted_sum": "triton", "gumbel_topk_unmask": "triton",
+                                    "soft_target_cross_entropy": "triton"}

@@ -196,6 +196,7 @@ def test_stages_run_alone_and_reuse_cached_files(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     assert {"addp_loss_first100", "addp_loss_final100", "samples"} <= set(report)
+    assert report["ops_backends"] == addp.ops.backends("cpu")  # "cpu" for every op when addp._C is built
     net = addp.load_checkpoint(out / "addp.safetensors")
     tok = addp.load_checkpoint(out / "addp.safetensors", component="tokenizer")
     assert isinstance(net, addp.ADDP) and isinstance(tok, addp.VQTokenizer)
