@@ -48,8 +48,18 @@ def read_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict |
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder, not a checkpoint file")
     if path.suffix == ".safetensors":
-        return _read_safetensors(path)
-    return _read_torch(path), None
+        tensors, components = _read_safetensors(path)
+    else:
+        tensors, components = _read_torch(path), None
+    check_finite(tensors, str(path))
+    return tensors, components
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse weights holding NaN or Inf, naming the first such tensor."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{source}: tensor {name} holds non-finite values (NaN or Inf); refusing to load it")
 
 
 def _read_safetensors(path: Path):
@@ -230,11 +240,15 @@ def save_checkpoint(path: str | os.PathLike, models: nn.Module | dict[str, nn.Mo
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
+# what `atomic_write` names its temporary files: ".<target>.<writer pid>.<random>.tmp"
+_TEMP_NAME = re.compile(r"\.(?P<target>.+)\.(?P<pid>\d+)\.[a-z0-9_]+\.tmp")
+
+
 def atomic_write(path: str | os.PathLike, write) -> Path:
     """Call `write(tmp_path)` then rename the finished file onto `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
@@ -246,3 +260,32 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
             os.remove(tmp)
         raise
     return path
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files `atomic_write` left in `folder` when its process was killed
+    mid-write (only names of our pattern whose writer process is gone). Returns what was removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in folder.iterdir():
+        m = _TEMP_NAME.fullmatch(p.name)
+        if m and p.is_file() and not _process_alive(int(m.group("pid"))):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    except OSError:
+        return False
+    return True

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from .images import UnreadableImage, read_rgb
 from .registry import AddpError
 
 MAX_CONSECUTIVE_BAD = 20
@@ -77,8 +77,9 @@ class ImageFolderDataset(Dataset):
     """Images under `root/<class>/*.jpg` (or directly under root), as RGB tensors in [0, 1].
 
     Training transform: RandomResizedCrop(image_size, scale=(crop_min, 1)) + horizontal
-    flip. An unreadable or corrupt file is replaced by the next readable one and counted
-    (the third item of each sample), never raised mid-epoch.
+    flip. An unreadable or corrupt file (or a decompression bomb, see `images.open_image`) is
+    replaced by the next readable one and counted (the third item of each sample), never
+    raised mid-epoch; 16-bit and float files are scaled to [0, 1] from their own range.
     """
 
     def __init__(self, root, image_size: int, crop_min: float = 0.2, flip: bool = True,
@@ -102,10 +103,9 @@ class ImageFolderDataset(Dataset):
         for bad in range(MAX_CONSECUTIVE_BAD):
             path, label = self.samples[(index + bad) % len(self.samples)]
             try:
-                with Image.open(path) as img:
-                    img = img.convert("RGB")
-            except (OSError, ValueError, SyntaxError):
-                continue  # PIL raises these for truncated, corrupt or non-image files
+                img = read_rgb(path)
+            except UnreadableImage:
+                continue  # truncated, corrupt, not an image, or a decompression bomb
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(_sample_seed(self.seed, epoch, index))
                 return self.transform(img), label, bad
@@ -171,6 +171,33 @@ def make_loader(dataset: Dataset, batch_size: int, seed: int, rank: int, world_s
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
                       pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
                       generator=torch.Generator().manual_seed(seed))
+
+
+def with_worker_causes(batches):
+    """Iterate `batches`; an error a DataLoader worker raised ("Caught X in DataLoader worker
+    process 0." + the worker's traceback) is raised again with the traceback's last line, its
+    cause, as the first line: what a one-line error shows."""
+    it = iter(batches)
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        except Exception as e:
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            if len(lines) < 2 or "DataLoader worker" not in lines[0]:
+                raise
+            cause = lines[-1]
+            kind, sep, message = cause.partition(": ")
+            if sep and kind.rsplit(".", 1)[-1] == type(e).__name__:
+                cause = message  # the type is the one raised here
+            where = lines[0].split(" in ", 1)[-1].rstrip(".")
+            try:
+                again = type(e)(f"{cause} (in {where})")
+            except Exception:
+                raise e from None
+            raise again from e
+        yield item
 
 
 def epochs_for(steps: int, num_samples: int, global_batch: int) -> float:

@@ -14,7 +14,6 @@ Writes `classifier.safetensors` (our format) and `report.json` to `--output-dir`
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -30,7 +29,7 @@ from timm.optim import Lars, param_groups_layer_decay
 from torch.utils.data import DataLoader, Dataset
 
 from . import registry
-from .checkpoint import CheckpointError, atomic_write, load_components, save_checkpoint
+from .checkpoint import CheckpointError, load_components, remove_stale_temp_files, save_checkpoint
 from .classifier import (GLOBAL_POOLS, CNNClassifier, ClassifierConfig, build_classifier,
                          classifier_config_for, encoder_state_from_addp, load_encoder_state,
                          resample_pos_embed)
@@ -39,6 +38,7 @@ from .distributed import init_distributed
 from .model import IMAGENET_MEAN, IMAGENET_STD
 from .cli import run
 from .registry import AddpError
+from .run_folder import sha256_file, write_report
 from .trainer import PRECISIONS, TrainConfig, Trainer, identity_of
 
 PROBE_OPTIMIZERS = ("lars", "sgd")
@@ -381,6 +381,8 @@ def main(args) -> dict:
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     out = Path(args.output_dir)
+    if dist.is_main:
+        remove_stale_temp_files(out)
     config = build_classifier_for(args, image_size=args.input_size)  # sizes the data
     train_set, val_set, num_classes = build_datasets(args, config.image_size)
     model = build_classifier_for(args, num_classes=num_classes, image_size=args.input_size)
@@ -393,7 +395,8 @@ def main(args) -> dict:
                             args.smoothing, args.probe_optimizer)
     cfg = train_config(args, len(train_set), dist.world_size)
     identity = identity_of(cfg, model.config, {
-        "finetune": str(args.finetune), "linear_probe": args.linear_probe, "layer_decay": args.layer_decay,
+        "finetune": str(args.finetune), "finetune_sha256": sha256_file(args.finetune) if args.finetune else None,
+        "linear_probe": args.linear_probe, "layer_decay": args.layer_decay,
         "mixup": mixup, "cutmix": cutmix, "smoothing": args.smoothing, "probe_optimizer": args.probe_optimizer,
         "data": args.data_path or "digits", "labels_per_class": args.labels_per_class, "shift": args.shift,
         "aa": args.aa, "reprob": args.reprob, "world_size": dist.world_size})
@@ -420,8 +423,7 @@ def main(args) -> dict:
     report["wall_time_s"] = round(time.perf_counter() - started, 1)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(report, indent=1)
-        atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(text))
+        write_report(out / "report.json", report)
         print(f"\n[finetune] val top-1 {report['val_top1']:.2f}%  top-5 {report['val_top5']:.2f}%  "
               f"({report['val_num_images']} images, chance {report['chance_top1']:.1f}%)")
     return report

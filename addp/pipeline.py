@@ -22,10 +22,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from . import sampler as S
 from .checkpoint import load_checkpoint, load_components
+from .images import open_image, to_8bit, to_rgb
 from .registry import AddpError
 
 ImageLike = Union[Image.Image, torch.Tensor, str, os.PathLike]
@@ -43,23 +44,12 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (images.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def open_image(path) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except FileNotFoundError:
-        raise AddpError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise AddpError(f"{path} is not a readable image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-
-
 def _image_tensor(image: ImageLike) -> tuple[torch.Tensor, bool]:
     """An image (PIL, path, (3, H, W) or (B, 3, H, W) tensor in [0, 1]) -> ((B, 3, H, W) float, was_pil)."""
     if isinstance(image, (str, os.PathLike)):
         image = open_image(image)
     if isinstance(image, Image.Image):
-        arr = np.asarray(image.convert("RGB"), dtype=np.uint8)
+        arr = np.asarray(to_rgb(image), dtype=np.uint8)
         return torch.from_numpy(arr.copy()).permute(2, 0, 1)[None].float() / 255, True
     if not isinstance(image, torch.Tensor):
         raise AddpError(f"image must be a PIL image, a path or a tensor, got {type(image).__name__}")
@@ -76,7 +66,7 @@ def mask_tensor(mask) -> torch.Tensor:
     if isinstance(mask, (str, os.PathLike)):
         mask = open_image(mask)
     if isinstance(mask, Image.Image):
-        m = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.uint8).copy()) >= 128
+        m = torch.from_numpy(np.asarray(to_8bit(mask).convert("L"), dtype=np.uint8).copy()) >= 128
     elif isinstance(mask, torch.Tensor):
         m = mask if mask.dtype == torch.bool else mask.float() >= 0.5
     else:

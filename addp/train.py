@@ -20,12 +20,13 @@ import torch
 from . import ops, registry
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from .diffusion import CONDITIONS, MAPPINGS, MASKINGS, DiffusionConfig
-from .distributed import init_distributed
+from .distributed import barrier, init_distributed
 from .loss import TARGETS
 from .model import TOKEN_INPUTS
 from .cli import run
 from .data import default_workers
 from .registry import AddpError
+from .run_folder import check_inputs, clean_run_folder, compare_output, sha256_file, write_record, write_report
 from .stages import ADDPStage, PredictorStage, TokenizerStage, masked_token_accuracy, reconstruction_psnr
 from .trainer import PRECISIONS, TrainConfig, Trainer, identity_of
 
@@ -122,13 +123,18 @@ def train_config(args, stage: str) -> TrainConfig:
                        else (default_workers() if args.data_path else 0))
 
 
-def run_stage(stage, args, dist, dataset, extra_identity: dict) -> dict:
+def stage_identity(args, name: str, model_config, inputs: dict, dist) -> dict:
+    """What a stage's output is made from: its training and model config, the data, and the
+    SHA-256 of each file it consumes (`inputs`)."""
+    return identity_of(train_config(args, name), model_config, inputs,
+                       {"data": args.data_path or "digits", "world_size": dist.world_size})
+
+
+def run_stage(stage, args, dist, dataset, identity: dict) -> dict:
     """Train one stage in output/<stage>/ (resuming if a matching checkpoint is there)."""
     from .data import make_loader
     cfg = train_config(args, stage.name)
     out = Path(args.output_dir) / stage.name
-    identity = identity_of(cfg, stage.model.config, extra_identity,
-                           {"data": args.data_path or "digits", "world_size": dist.world_size})
     trainer = Trainer(stage, cfg, out, dist, identity)
     trainer.maybe_resume(args.resume if args.stage == stage.name else None, args.force)
     if trainer.step and dist.is_main:
@@ -139,8 +145,24 @@ def run_stage(stage, args, dist, dataset, extra_identity: dict) -> dict:
     return result
 
 
-def load_or_none(path: str | None, component: str):
-    return load_checkpoint(path, component=component) if path else None
+def refuse_or_retrain(args, name: str, file: Path, identity: dict, dist) -> str | None:
+    """The SHA-256 of the cached output `file` of stage `name` when it was made exactly as this
+    command would make it; None when the stage must be trained (no file, or --force over a
+    file made from something else). A mismatch without --force is an error."""
+    sha, problem = compare_output(Path(args.output_dir), name, file, identity)
+    if problem and not args.force:
+        raise AddpError(f"stage {name}: {file} {problem}; pass --force to retrain it, or pick another --output-dir")
+    if problem:
+        _say(dist, f"[{name}] {file} {problem}; --force: retraining it")
+    return sha
+
+
+def use_cached_input(args, name: str, file: Path, inputs: dict) -> None:
+    """Refuse a cached stage output of the run folder that was made against other inputs."""
+    problem = check_inputs(Path(args.output_dir), name, file, inputs)
+    if problem:
+        raise AddpError(f"stage {name}: {file} {problem}; retrain it with --stage {name} --force "
+                        f"(or --stage all --force), or pass the file you mean as --{name}")
 
 
 # -- main ----------------------------------------------------------------------------------
@@ -148,6 +170,8 @@ def main(args) -> dict:
     dist = init_distributed(args.device)
     torch.manual_seed(args.seed)
     out = Path(args.output_dir)
+    if dist.is_main:
+        clean_run_folder(out, STAGES)
     overrides = parse_options(args.model_option)
     if args.token_input:
         overrides["token_input"] = args.token_input
@@ -155,58 +179,39 @@ def main(args) -> dict:
     tok_preset, pred_preset = family_presets(args.model)
     dataset = build_dataset(args, net_config.image_size)
     diffusion = DiffusionConfig(mapping=args.mapping, condition=args.condition, masking=args.masking)
-    run_all = args.stage == "all"
+    runs = STAGES if args.stage == "all" else (args.stage,)  # the stages this command trains
     report: dict = {"output_dir": str(out), "ops_backends": ops.backends(dist.device)}
     started = time.perf_counter()
 
-    tok_file, pred_file, net_file = out / "tokenizer.safetensors", out / "predictor.safetensors", out / "addp.safetensors"
-    tokenizer = load_or_none(args.tokenizer, "tokenizer")
-    if tokenizer is None and tok_file.exists() and args.stage != "tokenizer":
-        tokenizer = load_checkpoint(tok_file)
-        _say(dist, f"[tokenizer] cached: {tok_file}")
-    if tokenizer is None and (run_all or args.stage == "tokenizer"):
-        tok = registry.create_model(args.tokenizer_model or tok_preset, image_size=net_config.image_size)
-        tokenizer = run_stage(TokenizerStage(tok), args, dist, dataset, {})["model"]
-        _save(dist, tok_file, tokenizer)
-    if tokenizer is None:
-        raise AddpError(f"no tokenizer: pass --tokenizer, or run --stage tokenizer first (looked for {tok_file})")
+    tokenizer, tok_sha = tokenizer_for(args, dist, dataset, net_config, tok_preset, runs)
     tokenizer = tokenizer.to(dist.device).eval()
-    if run_all or args.stage == "tokenizer":
+    if "tokenizer" in runs:
         report["tokenizer_psnr_db"] = round(reconstruction_psnr(tokenizer, heldout_images(args, net_config)), 2)
         _say(dist, f"[tokenizer] held-out reconstruction PSNR {report['tokenizer_psnr_db']:.2f} dB")
     if args.stage == "tokenizer":
         return _finish(dist, report, started)
 
-    predictor = load_or_none(args.predictor, "predictor")
-    if predictor is None and pred_file.exists() and args.stage != "predictor":
-        predictor = load_checkpoint(pred_file)
-        _say(dist, f"[predictor] cached: {pred_file}")
-    if predictor is None and (run_all or args.stage == "predictor"):
-        pred = registry.create_model(args.predictor_model or pred_preset,
-                                     codebook_size=tokenizer.config.codebook_size)
-        predictor = run_stage(PredictorStage(pred, tokenizer, diffusion), args, dist, dataset,
-                              {"tokenizer": tokenizer.config.name})["model"]
-        _save(dist, pred_file, predictor)
-    if predictor is None:
-        raise AddpError(f"no token predictor: pass --predictor, or run --stage predictor first (looked for {pred_file})")
+    predictor, pred_sha = predictor_for(args, dist, dataset, tokenizer, tok_sha, diffusion, pred_preset, runs)
     if predictor.config.codebook_size != tokenizer.config.codebook_size:
         raise AddpError(f"the tokenizer's codebook has {tokenizer.config.codebook_size} entries but the token "
                         f"predictor predicts {predictor.config.codebook_size}: they were not trained together")
     predictor = predictor.to(dist.device).eval()
-    if run_all or args.stage == "predictor":
+    if "predictor" in runs:
         acc, chance = masked_token_accuracy(predictor, tokenizer, heldout_images(args, net_config))
         report.update(predictor_accuracy_50=round(acc, 4), predictor_chance=round(chance, 4))
         _say(dist, f"[predictor] held-out masked-token accuracy at 50% masking {acc:.1%} (chance {chance:.1%})")
     if args.stage == "predictor":
         return _finish(dist, report, started)
 
+    net_file = out / "addp.safetensors"
     net = registry.build_model(registry.preset_config(args.model, codebook_size=tokenizer.config.codebook_size,
                                                       **overrides))
-    result = run_stage(ADDPStage(net, tokenizer, predictor, diffusion, args.target), args, dist, dataset,
-                       {"tokenizer": tokenizer.config.name, "predictor": predictor.config.name,
-                        "diffusion": diffusion.__dict__, "target": args.target})
+    identity = stage_identity(args, "addp", net.config, {"tokenizer_sha256": tok_sha, "predictor_sha256": pred_sha,
+                                                         "diffusion": diffusion.__dict__, "target": args.target}, dist)
+    refuse_or_retrain(args, "addp", net_file, identity, dist)
+    result = run_stage(ADDPStage(net, tokenizer, predictor, diffusion, args.target), args, dist, dataset, identity)
     net = result["model"].eval()
-    _save(dist, net_file, {"addp": net, "tokenizer": tokenizer})
+    _save(dist, net_file, {"addp": net, "tokenizer": tokenizer}, "addp", identity)
     losses = result["losses"]
     report.update(addp_loss_first100=round(sum(losses[:100]) / len(losses[:100]), 4),
                   addp_loss_final100=round(sum(losses[-100:]) / len(losses[-100:]), 4))
@@ -217,6 +222,51 @@ def main(args) -> dict:
                                               args.sample_temperature))
     report["addp_checkpoint"] = str(net_file)
     return _finish(dist, report, started)
+
+
+def tokenizer_for(args, dist, dataset, net_config, preset: str, runs):
+    """The tokenizer this command uses and the SHA-256 of its file: --tokenizer, else the run
+    folder's (reused when it matches this command, trained when the stage runs)."""
+    if args.tokenizer:
+        return load_checkpoint(args.tokenizer, component="tokenizer"), sha256_file(args.tokenizer)
+    file = Path(args.output_dir) / "tokenizer.safetensors"
+    if "tokenizer" not in runs:
+        if not file.exists():
+            raise AddpError(f"no tokenizer: pass --tokenizer, or run --stage tokenizer first (looked for {file})")
+        _say(dist, f"[tokenizer] cached: {file}")
+        return load_checkpoint(file), sha256_file(file)
+    config = registry.preset_config(args.tokenizer_model or preset, image_size=net_config.image_size)
+    identity = stage_identity(args, "tokenizer", config, {}, dist)
+    sha = refuse_or_retrain(args, "tokenizer", file, identity, dist)
+    if sha:
+        _say(dist, f"[tokenizer] cached: {file}")
+        return load_checkpoint(file), sha
+    model = run_stage(TokenizerStage(registry.build_model(config)), args, dist, dataset, identity)["model"]
+    return model, _save(dist, file, model, "tokenizer", identity)
+
+
+def predictor_for(args, dist, dataset, tokenizer, tok_sha: str, diffusion, preset: str, runs):
+    """The token predictor and the SHA-256 of its file, as `tokenizer_for`; a cached one must
+    have been trained against this tokenizer (`tok_sha`)."""
+    if args.predictor:
+        return load_checkpoint(args.predictor, component="predictor"), sha256_file(args.predictor)
+    file = Path(args.output_dir) / "predictor.safetensors"
+    inputs = {"tokenizer_sha256": tok_sha}
+    if "predictor" not in runs:
+        if not file.exists():
+            raise AddpError(f"no token predictor: pass --predictor, or run --stage predictor first (looked for {file})")
+        use_cached_input(args, "predictor", file, inputs)
+        _say(dist, f"[predictor] cached: {file}")
+        return load_checkpoint(file), sha256_file(file)
+    config = registry.preset_config(args.predictor_model or preset, codebook_size=tokenizer.config.codebook_size)
+    identity = stage_identity(args, "predictor", config, inputs, dist)
+    sha = refuse_or_retrain(args, "predictor", file, identity, dist)
+    if sha:
+        _say(dist, f"[predictor] cached: {file}")
+        return load_checkpoint(file), sha
+    stage = PredictorStage(registry.build_model(config), tokenizer, diffusion)
+    model = run_stage(stage, args, dist, dataset, identity)["model"]
+    return model, _save(dist, file, model, "predictor", identity)
 
 
 def heldout_images(args, net_config) -> torch.Tensor:
@@ -237,9 +287,13 @@ def write_samples(net, tokenizer, n: int, path: Path, seed: int, temperature: fl
     return atomic_write(path, lambda tmp: save_image(images, tmp, nrow=int(n ** 0.5), format="png"))
 
 
-def _save(dist, path: Path, models) -> None:
+def _save(dist, path: Path, models, stage: str, identity: dict) -> str:
+    """Write a stage output and its record (rank 0); every rank returns the file's SHA-256."""
     if dist.is_main:
         save_checkpoint(path, models)
+        write_record(path.parent, stage, path, identity)
+    barrier()
+    return sha256_file(path)
 
 
 def _say(dist, text: str) -> None:
@@ -252,8 +306,7 @@ def _finish(dist, report: dict, started: float) -> dict:
     if dist.is_main:
         out = Path(report["output_dir"])
         out.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(report, indent=1)
-        atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(text))
+        write_report(out / "report.json", report)
         print("\n".join(["", "== addp.train finished =="] + [f"{k}: {v}" for k, v in report.items()]))
     return report
 

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import inspect
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +26,14 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, check_finite
+from .data import with_worker_causes
 from .distributed import DistInfo, all_reduce_mean, barrier
 from .registry import AddpError
+from .run_folder import describe_differences, finite_or_none
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "ema", "step", "skipped", "losses", "rng", "identity")
 
 
 @dataclass
@@ -103,6 +107,7 @@ class Trainer:
         self.losses = torch.zeros(config.steps, device=dist.device)
         self.step = 0
         self.skipped = 0
+        self.saved_step: int | None = None  # the step of the last checkpoint written or loaded
         step_module = self.loss_module
         if dist.enabled:
             step_module = nn.parallel.DistributedDataParallel(
@@ -131,30 +136,40 @@ class Trainer:
         }
 
     def save(self) -> None:
+        self._check_weights()
         if self.dist.is_main:
             state = self.state_dict()
             atomic_write(self.checkpoint_path, lambda tmp: torch.save(state, tmp))
+        self.saved_step = self.step
         barrier()
 
     def load(self, path: Path) -> None:
+        self._load_state(read_training_checkpoint(path), path)
+
+    def _load_state(self, state: dict, path: Path) -> None:
+        check_finite(state["model"], f"{path} [model]")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise AddpError(f"cannot resume from {path}: {str(e).splitlines()[0][:200]}") from None
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        if self.ema and state["ema"] is not None:
-            self.ema.module.load_state_dict(state["ema"])
-        self.step, self.skipped = state["step"], state["skipped"]
-        self.losses.copy_(state["losses"])
-        torch.set_rng_state(state["rng"]["torch"])
-        self.generator.set_state(state["rng"]["generator"])
-        if state["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+            if self.ema and state["ema"] is not None:
+                self.ema.module.load_state_dict(state["ema"])
+            self.losses.copy_(state["losses"])
+            torch.set_rng_state(state["rng"]["torch"])
+            self.generator.set_state(state["rng"]["generator"])
+            if state["rng"]["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise AddpError(f"cannot resume from {path}: it does not fit this run ({_first_line(e)})") from None
+        self.step, self.skipped = int(state["step"]), int(state["skipped"])
+        self.saved_step = self.step
 
     def maybe_resume(self, resume: str | None, force: bool) -> None:
-        """Explicit --resume, else auto-resume from the output folder if its run matches."""
+        """Explicit --resume, else auto-resume from the output folder if its run matches.
+
+        An unreadable checkpoint in the output folder is an error, or with `force` the stage
+        starts over (the file is replaced at the first save); an unreadable --resume file is
+        always an error."""
         path = Path(resume) if resume else self.checkpoint_path
         run_file = self.out / "run.json"
         if resume is None and not path.exists():
@@ -162,56 +177,89 @@ class Trainer:
             return
         if not path.exists():
             raise AddpError(f"--resume checkpoint not found: {path}")
-        saved = json.loads(torch.load(path, map_location="cpu", weights_only=True)["identity"])
+        try:
+            state = read_training_checkpoint(path)
+        except AddpError as e:
+            if resume or not force:
+                fix = "" if resume else "; pass --force to start this stage over"
+                raise AddpError(f"{e}{fix}") from None
+            self._say(f"{e}; --force: starting over")
+            self._write_identity(run_file)
+            return
+        saved = state["identity"]
         if saved != self.identity:
             if not force:
-                diff = sorted(k for k in set(saved) | set(self.identity) if saved.get(k) != self.identity.get(k))
-                raise AddpError(f"{self.out} holds a run of another config (differs in: {', '.join(diff)}); "
+                raise AddpError(f"{self.out} holds a run of another config ({describe_differences(saved, self.identity)}); "
                                 "pass --force to start over there, or pick another --output-dir")
             self._write_identity(run_file)
             return
-        self.load(path)
+        self._load_state(state, path)
 
     def _write_identity(self, run_file: Path) -> None:
         if self.dist.is_main:
             text = json.dumps(self.identity, indent=1, sort_keys=True)
             atomic_write(run_file, lambda tmp: Path(tmp).write_text(text))
 
+    def _say(self, text: str) -> None:
+        if self.dist.is_main:
+            print(f"[{self.stage.name}] {text}", flush=True)
+
+    # -- finite checks -----------------------------------------------------------------
+    def _check_weights(self) -> None:
+        """Refuse to checkpoint non-finite weights (all ranks hold the same weights)."""
+        named = [(k, t) for k, t in self.model.state_dict().items() if t.is_floating_point()]
+        if not named or bool(torch.stack([torch.isfinite(t).all() for _, t in named]).all()):
+            return
+        bad = next(k for k, t in named if not bool(torch.isfinite(t).all()))
+        raise self._diverged(f"weight {bad} is not finite")
+
+    def _diverged(self, what: str) -> AddpError:
+        if self.saved_step is None:
+            kept = "no checkpoint was written"
+        else:
+            kept = f"the last good checkpoint (step {self.saved_step}) stays in {self.checkpoint_path}"
+        return AddpError(f"[{self.stage.name}] training diverged at step {self.step}: {what}; {kept}; "
+                         "lower the learning rate")
+
     # -- the loop ----------------------------------------------------------------------
     def fit(self, make_loader) -> dict:
         """Train to `steps`; `make_loader(start_micro_batch)` returns an endless loader."""
         cfg = self.cfg
-        log = _Log(self.out, self.dist.is_main)
-        batches = iter(make_loader(self.step * cfg.accum_steps))
+        log = _Log(self.out, self.dist.is_main, self.step)
+        batches = with_worker_causes(make_loader(self.step * cfg.accum_steps))
         window_start, window_images = time.perf_counter(), 0
         bar = tqdm(total=cfg.steps, initial=self.step, desc=self.stage.name, disable=not self.dist.is_main,
                    dynamic_ncols=True, leave=True)
         skipped = torch.zeros((), dtype=torch.int64)
         self.model.train()
-        while self.step < cfg.steps:
-            self.scheduler.step_update(self.step)
-            step_loss, images_seen, bad = self.train_step(batches)
-            skipped += bad
-            window_images += images_seen
-            self.losses[self.step] = step_loss
-            self.step += 1
-            bar.update(1)
-            last = self.step == cfg.steps
-            if self.step % cfg.log_every == 0 or last:
-                n = min(cfg.log_every, self.step)
-                mean_loss = float(all_reduce_mean(self.losses[self.step - n:self.step].mean()))
-                elapsed = time.perf_counter() - window_start
-                self.skipped += int(skipped)
-                skipped.zero_()
-                rate = window_images * self.dist.world_size / max(elapsed, 1e-9)
-                lr = self.optimizer.param_groups[0]["lr"]
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
-                log.write(self.step, {"loss": mean_loss, "lr": lr, "images_per_s": rate, "skipped": self.skipped})
-                window_start, window_images = time.perf_counter(), 0
-            if self.step % cfg.ckpt_every == 0 or last:
-                self.save()
-        bar.close()
-        log.close()
+        try:
+            while self.step < cfg.steps:
+                self.scheduler.step_update(self.step)
+                step_loss, images_seen, bad = self.train_step(batches)
+                skipped += bad
+                window_images += images_seen
+                self.losses[self.step] = step_loss
+                self.step += 1
+                bar.update(1)
+                last = self.step == cfg.steps
+                if self.step % cfg.log_every == 0 or last:
+                    n = min(cfg.log_every, self.step)
+                    mean_loss = float(all_reduce_mean(self.losses[self.step - n:self.step].mean()))
+                    if not math.isfinite(mean_loss):
+                        raise self._diverged(f"the mean loss of steps {self.step - n + 1}-{self.step} is {mean_loss}")
+                    elapsed = time.perf_counter() - window_start
+                    self.skipped += int(skipped)
+                    skipped.zero_()
+                    rate = window_images * self.dist.world_size / max(elapsed, 1e-9)
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+                    log.write(self.step, {"loss": mean_loss, "lr": lr, "images_per_s": rate, "skipped": self.skipped})
+                    window_start, window_images = time.perf_counter(), 0
+                if self.step % cfg.ckpt_every == 0 or last:
+                    self.save()
+        finally:
+            bar.close()
+            log.close()
         if self.skipped and self.dist.is_main:
             print(f"[{self.stage.name}] skipped {self.skipped} unreadable images")
         return {"losses": self.losses.cpu().tolist()}
@@ -263,28 +311,68 @@ class Trainer:
 
 
 class _Log:
-    """JSONL + TensorBoard scalars, written by rank 0 only."""
+    """JSONL + TensorBoard scalars, written by rank 0 only. Entries past `start_step` (written
+    after the checkpoint being resumed) are dropped first, so no step is logged twice."""
 
-    def __init__(self, out: Path, enabled: bool):
+    def __init__(self, out: Path, enabled: bool, start_step: int):
         self.enabled = enabled
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
             out.mkdir(parents=True, exist_ok=True)
+            _truncate_log(out / "log.jsonl", start_step)
             self.jsonl = open(out / "log.jsonl", "a")
-            self.tb = SummaryWriter(str(out / "tensorboard"))
+            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)
 
     def write(self, step: int, values: dict) -> None:
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self.jsonl.write(json.dumps(finite_or_none({"step": step, **values})) + "\n")
         self.jsonl.flush()
         for k, v in values.items():
             self.tb.add_scalar(k, v, step)
 
     def close(self) -> None:
-        if self.enabled:
+        if self.enabled and not self.jsonl.closed:
             self.jsonl.close()
             self.tb.close()
+
+
+def _truncate_log(path: Path, last_step: int) -> None:
+    """Keep the JSONL entries up to `last_step` (and drop a line cut short by a kill)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("step"), int) and entry["step"] <= last_step:
+            kept.append(line + "\n")
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(kept)))
+
+
+def read_training_checkpoint(path: Path) -> dict:
+    """A training checkpoint.pt (weights_only) with its run identity parsed; one-line errors."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, not a torch file, a folder, pickled objects, ...
+        raise AddpError(f"cannot resume from {path}: not a readable checkpoint ({_first_line(e)})") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise AddpError(f"cannot resume from {path}: not a training checkpoint (lacks {', '.join(missing)})")
+    try:
+        identity = json.loads(state["identity"])
+    except (TypeError, ValueError):
+        identity = None
+    if not isinstance(identity, dict) or not isinstance(state["model"], dict):
+        raise AddpError(f"cannot resume from {path}: its run identity or model weights are malformed")
+    return {**state, "identity": identity}
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
 
 
 def identity_of(*configs) -> dict:

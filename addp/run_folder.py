@@ -1,0 +1,116 @@
+"""What a training run folder holds, and how a cached stage output is matched to a command.
+
+Each stage output (`tokenizer.safetensors`, `predictor.safetensors`, `addp.safetensors`) has a
+record, `<stage>/output.json`: the SHA-256 of the file and the stage's identity — its
+training and model config plus the SHA-256 of every file it consumed. A cached output is
+reused only when its record matches what the current command would make, byte for byte.
+See docs/run-folders.md.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+from .checkpoint import atomic_write, remove_stale_temp_files
+
+RECORD = "output.json"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def differing_keys(a: dict, b: dict) -> list[str]:
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def describe_differences(recorded: dict, current: dict, limit: int = 4) -> str:
+    """`key: recorded -> current, ...` over the keys that differ (hashes shortened)."""
+    def show(v):
+        if isinstance(v, str) and len(v) == 64:
+            return v[:12]
+        return "unset" if v is None else json.dumps(v)
+    keys = differing_keys(recorded, current)
+    parts = [f"{k}: {show(recorded.get(k))} -> {show(current.get(k))}" for k in keys[:limit]]
+    return ", ".join(parts) + (f", and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def record_path(out: Path, stage: str) -> Path:
+    return Path(out) / stage / RECORD
+
+
+def read_record(out: Path, stage: str) -> dict | None:
+    """The record of a stage's output, or None when it is missing or unreadable."""
+    try:
+        record = json.loads(record_path(out, stage).read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(record, dict) and isinstance(record.get("identity"), dict) and isinstance(record.get("sha256"), str)
+    return record if ok else None
+
+
+def write_record(out: Path, stage: str, file: Path, identity: dict) -> str:
+    """Record what `file` was made from; returns its SHA-256."""
+    sha = sha256_file(file)
+    text = json.dumps({"file": Path(file).name, "sha256": sha, "identity": identity}, indent=1, sort_keys=True)
+    atomic_write(record_path(out, stage), lambda tmp: Path(tmp).write_text(text))
+    return sha
+
+
+def compare_output(out: Path, stage: str, file: Path, identity: dict) -> tuple[str | None, str | None]:
+    """(sha256, None) when `file` was made from exactly `identity`; (None, None) when there is
+    no such file; (None, reason) when it was made from something else (or nothing says)."""
+    if not Path(file).exists():
+        return None, None
+    record = read_record(out, stage)
+    if record is None:
+        return None, f"has no record of what it was made from ({record_path(out, stage)})"
+    sha = sha256_file(file)
+    if sha != record["sha256"]:
+        return None, "was changed after it was made (its SHA-256 differs from its record)"
+    if differing_keys(record["identity"], identity):
+        return None, f"was made from something else ({describe_differences(record['identity'], identity)})"
+    return sha, None
+
+
+def check_inputs(out: Path, stage: str, file: Path, inputs: dict) -> str | None:
+    """Why the cached `file` of `stage` may not be used with `inputs` (e.g. the tokenizer's
+    SHA-256 it was trained against), or None when it may."""
+    record = read_record(out, stage)
+    if record is None:
+        return f"has no record of what it was made from ({record_path(out, stage)})"
+    if sha256_file(file) != record["sha256"]:
+        return "was changed after it was made (its SHA-256 differs from its record)"
+    recorded = {k: record["identity"].get(k) for k in inputs}
+    if differing_keys(recorded, inputs):
+        return f"was trained against other inputs ({describe_differences(recorded, inputs)})"
+    return None
+
+
+def clean_run_folder(out: Path, stages) -> list[Path]:
+    """Remove the temporary files a killed save left in `out` and its stage folders."""
+    removed = []
+    for folder in [Path(out)] + [Path(out) / s for s in stages]:
+        removed += remove_stale_temp_files(folder)
+    return removed
+
+
+def finite_or_none(obj):
+    """`obj` with every NaN/Inf float replaced by None (JSON has no non-finite numbers)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
+def write_report(path: Path, report: dict) -> Path:
+    """Write `report` as strict JSON (non-finite numbers become null), atomically."""
+    text = json.dumps(finite_or_none(report), indent=1, allow_nan=False)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
