@@ -25,9 +25,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 
 from .cli import run
+from .images import read_rgb
 from .registry import AddpError
 
 METRICS = ("fid", "isc", "kid", "prc")
@@ -75,10 +75,7 @@ def load_images(source: str) -> torch.Tensor:
         raise AddpError(f"{source} holds no png/jpg images")
     images = []
     for f in files:
-        try:
-            images.append(np.asarray(Image.open(f).convert("RGB")))
-        except OSError:
-            raise AddpError(f"{f} is not a readable image") from None
+        images.append(np.asarray(read_rgb(f)))  # one-line UnreadableImage on a bad file or a bomb
     if len({im.shape for im in images}) > 1:
         raise AddpError(f"{source}: images of different sizes")
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()

@@ -2,7 +2,8 @@
 
 With no arguments it trains a complete small ADDP on the bundled handwritten digits:
 a VQ tokenizer, then a MAGE token predictor, then the ADDP network, each stage cached in
-the output folder (skipped when its file exists), and ends with a grid of samples.
+the output folder (reused only when it was made exactly as this command would make it, see
+docs/run-folders.md), and ends with a grid of samples.
 With `--data-path /imagenet/train --model addp_vit_large_patch16 --tokenizer
 vqgan_jax_strongaug.ckpt --predictor mage-vitl-1600.pth` the same code runs the paper's
 pretraining (launch it with torchrun for several GPUs).

@@ -84,10 +84,17 @@ def test_retrained_tokenizer_is_refused_and_the_bundle_kept(trained, tmp_path, c
     assert "stage predictor" in err and "trained against other inputs" in err
     assert folder_hashes(out) == before and (out / "addp.safetensors").read_bytes() == good
 
-    # --force retrains what does not match: the 2-step tokenizer comes out as before, so the
-    # cached predictor and network fit it again and the bundle is the same file
+    # --force retrains what does not match; the bundle is made of parts that belong together
     assert train.cli([*common, "--stage", "all", "--force"]) == 0
-    assert (out / "addp.safetensors").read_bytes() == good
+    records = {s: json.loads((out / s / "output.json").read_text()) for s in ("tokenizer", "predictor", "addp")}
+    tok_sha = hashlib.sha256((out / "tokenizer.safetensors").read_bytes()).hexdigest()
+    assert records["tokenizer"]["sha256"] == tok_sha and records["tokenizer"]["identity"]["steps"] == 2
+    assert records["predictor"]["identity"]["tokenizer_sha256"] == tok_sha
+    assert records["addp"]["identity"]["tokenizer_sha256"] == tok_sha
+    assert records["addp"]["identity"]["predictor_sha256"] == records["predictor"]["sha256"]
+    bundled = addp.load_checkpoint(out / "addp.safetensors", component="tokenizer").state_dict()
+    cached = addp.load_checkpoint(out / "tokenizer.safetensors").state_dict()
+    assert all(torch.equal(bundled[k], cached[k]) for k in cached)
 
 
 def test_a_finished_folder_refuses_other_tokenizer_steps(trained, tmp_path, capsys):
