@@ -107,7 +107,7 @@ class Trainer:
         self.losses = torch.zeros(config.steps, device=dist.device)
         self.step = 0
         self.skipped = 0
-        self.saved_step: int | None = None  # the step of the last checkpoint written or loaded
+        self.last_good: tuple[int, Path] | None = None  # (step, file) of the last checkpoint written or loaded
         step_module = self.loss_module
         if dist.enabled:
             step_module = nn.parallel.DistributedDataParallel(
@@ -140,7 +140,7 @@ class Trainer:
         if self.dist.is_main:
             state = self.state_dict()
             atomic_write(self.checkpoint_path, lambda tmp: torch.save(state, tmp))
-        self.saved_step = self.step
+        self.last_good = (self.step, self.checkpoint_path)
         barrier()
 
     def load(self, path: Path) -> None:
@@ -162,7 +162,7 @@ class Trainer:
         except (RuntimeError, KeyError, ValueError, TypeError) as e:
             raise AddpError(f"cannot resume from {path}: it does not fit this run ({_first_line(e)})") from None
         self.step, self.skipped = int(state["step"]), int(state["skipped"])
-        self.saved_step = self.step
+        self.last_good = (self.step, Path(path))
 
     def maybe_resume(self, resume: str | None, force: bool) -> None:
         """Explicit --resume, else auto-resume from the output folder if its run matches.
@@ -189,7 +189,8 @@ class Trainer:
         saved = state["identity"]
         if saved != self.identity:
             if not force:
-                raise AddpError(f"{self.out} holds a run of another config ({describe_differences(saved, self.identity)}); "
+                diff = describe_differences(saved, self.identity)
+                raise AddpError(f"{self.out} holds a run of another config ({diff}); "
                                 "pass --force to start over there, or pick another --output-dir")
             self._write_identity(run_file)
             return
@@ -214,10 +215,10 @@ class Trainer:
         raise self._diverged(f"weight {bad} is not finite")
 
     def _diverged(self, what: str) -> AddpError:
-        if self.saved_step is None:
+        if self.last_good is None:
             kept = "no checkpoint was written"
         else:
-            kept = f"the last good checkpoint (step {self.saved_step}) stays in {self.checkpoint_path}"
+            kept = f"the last good checkpoint (step {self.last_good[0]}) stays in {self.last_good[1]}"
         return AddpError(f"[{self.stage.name}] training diverged at step {self.step}: {what}; {kept}; "
                          "lower the learning rate")
 

@@ -218,7 +218,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp
         trainer.fit(digits_loader)
     assert trainer.step < 30 and "\n" not in str(e.value)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert state["step"] == trainer.saved_step < trainer.step
+    assert (state["step"], tmp_path / "checkpoint.pt") == trainer.last_good and state["step"] < trainer.step
     assert all(bool(torch.isfinite(t).all()) for t in state["model"].values() if t.is_floating_point())
     for line in (tmp_path / "log.jsonl").read_text().splitlines():
         entry = json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
