@@ -19,6 +19,7 @@ from addp import train
 from addp.checkpoint import CheckpointError, remove_stale_temp_files
 from addp.data import DigitsDataset, ImageFolderDataset, make_loader, with_worker_causes
 from addp.distributed import DistInfo
+from addp.pipeline import ADDPPipeline
 from addp.registry import AddpError
 from addp.run_folder import write_report
 from addp.stages import TokenizerStage
@@ -256,6 +257,16 @@ def test_non_finite_weights_are_refused_at_load_naming_the_tensor(tmp_path, valu
     with pytest.raises(CheckpointError, match=f"tensor {name} holds non-finite") as e:
         addp.load_checkpoint(path)
     assert "\n" not in str(e.value)
+
+
+def test_a_bundle_with_an_inf_tokenizer_is_refused_by_the_pipeline(tmp_path):
+    tok = addp.create_model("vqgan_small")
+    with torch.no_grad():
+        tok.quantize.embedding.weight[3] = float("inf")
+    path = addp.save_checkpoint(tmp_path / "b.safetensors", {"addp": addp.create_model("addp_vit_small"),
+                                                             "tokenizer": tok})
+    with pytest.raises(CheckpointError, match=r"tensor tokenizer\.quantize\.embedding\.weight holds non-finite"):
+        ADDPPipeline.from_pretrained(path)
 
 
 def test_report_is_strict_json(tmp_path):
