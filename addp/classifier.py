@@ -170,46 +170,6 @@ def resnet50_cls() -> ClassifierConfig:
     return ClassifierConfig(name="resnet50_cls", arch="resnet50")
 
 
-# -- multi-scale features for dense heads ----------------------------------------------------
-class SimpleFeaturePyramid(nn.Module):
-    """ViTDet's simple pyramid: one stride-p map -> maps at `strides` (default 4, 8, 16, 32).
-
-    Up-sampling by transposed 2x2 convolutions, down-sampling by max pooling, then a 1x1 and a
-    3x3 convolution to `out_dim` channels, each followed by a LayerNorm over channels.
-    """
-
-    def __init__(self, in_dim: int, patch_size: int, out_dim: int = 256, strides=(4, 8, 16, 32)):
-        super().__init__()
-        self.strides = tuple(strides)
-        self.levels = nn.ModuleList(self._level(in_dim, patch_size, s, out_dim) for s in self.strides)
-
-    @staticmethod
-    def _level(dim: int, patch: int, stride: int, out_dim: int) -> nn.Sequential:
-        factor = patch / stride
-        if factor not in (0.25, 0.5) and not (factor >= 1 and math.log2(factor).is_integer()):
-            raise AddpError(f"stride {stride} is not a power-of-two rescale of patch size {patch}")
-        layers: list[nn.Module] = []
-        while factor > 1:
-            layers += [nn.ConvTranspose2d(dim, dim // 2, 2, stride=2)]
-            dim //= 2
-            factor /= 2
-            layers += [_LayerNorm2d(dim), nn.GELU()] if factor > 1 else []
-        if factor < 1:
-            layers += [nn.MaxPool2d(round(1 / factor))]
-        layers += [nn.Conv2d(dim, out_dim, 1, bias=False), _LayerNorm2d(out_dim),
-                   nn.Conv2d(out_dim, out_dim, 3, padding=1, bias=False), _LayerNorm2d(out_dim)]
-        return nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
-        """x (B, C, H/p, W/p) -> {stride: (B, out_dim, H/stride, W/stride)}."""
-        return {s: level(x) for s, level in zip(self.strides, self.levels)}
-
-
-class _LayerNorm2d(nn.LayerNorm):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W), normalised over C
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-
 # -- ADDP encoder -> classifier ----------------------------------------------------------------
 def _state_of(source) -> dict[str, torch.Tensor]:
     if isinstance(source, nn.Module):

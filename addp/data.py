@@ -171,8 +171,3 @@ def make_loader(dataset: Dataset, batch_size: int, seed: int, rank: int, world_s
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
                       pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
                       generator=torch.Generator().manual_seed(seed))
-
-
-def epochs_for(steps: int, num_samples: int, global_batch: int) -> float:
-    return steps * global_batch / max(num_samples, 1)
-
