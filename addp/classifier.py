@@ -33,7 +33,8 @@ from timm.models.vision_transformer import VisionTransformer
 
 from .checkpoint import CheckpointError
 from .model import IMAGENET_MEAN, IMAGENET_STD
-from .registry import AddpError, register_model_class, register_preset
+from .errors import AddpError
+from .registry import check_config, register_model_class, register_preset
 
 GLOBAL_POOLS = ("avg", "token")
 
@@ -54,6 +55,12 @@ class ClassifierConfig:
     pre_norm: bool = True  # norm_pre = ADDP's tokenizer_norm; False: the official fine-tune layout
     drop_path: float = 0.0
     head_norm: bool = False  # linear probing (MAE): BatchNorm1d(affine=False) before the linear head
+
+    def __post_init__(self):
+        check_config(self, ints=dict(image_size=1, patch_size=1, embed_dim=1, depth=1, num_heads=1, num_classes=0),
+                     fractions=("drop_path",), positive=("mlp_ratio",), choices={"global_pool": GLOBAL_POOLS},
+                     multiples=(("embed_dim", "num_heads"),) + ((("image_size", "patch_size"),)
+                                                                if self.arch == "vit" else ()))
 
 
 class _Normalise(nn.Module):

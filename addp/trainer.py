@@ -25,12 +25,10 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from .checkpoint import atomic_write
 from .distributed import DistInfo, all_reduce_mean, barrier
-from .registry import AddpError
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
+from .errors import AddpError
+from .files import atomic_write
+from .precision import PRECISIONS, autocast_dtype
 
 @dataclass
 class TrainConfig:
@@ -65,12 +63,6 @@ class TrainConfig:
 
     def base_lr(self, world_size: int) -> float:
         return self.lr if self.lr is not None else self.blr * self.global_batch(world_size) / 256
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 class Trainer:
