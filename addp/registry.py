@@ -44,8 +44,8 @@ def check_config(config, ints: dict[str, int] = {}, fractions: tuple = (), posit
                             f"got {getattr(config, field)!r}")
     for field, divisor in multiples:
         if getattr(config, field) % getattr(config, divisor):
-            raise AddpError(f"{name}: {field} ({getattr(config, field)}) must be a multiple of {divisor} "
-                            f"({getattr(config, divisor)})")
+            raise AddpError(f"{name}: {field} {getattr(config, field)} is not a multiple of {divisor} "
+                            f"{getattr(config, divisor)}")
 
 
 def _is_number(value) -> bool:
