@@ -31,7 +31,7 @@ from .files import atomic_write
 
 FORMATS = ("timm",)
 HEAD_KEYS = ("head.", "fc.", "classifier.")
-log = logging.getLogger(__name__)
+log = logging.getLogger("addp.export")  # a fixed name: run as `python -m`, __name__ is "__main__"
 
 
 def get_args_parser() -> ArgumentParser:

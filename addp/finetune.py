@@ -46,7 +46,7 @@ from .precision import PRECISIONS
 from .trainer import Stage, TrainConfig, Trainer, identity_of
 
 PROBE_OPTIMIZERS = ("lars", "sgd")
-log = logging.getLogger(__name__)
+log = logging.getLogger("addp.finetune")  # a fixed name: run as `python -m`, __name__ is "__main__"
 
 
 def get_args_parser() -> ArgumentParser:

@@ -34,7 +34,7 @@ from .stages import ADDPStage, PredictorStage, TokenizerStage, masked_token_accu
 from .trainer import TrainConfig, Trainer, identity_of
 
 STAGES = ("tokenizer", "predictor", "addp")
-log = logging.getLogger(__name__)
+log = logging.getLogger("addp.train")  # a fixed name: run as `python -m`, __name__ is "__main__"
 
 
 def get_args_parser() -> ArgumentParser:
