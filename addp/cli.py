@@ -30,6 +30,7 @@ from .precision import PRECISIONS
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
+RESUMABLE = "the last complete checkpoint in {output_dir} is intact; run the same command again to resume"
 
 
 # --------------------------------------------------------------------------- parser

@@ -2,6 +2,7 @@
 before any work starts (they create nothing)."""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -25,6 +26,12 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
             os.remove(tmp)
         raise
     return path
+
+
+def write_json(path: str | os.PathLike, data) -> Path:
+    """Write `data` as indented JSON, atomically."""
+    text = json.dumps(data, indent=1)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def check_output_folder(path: str | os.PathLike) -> Path:

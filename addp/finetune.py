@@ -13,7 +13,6 @@ Writes `classifier.safetensors` (our format) and `report.json` to `--output-dir`
 """
 from __future__ import annotations
 
-import json
 import logging
 import random
 import sys
@@ -37,11 +36,11 @@ from .classifier import (GLOBAL_POOLS, CNNClassifier, ClassifierConfig, build_cl
 from .data import DigitsDataset, ImageFolderDataset, _sample_seed, default_workers, make_loader
 from .distributed import init_distributed
 from .model import IMAGENET_MEAN, IMAGENET_STD
-from .cli import (ArgumentParser, device, existing_file, existing_path, fraction, integer, non_negative_float,
+from .cli import (RESUMABLE, ArgumentParser, device, existing_file, existing_path, fraction, integer, non_negative_float,
                   non_negative_int, number, output_folder, positive_float, positive_int, probability, run_command,
                   seed)
 from .errors import AddpError
-from .files import atomic_write
+from .files import write_json
 from .precision import PRECISIONS
 from .trainer import Stage, TrainConfig, Trainer, identity_of
 
@@ -427,18 +426,14 @@ def main(args) -> dict:
         report["classifier"] = str(save_checkpoint(out / "classifier.safetensors", final.cpu()))
     report["wall_time_s"] = round(time.perf_counter() - started, 1)
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(report, indent=1)
-        atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(text))
+        write_json(out / "report.json", report)
         log.info(f"[finetune] val top-1 {report['val_top1']:.2f}%  top-5 {report['val_top5']:.2f}%  "
                  f"({report['val_num_images']} images, chance {report['chance_top1']:.1f}%)")
     return report
 
 
 def cli(argv=None) -> int:
-    return run_command("finetune", get_args_parser(), main, argv,
-                       interrupted="the last complete checkpoint in {output_dir} is intact; "
-                                   "run the same command again to resume")
+    return run_command("finetune", get_args_parser(), main, argv, interrupted=RESUMABLE)
 
 
 if __name__ == "__main__":

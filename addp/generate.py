@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import sampler as S
 from .cli import (ArgumentParser, add_checkpoint_args, add_runtime_args, add_sampler_args, load_pipeline,
                   output_folder, positive_int, run_command, sampler_options, sampler_summary)
 from .errors import AddpError

@@ -19,13 +19,13 @@ import torch
 
 from . import ops, registry
 from .checkpoint import load_checkpoint, save_checkpoint
-from .cli import (ArgumentParser, add_sampler_args, device, existing_file, fraction, integer, non_negative_float,
+from .cli import (RESUMABLE, ArgumentParser, add_sampler_args, device, existing_file, fraction, integer, non_negative_float,
                   non_negative_int, number, output_folder, positive_float, positive_int, run_command, seed)
 from .data import default_workers
 from .diffusion import CONDITIONS, MAPPINGS, MASKINGS, DiffusionConfig
 from .distributed import init_distributed
 from .errors import AddpError
-from .files import atomic_write
+from .files import atomic_write, write_json
 from .loss import TARGETS
 from .model import TOKEN_INPUTS, check_tokenizer_fits
 from .precision import PRECISIONS
@@ -264,17 +264,12 @@ def _save(dist, path: Path, models) -> None:
 def _finish(dist, report: dict, started: float) -> dict:
     report["wall_time_s"] = round(time.perf_counter() - started, 1)
     if dist.is_main:
-        out = Path(report["output_dir"])
-        out.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(report, indent=1)
-        atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(text))
+        write_json(Path(report["output_dir"]) / "report.json", report)
     return report
 
 
 def cli(argv=None) -> int:
-    return run_command("train", get_args_parser(), main, argv,
-                       interrupted="the last complete checkpoint in {output_dir} is intact; "
-                                   "run the same command again to resume")
+    return run_command("train", get_args_parser(), main, argv, interrupted=RESUMABLE)
 
 
 if __name__ == "__main__":
