@@ -168,7 +168,7 @@ def _range(low, high, low_open: bool, high_open: bool) -> str:
 
 positive_int = integer(1)
 non_negative_int = integer(0)
-seed = integer(0, 2 ** 63 - 1)
+random_seed = integer(0, 2 ** 63 - 1)
 positive_float = number(0, low_open=True)
 non_negative_float = number(0)
 probability = number(0, 1)  # a rate or probability in [0, 1]
@@ -238,13 +238,14 @@ def add_checkpoint_args(parser: ArgumentParser) -> None:
 def add_runtime_args(parser: ArgumentParser, precision: str = "fp32", compile: bool = True,
                      cuda_graph: bool = True) -> None:
     """--seed, --device, --precision and (where they apply) --compile and --cuda-graph."""
-    parser.add_argument("--seed", type=seed, default=0, help="seed of the sampling noise")
+    parser.add_argument("--seed", type=random_seed, default=0, help="seed of the sampling noise")
     parser.add_argument("--device", type=device, default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--precision", default=precision, choices=PRECISIONS,
                         help="autocast of the networks (auto: bf16 on GPU, fp32 on CPU); fp32 as the official code")
     if compile:
         parser.add_argument("--compile", action="store_true",
-                            help="torch.compile the ADDP network and the tokenizer's decoder (pays off for many batches)")
+                            help="torch.compile the ADDP network and the tokenizer's decoder (pays off for many "
+                                 "batches)")
     if cuda_graph:
         parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                             help="replay each batch as one captured CUDA graph (default: on for GPUs; same images)")

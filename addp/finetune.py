@@ -36,9 +36,9 @@ from .classifier import (GLOBAL_POOLS, CNNClassifier, ClassifierConfig, build_cl
 from .data import DigitsDataset, ImageFolderDataset, _sample_seed, default_workers, make_loader
 from .distributed import init_distributed
 from .model import IMAGENET_MEAN, IMAGENET_STD
-from .cli import (RESUMABLE, ArgumentParser, device, existing_file, existing_path, fraction, integer, non_negative_float,
-                  non_negative_int, number, output_folder, positive_float, positive_int, probability, run_command,
-                  seed)
+from .cli import (RESUMABLE, ArgumentParser, device, existing_file, existing_path, fraction, integer,
+                  non_negative_float, non_negative_int, number, output_folder, positive_float, positive_int,
+                  probability, random_seed, run_command)
 from .errors import AddpError
 from .files import write_json
 from .precision import PRECISIONS
@@ -89,7 +89,7 @@ def get_args_parser() -> ArgumentParser:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--log-every", type=positive_int, default=50)
     p.add_argument("--ckpt-every", type=positive_int, default=500)
-    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--seed", type=random_seed, default=0)
     p.add_argument("--num-workers", type=integer(0, 256), default=None,
                    help="default: 0 for digits, min(8, CPU cores) for folders")
     p.add_argument("--device", type=device, default=None)

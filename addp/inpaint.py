@@ -37,7 +37,8 @@ def get_args_parser() -> ArgumentParser:
     p = ArgumentParser("inpaint", description=__doc__.split("\n\n")[0])
     add_checkpoint_args(p)
     p.add_argument("--image", required=True, type=existing_file, help="the input image (any size; converted to RGB)")
-    p.add_argument("--mask", default=None, type=existing_file, help="inpaint: mask image of the input's size, white = hole")
+    p.add_argument("--mask", "--mask-image", default=None, type=existing_file,
+                   help="inpaint: mask image of the input's size, white = hole")
     for side in MARGINS:
         p.add_argument(f"--{side}", type=int, default=None, metavar="N", help=f"outpaint: pixels added on the {side}")
     p.add_argument("--uncrop", type=number(1, low_open=True), default=None, metavar="SCALE",
@@ -55,7 +56,7 @@ def side_by_side_path(output: Path) -> Path:
 
 
 def _check_mode(args) -> None:
-    """Exactly one mode, with sound margins; sets args.mode."""
+    """Exactly one mode, with sound margins; sets args.mode and the default --output."""
     given = []
     if args.mask is not None:
         given.append("--mask")
@@ -71,6 +72,8 @@ def _check_mode(args) -> None:
     if args.mode == "outpaint" and (min(margins.values()) < 0 or max(margins.values()) == 0):
         raise AddpError("outpaint margins must be >= 0 with at least one > 0, got "
                         + " ".join(f"--{k} {v}" for k, v in margins.items()))
+    if args.output is None:
+        args.output = str(check_output_file(Path.cwd() / f"{Path(args.image).stem}_inpainted.png"))
 
 
 def _save_png(path: Path, image: Image.Image) -> None:
@@ -130,7 +133,7 @@ def main(args) -> dict:
         if hole.all():
             raise AddpError(f"the mask {args.mask} is all white: no pixel is known")
     margins = {side: getattr(args, side) or 0 for side in MARGINS}
-    output = Path(args.output) if args.output else check_output_file(Path.cwd() / f"{Path(args.image).stem}_inpainted.png")
+    output = Path(args.output)
 
     pipe = load_pipeline(args)
     options = dict(sampler_options(args.sampler_config), generator=torch.Generator(pipe.device).manual_seed(args.seed))

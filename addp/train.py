@@ -19,8 +19,9 @@ import torch
 
 from . import ops, registry
 from .checkpoint import load_checkpoint, save_checkpoint
-from .cli import (RESUMABLE, ArgumentParser, add_sampler_args, device, existing_file, fraction, integer, non_negative_float,
-                  non_negative_int, number, output_folder, positive_float, positive_int, run_command, seed)
+from .cli import (RESUMABLE, ArgumentParser, add_sampler_args, device, existing_file, fraction, integer,
+                  non_negative_float, non_negative_int, number, output_folder, positive_float, positive_int,
+                  random_seed, run_command)
 from .data import default_workers
 from .diffusion import CONDITIONS, MAPPINGS, MASKINGS, DiffusionConfig
 from .distributed import init_distributed
@@ -43,8 +44,10 @@ def get_args_parser() -> ArgumentParser:
     p.add_argument("--model", default="addp_vit_small", choices=registry.list_models("addp"))
     p.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the model config, e.g. drop_path=0.1 (repeatable)")
-    p.add_argument("--tokenizer", type=existing_file, help="an existing tokenizer checkpoint (ours or vqgan_jax_strongaug.ckpt)")
-    p.add_argument("--predictor", type=existing_file, help="an existing token predictor checkpoint (ours or mage-vit*-1600.pth)")
+    p.add_argument("--tokenizer", type=existing_file,
+                   help="an existing tokenizer checkpoint (ours or vqgan_jax_strongaug.ckpt)")
+    p.add_argument("--predictor", type=existing_file,
+                   help="an existing token predictor checkpoint (ours or mage-vit*-1600.pth)")
     p.add_argument("--tokenizer-model", default=None, choices=registry.list_models("tokenizer"),
                    help="preset to train when no --tokenizer is given (default: matches --model)")
     p.add_argument("--predictor-model", default=None, choices=registry.list_models("predictor"))
@@ -78,7 +81,7 @@ def get_args_parser() -> ArgumentParser:
     p.add_argument("--token-input", default=None, choices=TOKEN_INPUTS, help="default: the preset's")
     p.add_argument("--log-every", type=positive_int, default=20)
     p.add_argument("--ckpt-every", type=positive_int, default=500)
-    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--seed", type=random_seed, default=0)
     p.add_argument("--num-workers", type=integer(0, 256), default=None,
                    help="default: 0 for digits, min(8, CPU cores) for folders")
     p.add_argument("--device", type=device, default=None, help="cpu or cuda (default: cuda when available)")

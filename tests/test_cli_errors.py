@@ -174,7 +174,8 @@ def summary_of(stdout: str) -> dict:
 
 
 def test_success_is_one_json_line(run_module, files, tmp_path):
-    code, stdout, stderr = run_module("addp.export", ["--checkpoint", files["ckpt"], "--output", tmp_path / "e.safetensors"])
+    code, stdout, stderr = run_module("addp.export", ["--checkpoint", files["ckpt"],
+                                                      "--output", tmp_path / "e.safetensors"])
     assert code == 0, stderr
     summary = summary_of(stdout)
     assert summary["command"] == "export" and summary["output"] == str(tmp_path / "e.safetensors")
