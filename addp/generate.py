@@ -94,9 +94,8 @@ def _save_png(path: Path, image: np.ndarray) -> None:
 def main(args) -> dict:
     config = args.sampler_config
     out = Path(args.output_dir)
-    settings = {**dataclasses.asdict(config), **{k: getattr(args, k) for k in SETTINGS if hasattr(args, k)}}
-    settings = {k: settings[k] for k in SETTINGS}
-    settings["checkpoint"] = str(Path(args.checkpoint).resolve())
+    values = {**vars(args), **dataclasses.asdict(config), "checkpoint": str(Path(args.checkpoint).resolve())}
+    settings = {k: values[k] for k in SETTINGS}
     _prepare_output(out, settings, args.overwrite)
     pipe = _load_pipeline(args)
     _record_settings(out, settings, args.overwrite)
