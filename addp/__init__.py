@@ -4,7 +4,8 @@ from . import classifier, model, ops, predictor, tokenizer  # noqa: F401  (regis
 from .checkpoint import CheckpointError, load_checkpoint, load_components, save_checkpoint
 from .model import ADDP, ADDPConfig
 from .predictor import MAGEPredictor, PredictorConfig
-from .registry import AddpError, create_model, list_models
+from .errors import AddpError
+from .registry import create_model, list_models
 from .tokenizer import VQConfig, VQTokenizer
 
 __version__ = "0.1.0"

@@ -13,7 +13,6 @@ import json
 import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,7 +20,9 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .registry import AddpError, build_model, config_from_dict, preset_config
+from .errors import AddpError
+from .files import atomic_write
+from .registry import build_model, config_from_dict, preset_config
 
 FORMAT_VERSION = "1"
 COMPONENTS = ("addp", "classifier", "predictor", "tokenizer")  # the first one present is "the" model
@@ -67,12 +68,19 @@ def _read_safetensors(path: Path):
         tensors = load_file(str(path))
         with open(path, "rb") as f:
             header_len = int.from_bytes(f.read(8), "little")
-            metadata = json.loads(f.read(header_len)).get("__metadata__") or {}
+            header = json.loads(f.read(header_len))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file ({_first_line(e)})") from None
+    metadata = (header.get("__metadata__") if isinstance(header, dict) else None) or {}
     if "addp_components" not in metadata:
         raise CheckpointError(f"{path} is a safetensors file without an addp component description")
-    return tensors, json.loads(metadata["addp_components"])
+    try:
+        components = json.loads(metadata["addp_components"])
+    except ValueError:
+        components = None
+    if not isinstance(components, dict) or not all(isinstance(c, dict) for c in components.values()):
+        raise CheckpointError(f"{path}: its addp component description is not a JSON object of configs")
+    return tensors, components
 
 
 def _read_torch(path: Path) -> dict[str, torch.Tensor]:
@@ -228,7 +236,10 @@ def load_checkpoint(path: str | os.PathLike, component: str | None = None) -> nn
 
 
 def save_checkpoint(path: str | os.PathLike, models: nn.Module | dict[str, nn.Module]) -> Path:
-    """Write models in our format, atomically (a temporary file renamed into place)."""
+    """Write models in our format (a .safetensors file), atomically (a temporary file renamed
+    into place)."""
+    if Path(path).suffix != ".safetensors":
+        raise CheckpointError(f"checkpoints are written as .safetensors files; got {path}")
     if isinstance(models, nn.Module):
         models = {models.config.kind: models}
     tensors, components = {}, {}
@@ -239,53 +250,3 @@ def save_checkpoint(path: str | os.PathLike, models: nn.Module | dict[str, nn.Mo
     metadata = {"addp_format": FORMAT_VERSION, "addp_components": json.dumps(components)}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
-
-# what `atomic_write` names its temporary files: ".<target>.<writer pid>.<random>.tmp"
-_TEMP_NAME = re.compile(r"\.(?P<target>.+)\.(?P<pid>\d+)\.[a-z0-9_]+\.tmp")
-
-
-def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call `write(tmp_path)` then rename the finished file onto `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
-
-
-def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files `atomic_write` left in `folder` when its process was killed
-    mid-write (only names of our pattern whose writer process is gone). Returns what was removed."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    removed = []
-    for p in folder.iterdir():
-        m = _TEMP_NAME.fullmatch(p.name)
-        if m and p.is_file() and not _process_alive(int(m.group("pid"))):
-            p.unlink(missing_ok=True)
-            removed.append(p)
-    return removed
-
-
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    except OSError:
-        return False
-    return True

@@ -33,7 +33,8 @@ from timm.models.vision_transformer import VisionTransformer
 
 from .checkpoint import CheckpointError
 from .model import IMAGENET_MEAN, IMAGENET_STD
-from .registry import AddpError, register_model_class, register_preset
+from .errors import AddpError
+from .registry import check_config, register_model_class, register_preset
 
 GLOBAL_POOLS = ("avg", "token")
 
@@ -54,6 +55,12 @@ class ClassifierConfig:
     pre_norm: bool = True  # norm_pre = ADDP's tokenizer_norm; False: the official fine-tune layout
     drop_path: float = 0.0
     head_norm: bool = False  # linear probing (MAE): BatchNorm1d(affine=False) before the linear head
+
+    def __post_init__(self):
+        check_config(self, ints=dict(image_size=1, patch_size=1, embed_dim=1, depth=1, num_heads=1, num_classes=0),
+                     fractions=("drop_path",), positive=("mlp_ratio",), choices={"global_pool": GLOBAL_POOLS},
+                     multiples=(("embed_dim", "num_heads"),) + ((("image_size", "patch_size"),)
+                                                                if self.arch == "vit" else ()))
 
 
 class _Normalise(nn.Module):
@@ -168,46 +175,6 @@ def vit_small_cls() -> ClassifierConfig:
 def resnet50_cls() -> ClassifierConfig:
     """timm's ResNet-50 on the encoder of addp_resnet50."""
     return ClassifierConfig(name="resnet50_cls", arch="resnet50")
-
-
-# -- multi-scale features for dense heads ----------------------------------------------------
-class SimpleFeaturePyramid(nn.Module):
-    """ViTDet's simple pyramid: one stride-p map -> maps at `strides` (default 4, 8, 16, 32).
-
-    Up-sampling by transposed 2x2 convolutions, down-sampling by max pooling, then a 1x1 and a
-    3x3 convolution to `out_dim` channels, each followed by a LayerNorm over channels.
-    """
-
-    def __init__(self, in_dim: int, patch_size: int, out_dim: int = 256, strides=(4, 8, 16, 32)):
-        super().__init__()
-        self.strides = tuple(strides)
-        self.levels = nn.ModuleList(self._level(in_dim, patch_size, s, out_dim) for s in self.strides)
-
-    @staticmethod
-    def _level(dim: int, patch: int, stride: int, out_dim: int) -> nn.Sequential:
-        factor = patch / stride
-        if factor not in (0.25, 0.5) and not (factor >= 1 and math.log2(factor).is_integer()):
-            raise AddpError(f"stride {stride} is not a power-of-two rescale of patch size {patch}")
-        layers: list[nn.Module] = []
-        while factor > 1:
-            layers += [nn.ConvTranspose2d(dim, dim // 2, 2, stride=2)]
-            dim //= 2
-            factor /= 2
-            layers += [_LayerNorm2d(dim), nn.GELU()] if factor > 1 else []
-        if factor < 1:
-            layers += [nn.MaxPool2d(round(1 / factor))]
-        layers += [nn.Conv2d(dim, out_dim, 1, bias=False), _LayerNorm2d(out_dim),
-                   nn.Conv2d(out_dim, out_dim, 3, padding=1, bias=False), _LayerNorm2d(out_dim)]
-        return nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
-        """x (B, C, H/p, W/p) -> {stride: (B, out_dim, H/stride, W/stride)}."""
-        return {s: level(x) for s, level in zip(self.strides, self.levels)}
-
-
-class _LayerNorm2d(nn.LayerNorm):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W), normalised over C
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 # -- ADDP encoder -> classifier ----------------------------------------------------------------

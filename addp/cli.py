@@ -1,32 +1,312 @@
-"""What every command-line entry point shares: one-line errors, Ctrl-C/SIGTERM handling."""
+"""What every command-line entry point shares.
+
+`run_command` runs a command: any expected failure (bad option, bad file, OS error, out of
+memory) is one `error:` line on stderr and exit code 2; Ctrl-C or SIGTERM is one line and
+exit code 130; success prints one JSON line on stdout, `{"command": ..., "status": "ok", ...}`.
+Log lines go to stderr. `ArgumentParser` turns argparse's usage errors into the same one line
+and runs the checks of option combinations right after parsing, before any work starts.
+The argument types below check one value each; `add_sampler_args` and `add_runtime_args`
+give every command that samples the same flags.
+"""
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
 import signal
 import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
 
 from .distributed import cleanup
-from .registry import AddpError
+from .errors import AddpError
+from .files import check_output_file, check_output_folder
+from .precision import PRECISIONS
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+RESUMABLE = "the last complete checkpoint in {output_dir} is intact; run the same command again to resume"
+
+
+# --------------------------------------------------------------------------- parser
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line and whose `add_check(fn)` functions run on the parsed
+    arguments (they raise AddpError, and may add derived values to the namespace)."""
+
+    def __init__(self, command: str, description: str | None = None, **kwargs):
+        module = f"addp.{command}" if command else "addp"
+        super().__init__(f"python -m {module}", description=description,
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+        self.checks: list[Callable[[argparse.Namespace], None]] = []
+
+    def add_check(self, check: Callable[[argparse.Namespace], None]) -> None:
+        self.checks.append(check)
+
+    def parse_args(self, args=None, namespace=None) -> argparse.Namespace:
+        parsed = super().parse_args(args, namespace)
+        for check in self.checks:
+            check(parsed)
+        return parsed
+
+    def error(self, message: str):
+        raise AddpError(f"{message} (see --help)")
+
+
+# --------------------------------------------------------------------------- runner
+def run_command(command: str, parser: ArgumentParser, main: Callable[[argparse.Namespace], dict],
+                argv=None, interrupted: str = "nothing was left half-written") -> int:
+    """Parse `argv`, call `main(args)` and print its outputs as the JSON summary line.
+
+    `interrupted` is what the Ctrl-C line says about the outputs; it may name parsed options
+    as `{output_dir}`."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    _log_to_stderr()
+    args = None
+    try:
+        args = parser.parse_args(argv)
+        outputs = main(args) or {}
+    except KeyboardInterrupt:
+        note = interrupted.format(**vars(args)) if args is not None else "nothing was done"
+        print(f"\ninterrupted: {note}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        return _error(f"out of memory ({_first_line(e) or 'no detail'}); try a smaller --batch-size")
+    except (AddpError, ValueError) as e:
+        return _error(_first_line(e) or type(e).__name__)
+    except OSError as e:
+        return _error(_os_error(e))
+    finally:
+        cleanup()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"command": command, "status": "ok", **outputs}, default=str), flush=True)
+    return 0
 
 
 def _raise_interrupt(*_):
     raise KeyboardInterrupt
 
 
-def run(main, args, output_dir: str | None = None, errors: tuple = (AddpError,)) -> int:
-    """Call `main(args)`: an exception of `errors` is printed as one `error:` line (exit 2);
-    Ctrl-C or SIGTERM says the last complete checkpoint is intact (exit 130)."""
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+def _error(text: str) -> int:
+    print(f"error: {text}", file=sys.stderr, flush=True)
+    return EXIT_ERROR
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def _os_error(e: OSError) -> str:
+    what = e.strerror or _first_line(e) or type(e).__name__
+    return f"{what}: {e.filename}" if e.filename else what
+
+
+class _Stderr(logging.Handler):
+    """Writes each record as one line to the sys.stderr of the moment (tests swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr, flush=True)
+
+
+def _log_to_stderr() -> None:
+    """The package's log lines (INFO and up; warnings only on ranks > 0) go to stderr."""
+    logger = logging.getLogger("addp")
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        logger.addHandler(_Stderr())
+    logger.setLevel(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
+    logger.propagate = False
+
+
+# --------------------------------------------------------------------------- argument types
+def integer(low: int | None = None, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high] (either bound optional)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or (low is not None and value < low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be an integer {_range(low, high, False, False)}, got {text!r}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def number(low: float | None = None, high: float | None = None, low_open: bool = False,
+           high_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number between low and high (bounds optional, open or closed)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        ok = math.isfinite(value)
+        ok = ok and (low is None or (value > low if low_open else value >= low))
+        ok = ok and (high is None or (value < high if high_open else value <= high))
+        if not ok:
+            raise argparse.ArgumentTypeError(f"must be a finite number {_range(low, high, low_open, high_open)}, "
+                                             f"got {text!r}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+def _range(low, high, low_open: bool, high_open: bool) -> str:
+    if low is not None and high is not None:
+        return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if low is not None:
+        return f"{'>' if low_open else '>='} {low:g}"
+    if high is not None:
+        return f"{'<' if high_open else '<='} {high:g}"
+    return ""
+
+
+positive_int = integer(1)
+non_negative_int = integer(0)
+random_seed = integer(0, 2 ** 63 - 1)
+positive_float = number(0, low_open=True)
+non_negative_float = number(0)
+probability = number(0, 1)  # a rate or probability in [0, 1]
+fraction = number(0, 1, high_open=True)  # [0, 1): dropout, decays that must stay below 1
+
+
+def existing_file(text: str) -> str:
+    """An argparse type: the path of a file that exists."""
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"file not found: {text}")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file")
+    return text
+
+
+def existing_path(text: str) -> str:
+    """An argparse type: a file or folder that exists (checkpoints may be folders)."""
+    if not Path(text).exists():
+        raise argparse.ArgumentTypeError(f"not found: {text}")
+    return text
+
+
+def output_folder(text: str) -> str:
+    """An argparse type: a folder that exists or can be made, and can be written into."""
+    return str(_as_type_error(check_output_folder, text))
+
+
+def output_file(text: str) -> str:
+    """An argparse type: a file path whose folder exists or can be made, and can be written into."""
+    return str(_as_type_error(check_output_file, text))
+
+
+def _as_type_error(check, text: str):
     try:
-        main(args)
-    except errors as e:
-        text = str(e).strip().splitlines()
-        print(f"error: {text[0] if text else type(e).__name__}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        where = f" in {output_dir}" if output_dir else ""
-        print(f"\ninterrupted: the last complete checkpoint{where} is intact; "
-              "run the same command again to resume", file=sys.stderr)
-        return 130
-    finally:
-        cleanup()
-    return 0
+        return check(text)
+    except AddpError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def device(text: str) -> str:
+    """An argparse type: a torch device that exists here (cpu, cuda, cuda:N, mps)."""
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a device: {text!r} (cpu, cuda, cuda:N or mps)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA device")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA devices")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: MPS is not available here")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"{text}: unsupported device type (cpu, cuda, cuda:N or mps)")
+    return text
+
+
+# --------------------------------------------------------------------------- shared groups
+def add_checkpoint_args(parser: ArgumentParser) -> None:
+    """--checkpoint and --tokenizer of the commands that load an ADDP network."""
+    parser.add_argument("--checkpoint", required=True, type=existing_path,
+                        help="our .safetensors (addp + tokenizer), a folder, or addp-vit-*.pth")
+    parser.add_argument("--tokenizer", default=None, type=existing_file,
+                        help="VQGAN checkpoint when --checkpoint holds no tokenizer")
+
+
+def add_runtime_args(parser: ArgumentParser, precision: str = "fp32", compile: bool = True,
+                     cuda_graph: bool = True) -> None:
+    """--seed, --device, --precision and (where they apply) --compile and --cuda-graph."""
+    parser.add_argument("--seed", type=random_seed, default=0, help="seed of the sampling noise")
+    parser.add_argument("--device", type=device, default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--precision", default=precision, choices=PRECISIONS,
+                        help="autocast of the networks (auto: bf16 on GPU, fp32 on CPU); fp32 as the official code")
+    if compile:
+        parser.add_argument("--compile", action="store_true",
+                            help="torch.compile the ADDP network and the tokenizer's decoder (pays off for many "
+                                 "batches)")
+    if cuda_graph:
+        parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                            help="replay each batch as one captured CUDA graph (default: on for GPUs; same images)")
+        parser.add_check(_check_cuda_graph)
+
+
+def _check_cuda_graph(args) -> None:
+    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.cuda_graph and dev.type != "cuda":
+        raise AddpError(f"--cuda-graph needs a CUDA device; the model runs on {dev}")
+
+
+def add_sampler_args(parser: ArgumentParser, prefix: str = "", defaults=None) -> None:
+    """The sampler settings, as flags named `--{prefix}NAME`; after parsing,
+    `args.sampler_config` holds the `SamplerConfig`: the defaults (or the --protocol's
+    settings) with every flag given on the command line applied over them."""
+    from .sampler import SAMPLER_PROTOCOLS, SCHEDULES, TEMPERATURE_SCHEDULES, SamplerConfig
+    defaults = defaults or SamplerConfig()
+    group = parser.add_argument_group("sampler")
+    flag = f"--{prefix}"
+
+    def add(name: str, *aliases: str, **kwargs):
+        group.add_argument(flag + name, *(flag + a for a in aliases), default=argparse.SUPPRESS, **kwargs)
+
+    add("num-inference-steps", "steps", type=positive_int, dest=f"{prefix}steps".replace("-", "_"),
+        help=f"denoising steps T (default: {defaults.steps})")
+    add("schedule", choices=SCHEDULES, help=f"mask schedule (default: {defaults.schedule})")
+    add("temperature", type=non_negative_float,
+        help=f"Gumbel scale of the choice of positions (default: {defaults.temperature:g})")
+    add("temperature-schedule", choices=TEMPERATURE_SCHEDULES,
+        help=f"annealed: scaled by 1 - (s+1)/T at step s; static: constant (default: {defaults.temperature_schedule})")
+    add("top-p", type=number(0, 1, low_open=True),
+        help=f"nucleus sampling of candidate ids; 1 samples from the full distribution (default: {defaults.top_p:g})")
+    add("parity", action=argparse.BooleanOptionalAction,
+        help="the official last step: one position stays soft (default: every position ends reliable)")
+    add("protocol", choices=tuple(SAMPLER_PROTOCOLS),
+        help="named settings of the official release; the flags above override them")
+    names = {f.name for f in dataclasses.fields(SamplerConfig)}
+    dest = prefix.replace("-", "_")
+
+    def resolve(args) -> None:
+        given = {n: getattr(args, dest + n) for n in names if hasattr(args, dest + n)}
+        protocol = getattr(args, dest + "protocol", None)
+        base = SAMPLER_PROTOCOLS[protocol] if protocol else defaults
+        args.sampler_config = dataclasses.replace(base, **given)
+        args.sampler_protocol = protocol
+
+    parser.add_check(resolve)
+
+
+def sampler_options(config) -> dict:
+    """A SamplerConfig as the keyword arguments of the pipeline's calls."""
+    return dataclasses.asdict(config)
+
+
+def sampler_summary(args) -> dict:
+    """The sampler settings of a run, for its JSON summary line."""
+    return {"sampler": dataclasses.asdict(args.sampler_config), "protocol": args.sampler_protocol}
+
+
+def load_pipeline(args):
+    """The ADDPPipeline of --checkpoint (and --tokenizer) on --device."""
+    from .pipeline import ADDPPipeline
+    return ADDPPipeline.from_pretrained(args.checkpoint, tokenizer=args.tokenizer, device=args.device)

@@ -199,7 +199,3 @@ def with_worker_causes(batches):
             raise again from e
         yield item
 
-
-def epochs_for(steps: int, num_samples: int, global_batch: int) -> float:
-    return steps * global_batch / max(num_samples, 1)
-

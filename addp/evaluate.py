@@ -14,7 +14,6 @@ Nothing is ever downloaded.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import re
@@ -26,9 +25,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cli import run
+from .cli import ArgumentParser, device, existing_file, output_file, positive_int, run_command
+from .errors import AddpError
+from .files import atomic_write
 from .images import read_rgb
-from .registry import AddpError
 
 METRICS = ("fid", "isc", "kid", "prc")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
@@ -208,40 +208,44 @@ def evaluate(samples, reference, metrics=("fid",), classifier: nn.Module | None 
     return result
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("python -m addp.evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def get_args_parser() -> ArgumentParser:
+    p = ArgumentParser("evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--samples", required=True, help="folder of images or samples.npz")
     p.add_argument("--reference", required=True, help="folder of images, an .npz, or 'digits'")
     p.add_argument("--metrics", default="fid", help=f"comma-separated subset of {','.join(METRICS)}")
-    p.add_argument("--feature-extractor", default=None, help="one of our classifier checkpoints (.safetensors)")
-    p.add_argument("--inception-weights", default=None, help=f"local {INCEPTION_FILE}")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default=None)
-    p.add_argument("--output", default=None, help="also write the result as JSON here")
+    p.add_argument("--feature-extractor", type=existing_file, default=None,
+                   help="one of our classifier checkpoints (.safetensors)")
+    p.add_argument("--inception-weights", type=existing_file, default=None, help=f"local {INCEPTION_FILE}")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--device", type=device, default=None)
+    p.add_argument("--output", type=output_file, default=None, help="also write the result as JSON here")
+    p.add_check(_check_options)
     return p
 
 
-def main(args) -> dict:
+def _check_options(args) -> None:
     if args.feature_extractor and args.inception_weights:
         raise AddpError("give --feature-extractor or --inception-weights, not both")
-    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    args.metric_names = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    bad = sorted(set(args.metric_names) - set(METRICS))
+    if bad or not args.metric_names:
+        raise AddpError(f"--metrics: unknown metrics {', '.join(bad) or '(none)'}; choose from {', '.join(METRICS)}")
+
+
+def main(args) -> dict:
     classifier = load_classifier(args.feature_extractor) if args.feature_extractor else None
-    result = evaluate(args.samples, args.reference, metrics, classifier, args.inception_weights,
+    result = evaluate(args.samples, args.reference, args.metric_names, classifier, args.inception_weights,
                       args.batch_size, args.device)
     result.update(samples=args.samples, reference=args.reference,
                   features=args.feature_extractor or "inception-v3")
-    text = json.dumps(result)
-    print(text)
     if args.output:
-        from .checkpoint import atomic_write
+        text = json.dumps(result)
         atomic_write(args.output, lambda tmp: Path(tmp).write_text(text + "\n"))
     return result
 
 
 def cli(argv=None) -> int:
-    args = get_args_parser().parse_args(argv)
-    return run(main, args, errors=(AddpError, OSError))
+    return run_command("evaluate", get_args_parser(), main, argv)
 
 
 if __name__ == "__main__":

@@ -16,28 +16,31 @@ ResNet-50 ADDP the file is timm's resnet50 layout (`timm.create_model("resnet50"
 """
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import sys
 
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import CheckpointError, atomic_write, load_components
+from .checkpoint import CheckpointError, load_components
 from .classifier import GLOBAL_POOLS, CNNClassifier, encoder_state_from_addp, resample_pos_embed
-from .registry import AddpError
+from .cli import ArgumentParser, existing_path, output_file, positive_int, run_command
+from .errors import AddpError
+from .files import atomic_write
 
 FORMATS = ("timm",)
 HEAD_KEYS = ("head.", "fc.", "classifier.")
+log = logging.getLogger("addp.export")  # a fixed name: run as `python -m`, __name__ is "__main__"
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("python -m addp.export", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="ADDP (ours or addp-vit-*-16.pth) or classifier checkpoint")
+def get_args_parser() -> ArgumentParser:
+    p = ArgumentParser("export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, type=existing_path,
+                   help="ADDP (ours or addp-vit-*-16.pth) or classifier checkpoint")
     p.add_argument("--format", default="timm", choices=FORMATS)
-    p.add_argument("--output", required=True, help="the .safetensors file to write")
-    p.add_argument("--img-size", type=int, default=None, help="resample position embeddings to this size")
+    p.add_argument("--output", required=True, type=output_file, help="the .safetensors file to write")
+    p.add_argument("--img-size", type=positive_int, default=None, help="resample position embeddings to this size")
     p.add_argument("--global-pool", default=None, choices=GLOBAL_POOLS,
                    help="which final norm to write: fc_norm (avg) or norm (token); default: the checkpoint's, "
                         "avg for ADDP")
@@ -96,19 +99,13 @@ def main(args) -> dict:
     k = timm_args["num_classes"]
     overlay = f"dict(file={str(path)!r}" + (f", num_classes={k})" if k else ")")
     args_text = ", ".join(f"{a}={v!r}" for a, v in timm_args.items())
-    print(f"wrote {path}: {len(tensors)} tensors, {n / 1e6:.2f} M parameters; load it with\n"
-          f"  timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay={overlay}, {args_text})")
-    return {"output": str(path), "timm_args": timm_args}
+    log.info(f"wrote {path}: {len(tensors)} tensors, {n / 1e6:.2f} M parameters; load it with\n"
+             f"  timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay={overlay}, {args_text})")
+    return {"output": str(path), "tensors": len(tensors), "parameters": n, "timm_model": name, "timm_args": timm_args}
 
 
 def cli(argv=None) -> int:
-    args = get_args_parser().parse_args(argv)
-    try:
-        main(args)
-    except AddpError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command("export", get_args_parser(), main, argv)
 
 
 if __name__ == "__main__":

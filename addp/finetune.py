@@ -13,7 +13,7 @@ Writes `classifier.safetensors` (our format) and `report.json` to `--output-dir`
 """
 from __future__ import annotations
 
-import argparse
+import logging
 import random
 import sys
 import time
@@ -29,64 +29,72 @@ from timm.optim import Lars, param_groups_layer_decay
 from torch.utils.data import DataLoader, Dataset
 
 from . import registry
-from .checkpoint import CheckpointError, load_components, remove_stale_temp_files, save_checkpoint
+from .checkpoint import CheckpointError, load_components, save_checkpoint
 from .classifier import (GLOBAL_POOLS, CNNClassifier, ClassifierConfig, build_classifier,
                          classifier_config_for, encoder_state_from_addp, load_encoder_state,
                          resample_pos_embed)
 from .data import DigitsDataset, ImageFolderDataset, _sample_seed, default_workers, make_loader
 from .distributed import init_distributed
 from .model import IMAGENET_MEAN, IMAGENET_STD
-from .cli import run
-from .registry import AddpError
-from .run_folder import sha256_file, write_report
-from .trainer import PRECISIONS, TrainConfig, Trainer, identity_of
+from .cli import (RESUMABLE, ArgumentParser, device, existing_file, existing_path, fraction, integer,
+                  non_negative_float, non_negative_int, number, output_folder, positive_float, positive_int,
+                  probability, random_seed, run_command)
+from .errors import AddpError
+from .files import remove_stale_temp_files, write_json
+from .precision import PRECISIONS
+from .run_folder import sha256_file
+from .trainer import Stage, TrainConfig, Trainer, identity_of
 
 PROBE_OPTIMIZERS = ("lars", "sgd")
+log = logging.getLogger("addp.finetune")  # a fixed name: run as `python -m`, __name__ is "__main__"
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("python -m addp.finetune", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--finetune", help="checkpoint to start from: ours (ADDP or classifier) or addp-vit-*-16.pth")
+def get_args_parser() -> ArgumentParser:
+    p = ArgumentParser("finetune", description=__doc__.split("\n\n")[0])
+    p.add_argument("--finetune", type=existing_path,
+                   help="checkpoint to start from: ours (ADDP or classifier) or addp-vit-*-16.pth")
     p.add_argument("--model", default=None, choices=registry.list_models("classifier"),
                    help="classifier preset when no --finetune is given (random init); default vit_small_cls")
     p.add_argument("--linear-probe", action="store_true", help="frozen encoder, BatchNorm + linear head")
     p.add_argument("--eval-only", action="store_true", help="evaluate --finetune (or --resume) and stop")
     p.add_argument("--data-path", help="folder with train/ and val/ ImageFolder trees; default: bundled digits")
-    p.add_argument("--labels-per-class", type=int, default=None, help="train on N labelled images per class")
-    p.add_argument("--input-size", type=int, default=None, help="default: the encoder's pretraining size")
+    p.add_argument("--labels-per-class", type=positive_int, default=None, help="train on N labelled images per class")
+    p.add_argument("--input-size", type=positive_int, default=None, help="default: the encoder's pretraining size")
     p.add_argument("--global-pool", default=None, choices=GLOBAL_POOLS, help="default: avg (token for a probe)")
-    p.add_argument("--output-dir", default="output/finetune")
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--epochs", type=float, default=None, help="overrides --steps")
-    p.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of the steps")
-    p.add_argument("--batch-size", type=int, default=64, help="per process and micro-step")
-    p.add_argument("--accum-steps", type=int, default=1)
-    p.add_argument("--blr", type=float, default=None,
+    p.add_argument("--output-dir", type=output_folder, default="output/finetune")
+    p.add_argument("--steps", type=positive_int, default=600)
+    p.add_argument("--epochs", type=positive_float, default=None, help="overrides --steps")
+    p.add_argument("--warmup-steps", type=non_negative_int, default=None, help="default: 5%% of the steps")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="per process and micro-step")
+    p.add_argument("--accum-steps", type=positive_int, default=1)
+    p.add_argument("--blr", type=positive_float, default=None,
                    help="lr = blr * global batch / 256; default 5e-4, probe 0.1 (MAE); on digits 1e-2, probe 25 "
                         "(LARS needs MAE's absolute lr, ~6.4, at small batches)")
-    p.add_argument("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
-    p.add_argument("--min-lr", type=float, default=1e-6)
-    p.add_argument("--layer-decay", type=float, default=0.75, help="layer-wise lr decay (1: off)")
-    p.add_argument("--weight-decay", type=float, default=None, help="default 0.05 (probe 0)")
-    p.add_argument("--drop-path", type=float, default=0.1)
-    p.add_argument("--smoothing", type=float, default=0.1)
-    p.add_argument("--mixup", type=float, default=None, help="mixup alpha (default 0.8; 0 on digits and probes)")
-    p.add_argument("--cutmix", type=float, default=None, help="cutmix alpha (default 1.0; 0 on digits and probes)")
+    p.add_argument("--lr", type=positive_float, default=None, help="absolute lr (overrides --blr)")
+    p.add_argument("--min-lr", type=non_negative_float, default=1e-6)
+    p.add_argument("--layer-decay", type=number(0, 1, low_open=True), default=0.75, help="layer-wise lr decay (1: off)")
+    p.add_argument("--weight-decay", type=non_negative_float, default=None, help="default 0.05 (probe 0)")
+    p.add_argument("--drop-path", type=fraction, default=0.1)
+    p.add_argument("--smoothing", type=fraction, default=0.1)
+    p.add_argument("--mixup", type=non_negative_float, default=None,
+                   help="mixup alpha (default 0.8; 0 on digits and probes)")
+    p.add_argument("--cutmix", type=non_negative_float, default=None,
+                   help="cutmix alpha (default 1.0; 0 on digits and probes)")
     p.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="timm auto-augment policy (ImageFolder data)")
-    p.add_argument("--reprob", type=float, default=0.25, help="random erasing probability (ImageFolder data)")
-    p.add_argument("--shift", type=int, default=2, help="digits: random shift of up to this many pixels")
+    p.add_argument("--reprob", type=probability, default=0.25, help="random erasing probability (ImageFolder data)")
+    p.add_argument("--shift", type=non_negative_int, default=2, help="digits: random shift of up to this many pixels")
     p.add_argument("--probe-optimizer", default="lars", choices=PROBE_OPTIMIZERS)
-    p.add_argument("--clip-grad", type=float, default=None)
-    p.add_argument("--ema-decay", type=float, default=0.0)
+    p.add_argument("--clip-grad", type=non_negative_float, default=None)
+    p.add_argument("--ema-decay", type=fraction, default=0.0, help="EMA of the weights (0: off)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--ckpt-every", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-workers", type=int, default=None, help="default: 0 for digits, min(8, CPU cores) for folders")
-    p.add_argument("--device", default=None)
-    p.add_argument("--resume", default=None, help="a checkpoint.pt of this run to continue from")
+    p.add_argument("--log-every", type=positive_int, default=50)
+    p.add_argument("--ckpt-every", type=positive_int, default=500)
+    p.add_argument("--seed", type=random_seed, default=0)
+    p.add_argument("--num-workers", type=integer(0, 256), default=None,
+                   help="default: 0 for digits, min(8, CPU cores) for folders")
+    p.add_argument("--device", type=device, default=None)
+    p.add_argument("--resume", type=existing_file, default=None, help="a checkpoint.pt of this run to continue from")
     p.add_argument("--force", action="store_true", help="start over in an output folder of another run")
     return p
 
@@ -274,7 +282,7 @@ class _Objective(nn.Module):
         return self.criterion(self.model(images), targets)
 
 
-class ClassifierStage:
+class ClassifierStage(Stage):
     """Fine-tuning (layer-decay AdamW) or linear probing (LARS/SGD on the head) for the Trainer."""
 
     name = "finetune"
@@ -318,9 +326,9 @@ class ClassifierStage:
         return param_groups_layer_decay(net, weight_decay, no_weight_decay_list=no_decay,
                                         layer_decay=self.layer_decay)
 
-    def make_optimizer(self, groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    def make_optimizer(self, groups: list[dict], lr: float, betas: tuple = (0.9, 0.999)) -> torch.optim.Optimizer:
         if not self.probe:
-            return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+            return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
         if self.probe_optimizer == "lars":
             return Lars(groups, lr=lr, momentum=0.9)
         for g in groups:
@@ -409,8 +417,8 @@ def main(args) -> dict:
             trainer.load(Path(args.resume))
     else:
         trainer.maybe_resume(args.resume, args.force)
-        if trainer.step and dist.is_main:
-            print(f"[finetune] resuming at step {trainer.step} from {trainer.checkpoint_path}")
+        if trainer.step:
+            log.info(f"[finetune] resuming at step {trainer.step} from {trainer.checkpoint_path}")
         trainer.fit(lambda start: make_loader(train_set, cfg.batch_size, cfg.seed, dist.rank, dist.world_size,
                                               start, cfg.num_workers))
         report["steps"] = cfg.steps
@@ -422,16 +430,14 @@ def main(args) -> dict:
         report["classifier"] = str(save_checkpoint(out / "classifier.safetensors", final.cpu()))
     report["wall_time_s"] = round(time.perf_counter() - started, 1)
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_report(out / "report.json", report)
-        print(f"\n[finetune] val top-1 {report['val_top1']:.2f}%  top-5 {report['val_top5']:.2f}%  "
-              f"({report['val_num_images']} images, chance {report['chance_top1']:.1f}%)")
+        write_json(out / "report.json", report)
+        log.info(f"[finetune] val top-1 {report['val_top1']:.2f}%  top-5 {report['val_top5']:.2f}%  "
+                 f"({report['val_num_images']} images, chance {report['chance_top1']:.1f}%)")
     return report
 
 
 def cli(argv=None) -> int:
-    args = get_args_parser().parse_args(argv)
-    return run(main, args, args.output_dir)
+    return run_command("finetune", get_args_parser(), main, argv, interrupted=RESUMABLE)
 
 
 if __name__ == "__main__":

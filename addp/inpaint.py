@@ -13,9 +13,6 @@ unchanged. Prints one JSON summary line.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import math
 import sys
 from pathlib import Path
 
@@ -23,12 +20,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import sampler as S
-from .checkpoint import atomic_write
-from .cli import run
-from .pipeline import ADDPPipeline, mask_tensor, open_image, resize_images, to_uint8
-from .registry import AddpError
-from .trainer import PRECISIONS, autocast_dtype
+from .cli import (ArgumentParser, add_checkpoint_args, add_runtime_args, add_sampler_args, existing_file,
+                  load_pipeline, number, output_file, run_command, sampler_options, sampler_summary)
+from .errors import AddpError
+from .files import atomic_write, check_output_file
+from .pipeline import mask_tensor, open_image, resize_images, to_uint8
+from .precision import autocast
 
 HOLE_GREY = 128  # how the hole is shown in the side-by-side's input panel
 GAP = 2  # pixels between the two panels of the side-by-side
@@ -36,26 +33,21 @@ GAP_COLOUR = 255
 MARGINS = ("left", "right", "top", "bottom")
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("python -m addp.inpaint", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="our .safetensors (addp + tokenizer), a folder, or addp-vit-*.pth")
-    p.add_argument("--tokenizer", default=None, help="VQGAN checkpoint when --checkpoint holds no tokenizer")
-    p.add_argument("--image", required=True, help="the input image (any size; converted to RGB)")
-    p.add_argument("--mask", default=None, help="inpaint: mask image of the input's size, white = hole")
+def get_args_parser() -> ArgumentParser:
+    p = ArgumentParser("inpaint", description=__doc__.split("\n\n")[0])
+    add_checkpoint_args(p)
+    p.add_argument("--image", required=True, type=existing_file, help="the input image (any size; converted to RGB)")
+    p.add_argument("--mask", "--mask-image", default=None, type=existing_file,
+                   help="inpaint: mask image of the input's size, white = hole")
     for side in MARGINS:
         p.add_argument(f"--{side}", type=int, default=None, metavar="N", help=f"outpaint: pixels added on the {side}")
-    p.add_argument("--uncrop", type=float, default=None, metavar="SCALE",
+    p.add_argument("--uncrop", type=number(1, low_open=True), default=None, metavar="SCALE",
                    help="uncrop: the canvas is SCALE (> 1) times the image")
-    p.add_argument("--steps", type=int, default=20, help="denoising steps T")
-    p.add_argument("--schedule", default="cosine", choices=S.SCHEDULES, help="mask schedule")
-    p.add_argument("--temperature", type=float, default=6.0, help="Gumbel scale of the choice of positions")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling of candidate ids (1: off)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                   help="autocast of the networks (auto: bf16 on GPU, fp32 on CPU); fp32 as the official code")
-    p.add_argument("--output", default=None, help="result PNG; default: <image stem>_inpainted.png in the current folder")
+    p.add_argument("--output", default=None, type=output_file,
+                   help="result PNG; default: <image stem>_inpainted.png in the current folder")
+    add_sampler_args(p)
+    add_runtime_args(p, compile=False, cuda_graph=False)
+    p.add_check(_check_mode)
     return p
 
 
@@ -63,7 +55,8 @@ def side_by_side_path(output: Path) -> Path:
     return output.with_name(f"{output.stem}_side_by_side.png")
 
 
-def _mode(args) -> str:
+def _check_mode(args) -> None:
+    """Exactly one mode, with sound margins; sets args.mode and the default --output."""
     given = []
     if args.mask is not None:
         given.append("--mask")
@@ -74,21 +67,13 @@ def _mode(args) -> str:
     if len(given) != 1:
         what = "none" if not given else " and ".join(given)
         raise AddpError(f"give exactly one of --mask, --left/--right/--top/--bottom, --uncrop (got {what})")
-    return {"--mask": "inpaint", "--uncrop": "uncrop"}.get(given[0], "outpaint")
-
-
-def check_output_file(path: Path) -> None:
-    """Fail before any work when ``path`` cannot be written (its folder is made if missing)."""
-    if path.is_dir():
-        raise AddpError(f"--output {path} is a folder; give the path of a PNG file")
-    folder = path.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".{path.name}.write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise AddpError(f"cannot write to output folder {folder} ({e.strerror or type(e).__name__})") from None
+    args.mode = {"--mask": "inpaint", "--uncrop": "uncrop"}.get(given[0], "outpaint")
+    margins = {side: getattr(args, side) or 0 for side in MARGINS}
+    if args.mode == "outpaint" and (min(margins.values()) < 0 or max(margins.values()) == 0):
+        raise AddpError("outpaint margins must be >= 0 with at least one > 0, got "
+                        + " ".join(f"--{k} {v}" for k, v in margins.items()))
+    if args.output is None:
+        args.output = str(check_output_file(Path.cwd() / f"{Path(args.image).stem}_inpainted.png"))
 
 
 def _save_png(path: Path, image: Image.Image) -> None:
@@ -134,8 +119,8 @@ def side_by_side(left: np.ndarray, right: np.ndarray) -> np.ndarray:
 
 
 def main(args) -> dict:
-    mode = _mode(args)
-    image = open_image(args.image).convert("RGB")  # fails early on a missing or unreadable file
+    mode = args.mode
+    image = open_image(args.image).convert("RGB")  # fails early on an unreadable file
     hole = None
     if mode == "inpaint":
         mask = open_image(args.mask)
@@ -148,22 +133,11 @@ def main(args) -> dict:
         if hole.all():
             raise AddpError(f"the mask {args.mask} is all white: no pixel is known")
     margins = {side: getattr(args, side) or 0 for side in MARGINS}
-    if mode == "outpaint" and (min(margins.values()) < 0 or max(margins.values()) == 0):
-        raise AddpError("outpaint margins must be >= 0 with at least one > 0, got "
-                        + " ".join(f"--{k} {v}" for k, v in margins.items()))
-    if mode == "uncrop" and not (math.isfinite(args.uncrop) and args.uncrop > 1):
-        raise AddpError(f"--uncrop must be a finite number > 1, got {args.uncrop}")
-    config = S.SamplerConfig(steps=args.steps, schedule=args.schedule, temperature=args.temperature,
-                             top_p=args.top_p)  # bad values fail here, before the checkpoint is read
-    output = Path(args.output) if args.output else Path.cwd() / f"{Path(args.image).stem}_inpainted.png"
-    check_output_file(output)
+    output = Path(args.output)
 
-    pipe = ADDPPipeline.from_pretrained(args.checkpoint, tokenizer=args.tokenizer, device=args.device)
-    generator = torch.Generator(pipe.device).manual_seed(args.seed)
-    options = dict(steps=config.steps, schedule=config.schedule, temperature=config.temperature,
-                   top_p=config.top_p, generator=generator)
-    amp = autocast_dtype(args.precision, pipe.device)
-    with torch.autocast(pipe.device.type, dtype=amp, enabled=amp is not None):
+    pipe = load_pipeline(args)
+    options = dict(sampler_options(args.sampler_config), generator=torch.Generator(pipe.device).manual_seed(args.seed))
+    with autocast(args.precision, pipe.device):
         if mode == "inpaint":
             result = pipe.inpaint(image, mask, **options)
         elif mode == "outpaint":
@@ -176,17 +150,13 @@ def main(args) -> dict:
     sbs_path = side_by_side_path(output)
     _save_png(output, result)
     _save_png(sbs_path, Image.fromarray(side_by_side(panel, result_arr)))
-    summary = {"output": str(output), "side_by_side": str(sbs_path), "mode": mode,
-               "input_size": list(image.size), "output_size": list(result.size),
-               "hole_pixels": int(canvas_hole.sum()), "steps": config.steps, "temperature": config.temperature,
-               "top_p": config.top_p, "seed": args.seed}
-    print(json.dumps(summary))
-    return summary
+    return {"output": str(output), "side_by_side": str(sbs_path), "mode": mode,
+            "input_size": list(image.size), "output_size": list(result.size),
+            "hole_pixels": int(canvas_hole.sum()), "seed": args.seed, **sampler_summary(args)}
 
 
 def cli(argv=None) -> int:
-    args = get_args_parser().parse_args(argv)
-    return run(main, args, errors=(AddpError, ValueError, OSError))
+    return run_command("inpaint", get_args_parser(), main, argv)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .layers import Block, MlmHead, init_transformer_weights
-from .registry import register_model_class, register_preset
+from .errors import AddpError
+from .registry import check_config, register_model_class, register_preset
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -46,6 +47,18 @@ class ADDPConfig:
     drop_path: float = 0.0
     token_input: str = "decoder"  # where reliable tokens enter: "decoder" (paper) or "none"
 
+    def __post_init__(self):
+        check_config(self, ints=dict(image_size=1, patch_size=1, codebook_size=1, extra_tokens=0, embed_dim=1,
+                                     depth=1, num_heads=1, decoder_embed_dim=1, decoder_depth=1,
+                                     decoder_num_heads=1),
+                     fractions=("dropout", "drop_path"), positive=("mlp_ratio",),
+                     choices={"token_input": TOKEN_INPUTS},
+                     multiples=(("image_size", "patch_size"), ("embed_dim", "num_heads"),
+                                ("decoder_embed_dim", "decoder_num_heads")))
+        if self.token_input == "decoder" and self.embed_dim != self.decoder_embed_dim:
+            raise AddpError(f"{self.name}: token_input 'decoder' needs embed_dim == decoder_embed_dim (the token "
+                            f"embedding feeds the decoder directly), got {self.embed_dim} and {self.decoder_embed_dim}")
+
     @property
     def grid_size(self) -> int:
         return self.image_size // self.patch_size
@@ -57,6 +70,19 @@ class ADDPConfig:
     @property
     def vocab_size(self) -> int:
         return self.codebook_size + self.extra_tokens
+
+
+def check_tokenizer_fits(config: ADDPConfig, tokenizer_config) -> None:
+    """One-line AddpError unless the tokenizer turns this network's images into its token grid
+    with its codebook."""
+    stride = tokenizer_config.stride
+    if config.image_size % stride or config.image_size // stride != config.grid_size:
+        raise AddpError(f"the tokenizer {tokenizer_config.name} makes a {config.image_size // stride}x"
+                        f"{config.image_size // stride} token grid from {config.image_size} px images (stride "
+                        f"{stride}) but the network {config.name} has a {config.grid_size}x{config.grid_size} grid")
+    if tokenizer_config.codebook_size != config.codebook_size:
+        raise AddpError(f"the tokenizer {tokenizer_config.name} has {tokenizer_config.codebook_size} codebook "
+                        f"entries but the network {config.name} predicts {config.codebook_size}")
 
 
 class TimmEncoder(nn.Module):
@@ -91,11 +117,6 @@ class ADDP(nn.Module):
     def __init__(self, config: ADDPConfig):
         super().__init__()
         c = self.config = config
-        if c.token_input not in TOKEN_INPUTS:
-            raise ValueError(f"token_input must be one of {TOKEN_INPUTS}, got {c.token_input!r}")
-        if c.token_input == "decoder" and c.embed_dim != c.decoder_embed_dim:
-            raise ValueError("decoder token input needs embed_dim == decoder_embed_dim (the token "
-                             "embedding feeds the decoder directly, as in the official model)")
         n = c.num_patches
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)

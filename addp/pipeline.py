@@ -27,6 +27,7 @@ from PIL import Image
 from . import sampler as S
 from .checkpoint import load_checkpoint, load_components
 from .images import open_image, to_8bit, to_rgb
+from .model import check_tokenizer_fits
 from .registry import AddpError
 
 ImageLike = Union[Image.Image, torch.Tensor, str, os.PathLike]
@@ -128,6 +129,7 @@ class ADDPPipeline:
         if tokenizer is None:
             raise AddpError(f"{path} holds no VQ tokenizer; pass tokenizer=<a VQGAN checkpoint, "
                             f"e.g. vqgan_jax_strongaug.ckpt>")
+        check_tokenizer_fits(models["addp"].config, tokenizer.config)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         return cls(models["addp"].to(device), tokenizer.to(device))
 
@@ -144,7 +146,8 @@ class ADDPPipeline:
     def __call__(self, num_images: int = 16, steps: int = 20, schedule: str = "cosine", temperature: float = 6.0,
                  top_p: float = 1.0, generator: Optional[torch.Generator] = None, batch_size: Optional[int] = None,
                  output_type: str = "pil", return_dict: bool = True, progress: bool = False,
-                 cuda_graph: Optional[bool] = None, compile: bool = False):
+                 cuda_graph: Optional[bool] = None, compile: bool = False, temperature_schedule: str = "annealed",
+                 parity: bool = False):
         """Generate ``num_images`` images, ``batch_size`` at a time (default: all at once).
         On a GPU each batch replays a captured CUDA graph (``cuda_graph=False``: eager);
         ``compile=True`` compiles the networks first (``sampler.compiled_models``).
@@ -154,7 +157,8 @@ class ADDPPipeline:
         """
         if output_type not in ("pil", "pt"):
             raise AddpError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
-        config = S.SamplerConfig(steps=steps, schedule=schedule, temperature=temperature, top_p=top_p)
+        config = S.SamplerConfig(steps=steps, schedule=schedule, temperature=temperature, top_p=top_p,
+                                 temperature_schedule=temperature_schedule, parity=parity)
         images = S.generate(self.net, self.tokenizer, num_images, config, generator=generator,
                             batch_size=batch_size, progress=progress, cuda_graph=cuda_graph,
                             compile=compile)
@@ -164,7 +168,8 @@ class ADDPPipeline:
     # -- inpainting -----------------------------------------------------------------------
     @torch.no_grad()
     def inpaint(self, image: ImageLike, mask, steps: int = 20, schedule: str = "cosine", temperature: float = 6.0,
-                top_p: float = 1.0, generator: Optional[torch.Generator] = None):
+                top_p: float = 1.0, generator: Optional[torch.Generator] = None, temperature_schedule: str = "annealed",
+                parity: bool = False):
         """Fill the hole of ``image`` (``mask`` True / white) and return the image, of the same
         kind and size as the input (PIL for PIL or a path, a tensor for a tensor); pixels
         outside the hole are returned unchanged.
@@ -183,7 +188,8 @@ class ADDPPipeline:
             raise AddpError("the mask is all black: there is no hole to fill")
         if hole.all():
             raise AddpError("the mask is all white: no pixel is known (use the pipeline's __call__ to generate)")
-        config = S.SamplerConfig(steps=steps, schedule=schedule, temperature=temperature, top_p=top_p)
+        config = S.SamplerConfig(steps=steps, schedule=schedule, temperature=temperature, top_p=top_p,
+                                 temperature_schedule=temperature_schedule, parity=parity)
         filled = self._inpaint_model_size(x.to(self.device), hole.to(self.device), config, generator)
         out = torch.where(hole.to(self.device), filled, x.to(self.device))  # known pixels: the input, exactly
         return _like(out, image, was_pil)

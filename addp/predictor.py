@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 
 from .layers import Block, MlmHead, init_transformer_weights
-from .registry import register_model_class, register_preset
+from .errors import AddpError
+from .registry import check_config, register_model_class, register_preset
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,16 @@ class PredictorConfig:
     decoder_num_heads: int = 16
     mlp_ratio: float = 4.0
     dropout: float = 0.1
+
+    def __post_init__(self):
+        check_config(self, ints=dict(codebook_size=1, num_classes=1, seq_len=1, max_positions=1, embed_dim=1,
+                                     depth=1, num_heads=1, decoder_embed_dim=1, decoder_depth=1,
+                                     decoder_num_heads=1),
+                     fractions=("dropout",), positive=("mlp_ratio",),
+                     multiples=(("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads")))
+        if self.max_positions < self.seq_len + 1:
+            raise AddpError(f"{self.name}: max_positions ({self.max_positions}) must be at least seq_len + 1 "
+                            f"({self.seq_len + 1})")
 
     @property
     def vocab_size(self) -> int:
@@ -70,8 +81,6 @@ class MAGEPredictor(nn.Module):
     def __init__(self, config: PredictorConfig):
         super().__init__()
         c = self.config = config
-        if c.max_positions < c.seq_len + 1:
-            raise ValueError(f"max_positions {c.max_positions} < seq_len + 1 = {c.seq_len + 1}")
         self.token_emb = TokenEmbedding(c.vocab_size, c.embed_dim, c.max_positions, c.dropout)
         self.blocks = nn.ModuleList(
             Block(c.embed_dim, c.num_heads, c.mlp_ratio, drop=c.dropout, attn_drop=c.dropout)

@@ -6,16 +6,50 @@ the preset's config and builds the model class the config belongs to.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import torch.nn as nn
+
+from .errors import AddpError
 
 _PRESETS: dict[str, Callable[[], Any]] = {}
 _MODEL_CLASSES: dict[str, type[nn.Module]] = {}  # config.kind -> model class
 
 
-class AddpError(ValueError):
-    """An error in what the user asked for or gave; its message is one line."""
+def check_config(config, ints: dict[str, int] = {}, fractions: tuple = (), positive: tuple = (),
+                 choices: dict[str, tuple] = {}, multiples: tuple = ()) -> None:
+    """Raise a one-line AddpError for the first field of `config` that breaks its rule.
+
+    ints: field -> the smallest integer allowed; fractions: numbers in [0, 1); positive:
+    finite numbers > 0; choices: field -> allowed values; multiples: (field, divisor field)
+    pairs where the first must be a multiple of the second.
+    """
+    name = getattr(config, "name", type(config).__name__)
+    for field, low in ints.items():
+        value = getattr(config, field)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise AddpError(f"{name}: {field} must be an integer >= {low}, got {value!r}")
+    for field in fractions:
+        value = getattr(config, field)
+        if not _is_number(value) or not 0 <= value < 1:
+            raise AddpError(f"{name}: {field} must be a number in [0, 1), got {value!r}")
+    for field in positive:
+        value = getattr(config, field)
+        if not _is_number(value) or not (math.isfinite(value) and value > 0):
+            raise AddpError(f"{name}: {field} must be a finite number > 0, got {value!r}")
+    for field, allowed in choices.items():
+        if getattr(config, field) not in allowed:
+            raise AddpError(f"{name}: {field} must be one of {', '.join(map(str, allowed))}, "
+                            f"got {getattr(config, field)!r}")
+    for field, divisor in multiples:
+        if getattr(config, field) % getattr(config, divisor):
+            raise AddpError(f"{name}: {field} {getattr(config, field)} is not a multiple of {divisor} "
+                            f"{getattr(config, divisor)}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def register_model_class(kind: str):

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from pathlib import Path
 
-from .checkpoint import atomic_write, remove_stale_temp_files
+from .files import atomic_write, remove_stale_temp_files
 
 RECORD = "output.json"
 
@@ -97,20 +96,3 @@ def clean_run_folder(out: Path, stages) -> list[Path]:
     for folder in [Path(out)] + [Path(out) / s for s in stages]:
         removed += remove_stale_temp_files(folder)
     return removed
-
-
-def finite_or_none(obj):
-    """`obj` with every NaN/Inf float replaced by None (JSON has no non-finite numbers)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite_or_none(v) for v in obj]
-    return obj
-
-
-def write_report(path: Path, report: dict) -> Path:
-    """Write `report` as strict JSON (non-finite numbers become null), atomically."""
-    text = json.dumps(finite_or_none(report), indent=1, allow_nan=False)
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))

@@ -4,8 +4,8 @@
   predictor  MAGE: mask a truncated-normal fraction of tokens (drop half from the encoder),
              predict the masked ids (cross entropy, label smoothing 0.1)
   addp       the alternating denoising diffusion objective (diffusion.py + loss.py)
-Each stage exposes `model`, `loss_module` (forward(**inputs) -> loss) and
-`prepare(images, generator) -> inputs` for `trainer.Trainer`.
+Each stage is a `trainer.Stage`: `model`, `loss_module` (forward(**inputs) -> loss) and
+`prepare(images, generator, labels) -> inputs` (labels unused here).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .diffusion import DiffusionConfig, DiffusionProcess, _rand
 from .loss import addp_loss, hard_target_cross_entropy
+from .trainer import Stage
 
 
 def device_noise(device: torch.device, generator: torch.Generator, cache: dict) -> torch.Generator:
@@ -44,14 +45,14 @@ def _tokenizer_loss(tok, images):
     return (recon - images).abs().mean() + F.mse_loss(recon, images) + vq_loss
 
 
-class TokenizerStage:
+class TokenizerStage(Stage):
     name = "tokenizer"
 
     def __init__(self, tokenizer: nn.Module):
         self.model = tokenizer
         self.loss_module = _Objective(tokenizer, _tokenizer_loss)
 
-    def prepare(self, images, generator):
+    def prepare(self, images, generator, labels=None):
         return {"images": images}
 
 
@@ -81,7 +82,7 @@ def _predictor_loss(pred, ids, mask, drop, num_kept):
     return hard_target_cross_entropy(pred(ids, mask, drop, num_kept), ids, mask, smoothing=0.1)
 
 
-class PredictorStage:
+class PredictorStage(Stage):
     name = "predictor"
 
     def __init__(self, predictor: nn.Module, tokenizer: nn.Module, diffusion: DiffusionConfig = DiffusionConfig()):
@@ -90,7 +91,7 @@ class PredictorStage:
         self._generators: dict = {}
 
     @torch.no_grad()
-    def prepare(self, images, generator):
+    def prepare(self, images, generator, labels=None):
         c = self.cfg
         ids = self.tokenizer.encode(images)
         B, L = ids.shape
@@ -127,7 +128,7 @@ def _addp_loss(net, x_t, ids, mask, num_reliable, target, kind):
     return addp_loss(net(x_t, ids, mask, num_reliable), ids, mask, target, kind)
 
 
-class ADDPStage:
+class ADDPStage(Stage):
     name = "addp"
 
     def __init__(self, net: nn.Module, tokenizer: nn.Module, predictor: nn.Module,
@@ -138,10 +139,10 @@ class ADDPStage:
         self._generators: dict = {}
 
     def compile(self) -> None:
-        """Called by the trainer under --compile: the frozen passes compile too."""
+        """Under --compile the frozen passes (tokenizer, predictor) compile too."""
         self.process.compile()
 
-    def prepare(self, images, generator):
+    def prepare(self, images, generator, labels=None):
         self.process.to(images.device)
         s = self.process(images, generator, device_noise(images.device, generator, self._generators))
         return {"x_t": s.x_t, "ids": s.ids, "mask": s.mask, "num_reliable": s.num_reliable,

@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .registry import register_model_class, register_preset
+from .errors import AddpError
+from .registry import check_config, register_model_class, register_preset
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,19 @@ class VQConfig:
     image_size: int = 256  # the resolution it was trained at; any multiple of the stride works
     commitment_beta: float = 0.25
     norm_groups: int = 32  # GroupNorm groups (MAGE: 32)
+
+    def __post_init__(self):
+        check_config(self, ints=dict(in_channels=1, ch=1, num_res_blocks=1, codebook_size=1, embed_dim=1,
+                                     image_size=1, norm_groups=1),
+                     multiples=(("ch", "norm_groups"),))
+        if not (isinstance(self.ch_mult, tuple) and self.ch_mult
+                and all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in self.ch_mult)):
+            raise AddpError(f"{self.name}: ch_mult must be a non-empty list of integers >= 1, got {self.ch_mult!r}")
+        if not (isinstance(self.commitment_beta, (int, float)) and 0 <= self.commitment_beta < float("inf")):
+            raise AddpError(f"{self.name}: commitment_beta must be a finite number >= 0, got {self.commitment_beta!r}")
+        if self.image_size % self.stride:
+            raise AddpError(f"{self.name}: image_size ({self.image_size}) must be a multiple of the stride "
+                            f"{self.stride} (2 ** (len(ch_mult) - 1))")
 
     @property
     def stride(self) -> int:
@@ -163,8 +177,6 @@ class VQTokenizer(nn.Module):
 
     def __init__(self, config: VQConfig):
         super().__init__()
-        if config.ch % config.norm_groups:
-            raise ValueError(f"VQ tokenizer width ch={config.ch} is not a multiple of norm_groups={config.norm_groups}")
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)

@@ -10,8 +10,8 @@ pretraining (launch it with torchrun for several GPUs).
 """
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -19,53 +19,61 @@ from pathlib import Path
 import torch
 
 from . import ops, registry
-from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
+from .cli import (RESUMABLE, ArgumentParser, add_sampler_args, device, existing_file, fraction, integer,
+                  non_negative_float, non_negative_int, number, output_folder, positive_float, positive_int,
+                  random_seed, run_command)
+from .data import default_workers
 from .diffusion import CONDITIONS, MAPPINGS, MASKINGS, DiffusionConfig
 from .distributed import barrier, init_distributed
+from .errors import AddpError
+from .files import atomic_write, write_json
 from .loss import TARGETS
-from .model import TOKEN_INPUTS
-from .cli import run
-from .data import default_workers
-from .registry import AddpError
-from .run_folder import check_inputs, clean_run_folder, compare_output, sha256_file, write_record, write_report
+from .model import TOKEN_INPUTS, check_tokenizer_fits
+from .precision import PRECISIONS
+from .run_folder import check_inputs, clean_run_folder, compare_output, sha256_file, write_record
+from .sampler import SamplerConfig
 from .stages import ADDPStage, PredictorStage, TokenizerStage, masked_token_accuracy, reconstruction_psnr
-from .trainer import PRECISIONS, TrainConfig, Trainer, identity_of
+from .trainer import TrainConfig, Trainer, identity_of
 
 STAGES = ("tokenizer", "predictor", "addp")
+log = logging.getLogger("addp.train")  # a fixed name: run as `python -m`, __name__ is "__main__"
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("python -m addp.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def get_args_parser() -> ArgumentParser:
+    p = ArgumentParser("train", description=__doc__.split("\n\n")[0])
     p.add_argument("--stage", default="all", choices=("all",) + STAGES, help="which stage(s) to run")
     p.add_argument("--model", default="addp_vit_small", choices=registry.list_models("addp"))
     p.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the model config, e.g. drop_path=0.1 (repeatable)")
-    p.add_argument("--tokenizer", help="an existing tokenizer checkpoint (ours or vqgan_jax_strongaug.ckpt)")
-    p.add_argument("--predictor", help="an existing token predictor checkpoint (ours or mage-vit*-1600.pth)")
+    p.add_argument("--tokenizer", type=existing_file,
+                   help="an existing tokenizer checkpoint (ours or vqgan_jax_strongaug.ckpt)")
+    p.add_argument("--predictor", type=existing_file,
+                   help="an existing token predictor checkpoint (ours or mage-vit*-1600.pth)")
     p.add_argument("--tokenizer-model", default=None, choices=registry.list_models("tokenizer"),
                    help="preset to train when no --tokenizer is given (default: matches --model)")
     p.add_argument("--predictor-model", default=None, choices=registry.list_models("predictor"))
     p.add_argument("--data-path", help="ImageFolder root (e.g. imagenet/train); default: bundled digits")
-    p.add_argument("--crop-min", type=float, default=0.2, help="RandomResizedCrop scale lower bound")
+    p.add_argument("--crop-min", type=number(0, 1, low_open=True), default=0.2,
+                   help="RandomResizedCrop scale lower bound")
     p.add_argument("--no-flip", action="store_true", help="no horizontal flips")
-    p.add_argument("--output-dir", default="output/addp_demo")
-    p.add_argument("--steps", type=int, default=6000, help="ADDP training steps")
-    p.add_argument("--tokenizer-steps", type=int, default=500)
-    p.add_argument("--predictor-steps", type=int, default=2400)
-    p.add_argument("--batch-size", type=int, default=32, help="per process and micro-step")
-    p.add_argument("--accum-steps", type=int, default=1)
-    p.add_argument("--blr", type=float, default=None,
+    p.add_argument("--output-dir", type=output_folder, default="output/addp_demo")
+    p.add_argument("--steps", type=positive_int, default=6000, help="ADDP training steps")
+    p.add_argument("--tokenizer-steps", type=positive_int, default=500)
+    p.add_argument("--predictor-steps", type=positive_int, default=2400)
+    p.add_argument("--batch-size", type=positive_int, default=32, help="per process and micro-step")
+    p.add_argument("--accum-steps", type=positive_int, default=1)
+    p.add_argument("--blr", type=positive_float, default=None,
                    help="base lr; lr = blr * global batch / 256 (default 1.5e-4, 4e-3 for the small presets)")
-    p.add_argument("--lr", type=float, default=None, help="absolute ADDP lr (overrides --blr)")
-    p.add_argument("--tokenizer-lr", type=float, default=2e-3)
-    p.add_argument("--predictor-lr", type=float, default=3e-3)
-    p.add_argument("--min-lr", type=float, default=0.0)
-    p.add_argument("--warmup-steps", type=int, default=100)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--clip-grad", type=float, default=3.0)
+    p.add_argument("--lr", type=positive_float, default=None, help="absolute ADDP lr (overrides --blr)")
+    p.add_argument("--tokenizer-lr", type=positive_float, default=2e-3)
+    p.add_argument("--predictor-lr", type=positive_float, default=3e-3)
+    p.add_argument("--min-lr", type=non_negative_float, default=0.0)
+    p.add_argument("--warmup-steps", type=non_negative_int, default=100)
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.05)
+    p.add_argument("--clip-grad", type=non_negative_float, default=3.0, help="gradient norm clip (0: off)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--ema-decay", type=float, default=0.0, help="EMA of the weights (0: off)")
+    p.add_argument("--ema-decay", type=fraction, default=0.0, help="EMA of the weights (0: off)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
     p.add_argument("--mapping", default="weighted_sum", choices=MAPPINGS)
     p.add_argument("--condition", default="next", choices=CONDITIONS,
@@ -73,17 +81,31 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--masking", default="default", choices=MASKINGS)
     p.add_argument("--target", default="soft", choices=TARGETS)
     p.add_argument("--token-input", default=None, choices=TOKEN_INPUTS, help="default: the preset's")
-    p.add_argument("--log-every", type=int, default=20)
-    p.add_argument("--ckpt-every", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-workers", type=int, default=None, help="default: 0 for digits, min(8, CPU cores) for folders")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--resume", default=None, help="a training checkpoint.pt to continue from")
+    p.add_argument("--log-every", type=positive_int, default=20)
+    p.add_argument("--ckpt-every", type=positive_int, default=500)
+    p.add_argument("--seed", type=random_seed, default=0)
+    p.add_argument("--num-workers", type=integer(0, 256), default=None,
+                   help="default: 0 for digits, min(8, CPU cores) for folders")
+    p.add_argument("--device", type=device, default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--resume", type=existing_file, default=None, help="a training checkpoint.pt to continue from")
     p.add_argument("--force", action="store_true", help="start over in an output folder of another run")
-    p.add_argument("--num-samples", type=int, default=64, help="samples in the final grid (0: none)")
-    p.add_argument("--sample-temperature", type=float, default=1.0,
-                   help="Gumbel choice temperature of the final grid (the paper's ImageNet setting: 6.0)")
+    p.add_argument("--num-samples", type=non_negative_int, default=64, help="samples in the final grid (0: none)")
+    add_sampler_args(p, prefix="sample-", defaults=SamplerConfig(temperature=1.0))
+    p.add_check(_check_configs)
     return p
+
+
+def _check_configs(args) -> None:
+    """Build every config the run will use, so a bad value fails before any training."""
+    overrides = parse_options(args.model_option)
+    if args.token_input:
+        overrides["token_input"] = args.token_input
+    args.model_overrides = overrides
+    try:
+        args.net_config = registry.preset_config(args.model, **overrides)
+    except AddpError as e:
+        raise AddpError(f"--model-option: {e}") from None
+    args.train_configs = {stage: train_config(args, stage) for stage in STAGES}
 
 
 # -- building blocks -----------------------------------------------------------------------
@@ -134,12 +156,12 @@ def stage_identity(args, name: str, model_config, inputs: dict, dist) -> dict:
 def run_stage(stage, args, dist, dataset, identity: dict) -> dict:
     """Train one stage in output/<stage>/ (resuming if a matching checkpoint is there)."""
     from .data import make_loader
-    cfg = train_config(args, stage.name)
+    cfg = args.train_configs[stage.name]
     out = Path(args.output_dir) / stage.name
     trainer = Trainer(stage, cfg, out, dist, identity)
     trainer.maybe_resume(args.resume if args.stage == stage.name else None, args.force)
-    if trainer.step and dist.is_main:
-        print(f"[{stage.name}] resuming at step {trainer.step} from {trainer.checkpoint_path}")
+    if trainer.step:
+        log.info(f"[{stage.name}] resuming at step {trainer.step} from {trainer.checkpoint_path}")
     result = trainer.fit(lambda start: make_loader(dataset, cfg.batch_size, cfg.seed, dist.rank,
                                                    dist.world_size, start, cfg.num_workers))
     result["model"] = trainer.final_model()
@@ -154,7 +176,7 @@ def refuse_or_retrain(args, name: str, file: Path, identity: dict, dist) -> str 
     if problem and not args.force:
         raise AddpError(f"stage {name}: {file} {problem}; pass --force to retrain it, or pick another --output-dir")
     if problem:
-        _say(dist, f"[{name}] {file} {problem}; --force: retraining it")
+        log.info(f"[{name}] {file} {problem}; --force: retraining it")
     return sha
 
 
@@ -173,10 +195,7 @@ def main(args) -> dict:
     out = Path(args.output_dir)
     if dist.is_main:
         clean_run_folder(out, STAGES)
-    overrides = parse_options(args.model_option)
-    if args.token_input:
-        overrides["token_input"] = args.token_input
-    net_config = registry.preset_config(args.model, **overrides)
+    overrides, net_config = args.model_overrides, args.net_config
     tok_preset, pred_preset = family_presets(args.model)
     dataset = build_dataset(args, net_config.image_size)
     diffusion = DiffusionConfig(mapping=args.mapping, condition=args.condition, masking=args.masking)
@@ -184,15 +203,19 @@ def main(args) -> dict:
     report: dict = {"output_dir": str(out), "ops_backends": ops.backends(dist.device)}
     started = time.perf_counter()
 
+    given_predictor = load_checkpoint(args.predictor, component="predictor") if args.predictor else None
     tokenizer, tok_sha = tokenizer_for(args, dist, dataset, net_config, tok_preset, runs)
+    check_tokenizer_fits(registry.preset_config(args.model, codebook_size=tokenizer.config.codebook_size,
+                                                **overrides), tokenizer.config)
     tokenizer = tokenizer.to(dist.device).eval()
     if "tokenizer" in runs:
         report["tokenizer_psnr_db"] = round(reconstruction_psnr(tokenizer, heldout_images(args, net_config)), 2)
-        _say(dist, f"[tokenizer] held-out reconstruction PSNR {report['tokenizer_psnr_db']:.2f} dB")
+        log.info(f"[tokenizer] held-out reconstruction PSNR {report['tokenizer_psnr_db']:.2f} dB")
     if args.stage == "tokenizer":
         return _finish(dist, report, started)
 
-    predictor, pred_sha = predictor_for(args, dist, dataset, tokenizer, tok_sha, diffusion, pred_preset, runs)
+    predictor, pred_sha = predictor_for(args, dist, dataset, tokenizer, tok_sha, diffusion, pred_preset, runs,
+                                        given_predictor)
     if predictor.config.codebook_size != tokenizer.config.codebook_size:
         raise AddpError(f"the tokenizer's codebook has {tokenizer.config.codebook_size} entries but the token "
                         f"predictor predicts {predictor.config.codebook_size}: they were not trained together")
@@ -200,7 +223,7 @@ def main(args) -> dict:
     if "predictor" in runs:
         acc, chance = masked_token_accuracy(predictor, tokenizer, heldout_images(args, net_config))
         report.update(predictor_accuracy_50=round(acc, 4), predictor_chance=round(chance, 4))
-        _say(dist, f"[predictor] held-out masked-token accuracy at 50% masking {acc:.1%} (chance {chance:.1%})")
+        log.info(f"[predictor] held-out masked-token accuracy at 50% masking {acc:.1%} (chance {chance:.1%})")
     if args.stage == "predictor":
         return _finish(dist, report, started)
 
@@ -216,11 +239,11 @@ def main(args) -> dict:
     losses = result["losses"]
     report.update(addp_loss_first100=round(sum(losses[:100]) / len(losses[:100]), 4),
                   addp_loss_final100=round(sum(losses[-100:]) / len(losses[-100:]), 4))
-    _say(dist, f"[addp] loss: first 100 steps {report['addp_loss_first100']:.4f} -> "
-               f"last 100 steps {report['addp_loss_final100']:.4f}")
+    log.info(f"[addp] loss: first 100 steps {report['addp_loss_first100']:.4f} -> "
+             f"last 100 steps {report['addp_loss_final100']:.4f}")
     if args.num_samples and dist.is_main:
         report["samples"] = str(write_samples(net, tokenizer, args.num_samples, out / "samples.png", args.seed,
-                                              args.sample_temperature))
+                                              args.sampler_config))
     report["addp_checkpoint"] = str(net_file)
     return _finish(dist, report, started)
 
@@ -234,36 +257,36 @@ def tokenizer_for(args, dist, dataset, net_config, preset: str, runs):
     if "tokenizer" not in runs:
         if not file.exists():
             raise AddpError(f"no tokenizer: pass --tokenizer, or run --stage tokenizer first (looked for {file})")
-        _say(dist, f"[tokenizer] cached: {file}")
+        log.info(f"[tokenizer] cached: {file}")
         return load_checkpoint(file), sha256_file(file)
     config = registry.preset_config(args.tokenizer_model or preset, image_size=net_config.image_size)
     identity = stage_identity(args, "tokenizer", config, {}, dist)
     sha = refuse_or_retrain(args, "tokenizer", file, identity, dist)
     if sha:
-        _say(dist, f"[tokenizer] cached: {file}")
+        log.info(f"[tokenizer] cached: {file}")
         return load_checkpoint(file), sha
     model = run_stage(TokenizerStage(registry.build_model(config)), args, dist, dataset, identity)["model"]
     return model, _save(dist, file, model, "tokenizer", identity)
 
 
-def predictor_for(args, dist, dataset, tokenizer, tok_sha: str, diffusion, preset: str, runs):
-    """The token predictor and the SHA-256 of its file, as `tokenizer_for`; a cached one must
-    have been trained against this tokenizer (`tok_sha`)."""
-    if args.predictor:
-        return load_checkpoint(args.predictor, component="predictor"), sha256_file(args.predictor)
+def predictor_for(args, dist, dataset, tokenizer, tok_sha: str, diffusion, preset: str, runs, given=None):
+    """The token predictor and the SHA-256 of its file, as `tokenizer_for` (`given`: the loaded
+    --predictor); a cached one must have been trained against this tokenizer (`tok_sha`)."""
+    if given is not None:
+        return given, sha256_file(args.predictor)
     file = Path(args.output_dir) / "predictor.safetensors"
     inputs = {"tokenizer_sha256": tok_sha}
     if "predictor" not in runs:
         if not file.exists():
             raise AddpError(f"no token predictor: pass --predictor, or run --stage predictor first (looked for {file})")
         use_cached_input(args, "predictor", file, inputs)
-        _say(dist, f"[predictor] cached: {file}")
+        log.info(f"[predictor] cached: {file}")
         return load_checkpoint(file), sha256_file(file)
     config = registry.preset_config(args.predictor_model or preset, codebook_size=tokenizer.config.codebook_size)
     identity = stage_identity(args, "predictor", config, inputs, dist)
     sha = refuse_or_retrain(args, "predictor", file, identity, dist)
     if sha:
-        _say(dist, f"[predictor] cached: {file}")
+        log.info(f"[predictor] cached: {file}")
         return load_checkpoint(file), sha
     stage = PredictorStage(registry.build_model(config), tokenizer, diffusion)
     model = run_stage(stage, args, dist, dataset, identity)["model"]
@@ -279,12 +302,11 @@ def heldout_images(args, net_config) -> torch.Tensor:
     return torch.stack([val[int(i)][0] for i in pick])
 
 
-def write_samples(net, tokenizer, n: int, path: Path, seed: int, temperature: float) -> Path:
+def write_samples(net, tokenizer, n: int, path: Path, seed: int, config: SamplerConfig) -> Path:
     from torchvision.utils import save_image
 
-    from .sampler import SamplerConfig, generate
-    images = generate(net.to("cpu"), tokenizer.to("cpu"), n, SamplerConfig(temperature=temperature),
-                      generator=torch.Generator().manual_seed(seed))
+    from .sampler import generate
+    images = generate(net.to("cpu"), tokenizer.to("cpu"), n, config, generator=torch.Generator().manual_seed(seed))
     return atomic_write(path, lambda tmp: save_image(images, tmp, nrow=int(n ** 0.5), format="png"))
 
 
@@ -297,24 +319,15 @@ def _save(dist, path: Path, models, stage: str, identity: dict) -> str:
     return sha256_file(path)
 
 
-def _say(dist, text: str) -> None:
-    if dist.is_main:
-        print(text, flush=True)
-
-
 def _finish(dist, report: dict, started: float) -> dict:
     report["wall_time_s"] = round(time.perf_counter() - started, 1)
     if dist.is_main:
-        out = Path(report["output_dir"])
-        out.mkdir(parents=True, exist_ok=True)
-        write_report(out / "report.json", report)
-        print("\n".join(["", "== addp.train finished =="] + [f"{k}: {v}" for k, v in report.items()]))
+        write_json(Path(report["output_dir"]) / "report.json", report)
     return report
 
 
 def cli(argv=None) -> int:
-    args = get_args_parser().parse_args(argv)
-    return run(main, args, args.output_dir)
+    return run_command("train", get_args_parser(), main, argv, interrupted=RESUMABLE)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """The training loop shared by every stage (tokenizer, token predictor, ADDP).
 
-A stage gives: `model` (the trained module, what gets saved), `loss_module` (wraps the model,
-`forward(**inputs) -> scalar loss`) and `prepare(images, generator) -> inputs` (the
-no-grad part: tokenizing, masking, the diffusion process). The loop adds AdamW with weight
+A stage (the `Stage` protocol) gives: `model` (the trained module, what gets saved),
+`loss_module` (wraps the model, `forward(**inputs) -> scalar loss`) and
+`prepare(images, generator, labels) -> inputs` (the no-grad part: tokenizing, masking, the
+diffusion process), and may replace the parameter groups, the optimizer and what `--compile`
+compiles besides the training step. The loop adds AdamW with weight
 decay groups, a per-iteration cosine schedule with warm-up, gradient accumulation and
 clipping, autocast (bf16, or fp16 with a grad scaler), EMA, torch.compile, DDP, progress,
 TensorBoard + JSONL logs and atomic, exactly resumable checkpoints. Losses stay on the
@@ -12,12 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -26,15 +29,18 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from .checkpoint import atomic_write, check_finite
+from .checkpoint import check_finite
 from .data import with_worker_causes
 from .distributed import DistInfo, all_reduce_mean, barrier
-from .registry import AddpError
-from .run_folder import describe_differences, finite_or_none
+from .errors import AddpError
+from .files import atomic_write, finite_or_none
+from .precision import PRECISIONS, autocast_dtype
+from .registry import check_config
+from .run_folder import describe_differences
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "ema", "step", "skipped", "losses", "rng", "identity")
 
+log = logging.getLogger(__name__)
 
 @dataclass
 class TrainConfig:
@@ -57,10 +63,14 @@ class TrainConfig:
     num_workers: int = 0
 
     def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise AddpError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.steps < 1 or self.batch_size < 1 or self.accum_steps < 1:
-            raise AddpError("steps, batch size and accumulation steps must be at least 1")
+        check_config(self, ints=dict(steps=1, batch_size=1, accum_steps=1, warmup_steps=0, log_every=1, ckpt_every=1,
+                                     seed=0, num_workers=0),
+                     fractions=("ema_decay",), positive=("blr",) + (("lr",) if self.lr is not None else ()),
+                     choices={"precision": PRECISIONS})
+        for name in ("min_lr", "weight_decay") + (("clip_grad",) if self.clip_grad is not None else ()):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 <= value < float("inf")):
+                raise AddpError(f"TrainConfig: {name} must be a finite number >= 0, got {value!r}")
         if not 0 <= self.warmup_steps < self.steps:
             raise AddpError(f"warm-up ({self.warmup_steps} steps) must be shorter than the run ({self.steps})")
 
@@ -71,31 +81,37 @@ class TrainConfig:
         return self.lr if self.lr is not None else self.blr * self.global_batch(world_size) / 256
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+class Stage(Protocol):
+    """What `Trainer` trains. Subclasses inherit the defaults of the last three methods."""
+
+    name: str
+    model: nn.Module  # trained and saved
+    loss_module: nn.Module  # forward(**inputs) -> scalar loss
+
+    def prepare(self, images: torch.Tensor, generator: torch.Generator, labels: torch.Tensor) -> dict:
+        """The no-grad inputs of `loss_module` for a batch (tokens, masks, targets)."""
+        ...
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Parameter groups of the optimizer: no decay on biases and norms."""
+        return param_groups_weight_decay(self.model, weight_decay)
+
+    def make_optimizer(self, groups: list[dict], lr: float, betas: tuple = (0.9, 0.95)) -> torch.optim.Optimizer:
+        device = next(self.model.parameters()).device
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=device.type in ("cuda", "cpu"))
+
+    def compile(self) -> None:
+        """Under --compile: compile the stage's frozen passes too (none by default)."""
 
 
 class Trainer:
-    def __init__(self, stage, config: TrainConfig, out_dir: Path, dist: DistInfo, identity: dict):
+    def __init__(self, stage: Stage, config: TrainConfig, out_dir: Path, dist: DistInfo, identity: dict):
         self.stage, self.cfg, self.out, self.dist = stage, config, Path(out_dir), dist
         self.identity = identity
         self.model = stage.model.to(dist.device)
         self.loss_module = stage.loss_module.to(dist.device)
         self.lr = config.base_lr(dist.world_size)
-        # Optional stage hooks: `param_groups(weight_decay)` (e.g. layer-wise lr decay, with
-        # "lr_scale" per group) and `make_optimizer(groups, lr)` (e.g. LARS); default AdamW.
-        if hasattr(stage, "param_groups"):
-            groups = stage.param_groups(config.weight_decay)
-        else:
-            groups = param_groups_weight_decay(self.model, config.weight_decay)
-        if hasattr(stage, "make_optimizer"):
-            self.optimizer = stage.make_optimizer(groups, self.lr)
-        else:
-            self.optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=tuple(config.betas),
-                                               fused=dist.device.type in ("cuda", "cpu"))
-        self.prepare_takes_labels = "labels" in inspect.signature(stage.prepare).parameters
+        self.optimizer = stage.make_optimizer(stage.param_groups(config.weight_decay), self.lr, config.betas)
         warm = config.warmup_steps
         self.scheduler = CosineLRScheduler(self.optimizer, t_initial=config.steps - warm, lr_min=config.min_lr,
                                            warmup_t=warm, warmup_lr_init=self.lr * 1e-3 if warm else self.lr,
@@ -113,8 +129,8 @@ class Trainer:
             step_module = nn.parallel.DistributedDataParallel(
                 step_module, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
         self.step_module = torch.compile(step_module) if config.compile else step_module
-        if config.compile and hasattr(stage, "compile"):
-            stage.compile()  # e.g. the frozen networks of the ADDP stage
+        if config.compile:
+            stage.compile()
 
     # -- checkpoints -------------------------------------------------------------------
     @property
@@ -226,7 +242,7 @@ class Trainer:
     def fit(self, make_loader) -> dict:
         """Train to `steps`; `make_loader(start_micro_batch)` returns an endless loader."""
         cfg = self.cfg
-        log = _Log(self.out, self.dist.is_main, self.step)
+        metrics = _Log(self.out, self.dist.is_main, self.step)
         batches = with_worker_causes(make_loader(self.step * cfg.accum_steps))
         window_start, window_images = time.perf_counter(), 0
         bar = tqdm(total=cfg.steps, initial=self.step, desc=self.stage.name, disable=not self.dist.is_main,
@@ -254,15 +270,15 @@ class Trainer:
                     rate = window_images * self.dist.world_size / max(elapsed, 1e-9)
                     lr = self.optimizer.param_groups[0]["lr"]
                     bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
-                    log.write(self.step, {"loss": mean_loss, "lr": lr, "images_per_s": rate, "skipped": self.skipped})
+                    metrics.write(self.step, {"loss": mean_loss, "lr": lr, "images_per_s": rate, "skipped": self.skipped})
                     window_start, window_images = time.perf_counter(), 0
                 if self.step % cfg.ckpt_every == 0 or last:
                     self.save()
         finally:
             bar.close()
-            log.close()
+            metrics.close()
         if self.skipped and self.dist.is_main:
-            print(f"[{self.stage.name}] skipped {self.skipped} unreadable images")
+            log.info(f"[{self.stage.name}] skipped {self.skipped} unreadable images")
         return {"losses": self.losses.cpu().tolist()}
 
     def train_step(self, batches) -> tuple[torch.Tensor, int, torch.Tensor]:
@@ -280,10 +296,7 @@ class Trainer:
             # as the model, as in the official code
             autocast = torch.autocast(dev.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
             with autocast:
-                if self.prepare_takes_labels:
-                    inputs = self.stage.prepare(images, self.generator, labels=labels.to(dev, non_blocking=True))
-                else:
-                    inputs = self.stage.prepare(images, self.generator)
+                inputs = self.stage.prepare(images, self.generator, labels.to(dev, non_blocking=True))
             sync = micro == cfg.accum_steps - 1 or not self.dist.enabled
             with self._no_sync(sync), autocast:
                 loss = self.step_module(**inputs) / cfg.accum_steps

@@ -10,11 +10,8 @@ the image size times --scale (nearest). Writes one PNG (atomically) and prints a
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,11 +19,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from . import sampler as S
-from .checkpoint import atomic_write
-from .cli import run
-from .inpaint import check_output_file
-from .pipeline import ADDPPipeline, to_uint8
-from .registry import AddpError
+from .cli import (ArgumentParser, add_checkpoint_args, add_runtime_args, add_sampler_args, load_pipeline,
+                  output_file, positive_int, run_command, sampler_summary)
+from .files import atomic_write
+from .pipeline import to_uint8
+from .precision import autocast
 
 MIN_TILE = 64  # default --scale: the smallest integer making a tile at least this many pixels
 MARGIN = 4  # around the figure
@@ -38,22 +35,16 @@ TEXT = (255, 255, 255)
 KINDS = ("image", "mask", "tokens")
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("python -m addp.visualize", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="our .safetensors (addp + tokenizer), a folder, or addp-vit-*.pth")
-    p.add_argument("--tokenizer", default=None, help="VQGAN checkpoint when --checkpoint holds no tokenizer")
-    p.add_argument("--num-images", type=int, default=4, help="rows of the figure")
-    p.add_argument("--steps", type=int, default=20, help="denoising steps T")
-    p.add_argument("--every", type=int, default=1, help="show every k-th step (the first and last always)")
-    p.add_argument("--schedule", default="cosine", choices=S.SCHEDULES, help="mask schedule")
-    p.add_argument("--temperature", type=float, default=6.0, help="Gumbel scale of the choice of positions")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling of candidate ids (1: off)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
-    p.add_argument("--scale", type=int, default=None,
+def get_args_parser() -> ArgumentParser:
+    p = ArgumentParser("visualize", description=__doc__.split("\n\n")[0])
+    add_checkpoint_args(p)
+    p.add_argument("--num-images", type=positive_int, default=4, help="rows of the figure")
+    p.add_argument("--every", type=positive_int, default=1, help="show every k-th step (the first and last always)")
+    p.add_argument("--scale", type=positive_int, default=None,
                    help=f"integer upscaling of every tile; default: the smallest making tiles >= {MIN_TILE} px")
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--output", default="denoising_steps.png", help="the figure (PNG)")
+    p.add_argument("--output", type=output_file, default="denoising_steps.png", help="the figure (PNG)")
+    add_sampler_args(p)
+    add_runtime_args(p, cuda_graph=False)  # every step is kept: no graph replay
     return p
 
 
@@ -141,33 +132,22 @@ def _draw_labels(image: Image.Image, steps: list[int], T: int, th: int, tw: int)
 
 # --------------------------------------------------------------------------- command
 def main(args) -> dict:
-    for name in ("num_images", "every"):
-        if getattr(args, name) < 1:
-            raise AddpError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.scale is not None and args.scale < 1:
-        raise AddpError(f"--scale must be >= 1, got {args.scale}")
-    config = S.SamplerConfig(steps=args.steps, schedule=args.schedule, temperature=args.temperature,
-                             top_p=args.top_p)
-    output = Path(args.output)
-    check_output_file(output)
-    pipe = ADDPPipeline.from_pretrained(args.checkpoint, tokenizer=args.tokenizer, device=args.device)
+    config = args.sampler_config
+    pipe = load_pipeline(args)
     scale = args.scale if args.scale is not None else default_scale(pipe.image_size)
     generator = torch.Generator(pipe.device).manual_seed(args.seed)
-    result = S.generate(pipe.net, pipe.tokenizer, args.num_images, config, generator=generator,
-                        return_intermediates=True)
+    with autocast(args.precision, pipe.device):
+        result = S.generate(pipe.net, pipe.tokenizer, args.num_images, config, generator=generator,
+                            return_intermediates=True, compile=args.compile)
     steps = shown_steps(config.steps, args.every)
     fig = make_figure(pipe.net, result, steps, scale)
-    atomic_write(output, lambda tmp: Image.fromarray(fig).save(tmp, format="PNG"))
-    summary = {"output": str(output), "num_images": args.num_images, "steps": config.steps,
-               "shown_steps": [s + 1 for s in steps], "scale": scale, "size": [fig.shape[1], fig.shape[0]],
-               "temperature": config.temperature, "top_p": config.top_p, "seed": args.seed}
-    print(json.dumps(summary))
-    return summary
+    atomic_write(args.output, lambda tmp: Image.fromarray(fig).save(tmp, format="PNG"))
+    return {"output": args.output, "num_images": args.num_images, "shown_steps": [s + 1 for s in steps],
+            "scale": scale, "size": [fig.shape[1], fig.shape[0]], "seed": args.seed, **sampler_summary(args)}
 
 
 def cli(argv=None) -> int:
-    args = get_args_parser().parse_args(argv)
-    return run(main, args, errors=(AddpError, ValueError, OSError))
+    return run_command("visualize", get_args_parser(), main, argv)
 
 
 if __name__ == "__main__":

@@ -90,3 +90,59 @@ def make_loss_inputs(B, L, V, K, dtype=torch.float32, t_dtype=None, layout="cont
     target = torch.softmax(torch.randn(B, L, K, generator=g) * 2, -1).to(t_dtype or dtype)
     mask = torch.rand(B, L, generator=g) < p_mask
     return logits, target, mask
+
+
+# -- command-line entry points -----------------------------------------------------------
+ENTRY_POINTS = ("addp", "addp.train", "addp.finetune", "addp.generate", "addp.inpaint", "addp.visualize",
+                "addp.evaluate", "addp.export")
+
+
+def _run_module(module: str, argv: list, out: str, err: str) -> None:
+    """Child body: what `python -m module *argv` does, stdout/stderr going to the files."""
+    import os
+    import runpy
+    import sys
+    for fd, path in ((1, out), (2, err)):
+        f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(f, fd)
+        os.close(f)
+    sys.argv = [module, *argv]
+    sys.modules.pop(module if module != "addp" else "addp.__main__", None)  # run as __main__, not as an import
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+@pytest.fixture(scope="session")
+def run_module(tmp_path_factory):
+    """`run_module("addp.generate", [...])` -> (exit code, stdout, stderr) of the entry point run
+    in its own process, as `python -m` runs it: a child forked from a server that imported the
+    package once (each plain `python -m addp.X` spends seconds importing torch and timm).
+    The server itself never runs torch ops, so forking it is safe."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([m for m in ENTRY_POINTS if m != "addp"] + ["addp.__main__", "conftest"])
+    logs = tmp_path_factory.mktemp("cli_logs")
+    count = iter(range(10 ** 6))
+
+    def run(module: str, argv: list, timeout: float = 300) -> tuple[int, str, str]:
+        n = next(count)
+        out, err = logs / f"{n}.out", logs / f"{n}.err"
+        proc = ctx.Process(target=_run_module, args=(module, [str(a) for a in argv], str(out), str(err)))
+        proc.start()
+        proc.join(timeout)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+        return proc.exitcode, out.read_text(), err.read_text()
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny random ADDP network with its tokenizer, in our format (shared by the CLI tests)."""
+    import addp
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny") / "tiny.safetensors"
+    addp.save_checkpoint(path, {"addp": addp.create_model("addp_vit_small", depth=1, decoder_depth=1),
+                                "tokenizer": addp.create_model("vqgan_small")})
+    return path

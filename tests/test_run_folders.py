@@ -16,12 +16,13 @@ from PIL import Image
 
 import addp
 from addp import train
-from addp.checkpoint import CheckpointError, remove_stale_temp_files
+from addp.checkpoint import CheckpointError
+from addp.files import remove_stale_temp_files, write_json
 from addp.data import DigitsDataset, ImageFolderDataset, make_loader, with_worker_causes
 from addp.distributed import DistInfo
 from addp.pipeline import ADDPPipeline
 from addp.registry import AddpError
-from addp.run_folder import write_report
+
 from addp.stages import TokenizerStage
 from addp.trainer import TrainConfig, Trainer
 
@@ -270,7 +271,7 @@ def test_a_bundle_with_an_inf_tokenizer_is_refused_by_the_pipeline(tmp_path):
 
 
 def test_report_is_strict_json(tmp_path):
-    write_report(tmp_path / "report.json", {"a": float("nan"), "b": [1.5, float("inf")], "c": {"d": -math.inf}})
+    write_json(tmp_path / "report.json", {"a": float("nan"), "b": [1.5, float("inf")], "c": {"d": -math.inf}})
     text = (tmp_path / "report.json").read_text()
     report = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
     assert report == {"a": None, "b": [1.5, None], "c": {"d": None}}

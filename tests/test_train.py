@@ -191,7 +191,7 @@ def test_stages_run_alone_and_reuse_cached_files(tmp_path):
     assert "tokenizer_psnr_db" in json.loads((out / "report.json").read_text())
     r = run_cli("--stage", "predictor", "--predictor-steps", "3", *common)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "[tokenizer] cached" in r.stdout and (out / "predictor.safetensors").exists()
+    assert "[tokenizer] cached" in r.stderr and (out / "predictor.safetensors").exists()
     r = run_cli("--stage", "addp", "--steps", "3", *common)
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())

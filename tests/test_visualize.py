@@ -97,7 +97,7 @@ def one_line_error(capsys):
     (["--every", "0"], "every"),
     (["--scale", "0"], "scale"),
     (["--steps", "0"], "steps"),
-    (["--top-p", "0"], "top_p"),
+    (["--top-p", "0"], "top-p"),
 ])
 def test_bad_options(ckpt, tmp_path, capsys, args, match):
     assert run(ckpt, tmp_path / "f.png", *args) == 2
