@@ -22,8 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-TINY32 = 1.1754943508222875e-38   # torch.finfo(torch.float32).tiny
-TINY64 = 2.2250738585072014e-308  # torch.finfo(torch.float64).tiny
+# constexpr globals: a jitted kernel may read no other globals (the interpreter does not check this)
+TINY32 = tl.constexpr(1.1754943508222875e-38)   # torch.finfo(torch.float32).tiny
+TINY64 = tl.constexpr(2.2250738585072014e-308)  # torch.finfo(torch.float64).tiny
 
 
 @triton.jit
