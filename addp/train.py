@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import ops, registry
+from . import ops, recipes, registry
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from .diffusion import CONDITIONS, MAPPINGS, MASKINGS, DiffusionConfig
 from .distributed import init_distributed
@@ -35,6 +35,8 @@ STAGES = ("tokenizer", "predictor", "addp")
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("python -m addp.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--recipe", default=None, choices=recipes.names("train"),
+                   help="the settings of an official pretraining run (explicit flags still win)")
     p.add_argument("--stage", default="all", choices=("all",) + STAGES, help="which stage(s) to run")
     p.add_argument("--model", default="addp_vit_small", choices=registry.list_models("addp"))
     p.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
@@ -49,19 +51,29 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-flip", action="store_true", help="no horizontal flips")
     p.add_argument("--output-dir", default="output/addp_demo")
     p.add_argument("--steps", type=int, default=6000, help="ADDP training steps")
+    p.add_argument("--epochs", type=float, default=None,
+                   help="ADDP training length in epochs of the data (replaces --steps)")
     p.add_argument("--tokenizer-steps", type=int, default=500)
     p.add_argument("--predictor-steps", type=int, default=2400)
     p.add_argument("--batch-size", type=int, default=32, help="per process and micro-step")
     p.add_argument("--accum-steps", type=int, default=1)
+    p.add_argument("--global-batch", type=int, default=None,
+                   help="images per optimizer step over all processes; sets --batch-size (or, when "
+                        "--batch-size is given, --accum-steps) from the world size")
     p.add_argument("--blr", type=float, default=None,
-                   help="base lr; lr = blr * global batch / 256 (default 1.5e-4, 4e-3 for the small presets)")
+                   help="base lr; lr = blr * global batch / 256 (default 1e-4 as the official runs, "
+                        "4e-3 for the small presets)")
     p.add_argument("--lr", type=float, default=None, help="absolute ADDP lr (overrides --blr)")
     p.add_argument("--tokenizer-lr", type=float, default=2e-3)
     p.add_argument("--predictor-lr", type=float, default=3e-3)
     p.add_argument("--min-lr", type=float, default=0.0)
-    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="default: 100 for the small presets, else 40 epochs (the official runs)")
+    p.add_argument("--warmup-epochs", type=float, default=None, help="warm-up in epochs (replaces --warmup-steps)")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--clip-grad", type=float, default=3.0)
+    p.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
+    p.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2 (the paper's ResNet-50: 0.98)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: bf16 on GPU, fp32 on CPU")
     p.add_argument("--ema-decay", type=float, default=0.0, help="EMA of the weights (0: off)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
@@ -70,7 +82,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="predictor condition of the inputs: reliable tokens of t+1 (paper) or of t")
     p.add_argument("--masking", default="default", choices=MASKINGS)
     p.add_argument("--target", default="soft", choices=TARGETS)
-    p.add_argument("--token-input", default=None, choices=TOKEN_INPUTS, help="default: the preset's")
+    p.add_argument("--token-input", default=None, choices=TOKEN_INPUTS,
+                   help="where reliable tokens enter the network (encoder_decoder: paper Tab. 5); "
+                        "default: the preset's (decoder)")
+    p.add_argument("--predictor-dropout", type=float, default=0.0,
+                   help="dropout rate of the frozen token predictor in both of its passes, as in the "
+                        "official run (0.1, MAGE's); 0: the predictor runs in eval mode")
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
@@ -109,13 +126,37 @@ def build_dataset(args, image_size: int):
     return DigitsDataset("train", image_size, flip=False, seed=args.seed)
 
 
-def train_config(args, stage: str) -> TrainConfig:
-    steps = {"tokenizer": args.tokenizer_steps, "predictor": args.predictor_steps, "addp": args.steps}[stage]
+def schedule(args, num_samples: int, world_size: int) -> dict:
+    """ADDP steps and warm-up steps, from epochs where they are given in epochs."""
+    global_batch = args.batch_size * args.accum_steps * world_size
+    out = {"global_batch": global_batch, "dataset_images": num_samples}
+    steps = args.steps
+    if args.epochs is not None:
+        steps = recipes.epochs_to_steps(args.epochs, num_samples, args.batch_size, world_size, args.accum_steps)
+        out["epochs"] = args.epochs
+    if args.warmup_epochs is not None:
+        warmup = recipes.epochs_to_steps(args.warmup_epochs, num_samples, args.batch_size, world_size,
+                                         args.accum_steps, at_least=0)
+        out["warmup_epochs"] = args.warmup_epochs
+    elif args.warmup_steps is not None:
+        warmup = args.warmup_steps
+    elif args.model.endswith("_small"):
+        warmup = 100
+    else:  # the official runs warm up for 40 epochs
+        warmup = recipes.epochs_to_steps(40, num_samples, args.batch_size, world_size, args.accum_steps, at_least=0)
+        out["warmup_epochs"] = 40
+    out.update(steps=steps, warmup_steps=min(warmup, steps - 1))
+    return out
+
+
+def train_config(args, stage: str, sched: dict) -> TrainConfig:
+    steps = {"tokenizer": args.tokenizer_steps, "predictor": args.predictor_steps, "addp": sched["steps"]}[stage]
     lr = {"tokenizer": args.tokenizer_lr, "predictor": args.predictor_lr, "addp": args.lr}[stage]
-    blr = args.blr if args.blr is not None else (4e-3 if args.model.endswith("_small") else 1.5e-4)
+    blr = args.blr if args.blr is not None else (4e-3 if args.model.endswith("_small") else 1e-4)
     return TrainConfig(steps=steps, batch_size=args.batch_size, accum_steps=args.accum_steps, blr=blr, lr=lr,
-                       min_lr=args.min_lr, warmup_steps=min(args.warmup_steps, steps - 1),
+                       min_lr=args.min_lr, warmup_steps=min(sched["warmup_steps"], steps - 1),
                        weight_decay=0.0 if stage == "tokenizer" else args.weight_decay,
+                       betas=(args.beta1, args.beta2),
                        clip_grad=args.clip_grad, precision=args.precision, ema_decay=args.ema_decay,
                        compile=args.compile, log_every=args.log_every, ckpt_every=args.ckpt_every, seed=args.seed,
                        num_workers=args.num_workers if args.num_workers is not None
@@ -125,9 +166,12 @@ def train_config(args, stage: str) -> TrainConfig:
 def run_stage(stage, args, dist, dataset, extra_identity: dict) -> dict:
     """Train one stage in output/<stage>/ (resuming if a matching checkpoint is there)."""
     from .data import make_loader
-    cfg = train_config(args, stage.name)
+    cfg = train_config(args, stage.name, args.schedule)
     out = Path(args.output_dir) / stage.name
-    identity = identity_of(cfg, stage.model.config, extra_identity,
+    run = {"recipe": args.recipe_record} if args.recipe_record else {}
+    if stage.name == "addp":
+        run["schedule"] = args.schedule
+    identity = identity_of(cfg, stage.model.config, extra_identity, run,
                            {"data": args.data_path or "digits", "world_size": dist.world_size})
     trainer = Trainer(stage, cfg, out, dist, identity)
     trainer.maybe_resume(args.resume if args.stage == stage.name else None, args.force)
@@ -144,9 +188,23 @@ def load_or_none(path: str | None, component: str):
 
 
 # -- main ----------------------------------------------------------------------------------
+def resolve_recipe(args, dist) -> None:
+    """Fill in --recipe's settings (not the explicit flags) and the batch split; says so once."""
+    explicit = getattr(args, "explicit", set())
+    args.recipe_record = None
+    if args.recipe:
+        filled = recipes.apply(args, args.recipe, "train", explicit)
+        args.recipe_record = {"name": args.recipe, "source": recipes.RECIPES[args.recipe].source, "filled": filled}
+        _say(dist, recipes.describe(args.recipe, filled, explicit))
+    line = recipes.split_global_batch(args, dist.world_size, explicit)
+    if line:
+        _say(dist, line)
+
+
 def main(args) -> dict:
     dist = init_distributed(args.device)
     torch.manual_seed(args.seed)
+    resolve_recipe(args, dist)
     out = Path(args.output_dir)
     overrides = parse_options(args.model_option)
     if args.token_input:
@@ -154,7 +212,11 @@ def main(args) -> dict:
     net_config = registry.preset_config(args.model, **overrides)
     tok_preset, pred_preset = family_presets(args.model)
     dataset = build_dataset(args, net_config.image_size)
-    diffusion = DiffusionConfig(mapping=args.mapping, condition=args.condition, masking=args.masking)
+    args.schedule = schedule(args, len(dataset), dist.world_size)
+    if "epochs" in args.schedule or "warmup_epochs" in args.schedule:
+        _say(dist, recipes.describe_schedule(args.schedule))
+    diffusion = DiffusionConfig(mapping=args.mapping, condition=args.condition, masking=args.masking,
+                                predictor_dropout=args.predictor_dropout)
     run_all = args.stage == "all"
     report: dict = {"output_dir": str(out), "ops_backends": ops.backends(dist.device)}
     started = time.perf_counter()
@@ -258,8 +320,16 @@ def _finish(dist, report: dict, started: float) -> dict:
     return report
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options, with `explicit`: the ones given on the command line (a recipe leaves them)."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    args.explicit = recipes.explicit_dests(parser, argv)
+    return args
+
+
 def cli(argv=None) -> int:
-    args = get_args_parser().parse_args(argv)
+    args = parse_args(argv)
     return run(main, args, args.output_dir)
 
 

@@ -178,8 +178,10 @@ class Trainer:
             atomic_write(run_file, lambda tmp: Path(tmp).write_text(text))
 
     # -- the loop ----------------------------------------------------------------------
-    def fit(self, make_loader) -> dict:
-        """Train to `steps`; `make_loader(start_micro_batch)` returns an endless loader."""
+    def fit(self, make_loader, on_step=None) -> dict:
+        """Train to `steps`; `make_loader(start_micro_batch)` returns an endless loader.
+        `on_step(step)`, called on every rank after each step's checkpointing, may return
+        values to log at that step (e.g. a periodic evaluation)."""
         cfg = self.cfg
         log = _Log(self.out, self.dist.is_main)
         batches = iter(make_loader(self.step * cfg.accum_steps))
@@ -210,6 +212,10 @@ class Trainer:
                 window_start, window_images = time.perf_counter(), 0
             if self.step % cfg.ckpt_every == 0 or last:
                 self.save()
+            if on_step is not None:
+                values = on_step(self.step)
+                if values:
+                    log.write(self.step, values)
         bar.close()
         log.close()
         if self.skipped and self.dist.is_main:
