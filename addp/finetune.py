@@ -365,7 +365,9 @@ def evaluate(model: nn.Module, dataset: Dataset, device: torch.device, batch_siz
     import torch.distributed as dist
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     shard = torch.utils.data.Subset(dataset, list(range(rank, len(dataset), world)))
-    loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
+    # its own generator: evaluating mid-run must not consume the global RNG (exact resume)
+    loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
+                        generator=torch.Generator().manual_seed(0))
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, loss sum, count
     for images, labels in loader:

@@ -46,7 +46,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-model", default=None, choices=registry.list_models("tokenizer"),
                    help="preset to train when no --tokenizer is given (default: matches --model)")
     p.add_argument("--predictor-model", default=None, choices=registry.list_models("predictor"))
-    p.add_argument("--data-path", help="ImageFolder root (e.g. imagenet/train); default: bundled digits")
+    p.add_argument("--data-path", help="ImageFolder root, or a root holding train/ (then train/ only, e.g. "
+                                       "imagenet/); default: bundled digits")
     p.add_argument("--crop-min", type=float, default=0.2, help="RandomResizedCrop scale lower bound")
     p.add_argument("--no-flip", action="store_true", help="no horizontal flips")
     p.add_argument("--output-dir", default="output/addp_demo")
@@ -119,10 +120,13 @@ def family_presets(model: str) -> tuple[str, str]:
     return ("vqgan_small", "mage_vit_small") if model.endswith("_small") else ("vqgan_mage", "mage_vit_base_patch16")
 
 
-def build_dataset(args, image_size: int):
-    from .data import DigitsDataset, ImageFolderDataset
+def build_dataset(args, image_size: int, dist):
+    from .data import DigitsDataset, ImageFolderDataset, training_folder
     if args.data_path:
-        return ImageFolderDataset(args.data_path, image_size, args.crop_min, not args.no_flip, seed=args.seed)
+        folder, line = training_folder(args.data_path)
+        if line:
+            _say(dist, line)
+        return ImageFolderDataset(folder, image_size, args.crop_min, not args.no_flip, seed=args.seed)
     return DigitsDataset("train", image_size, flip=False, seed=args.seed)
 
 
@@ -211,7 +215,7 @@ def main(args) -> dict:
         overrides["token_input"] = args.token_input
     net_config = registry.preset_config(args.model, **overrides)
     tok_preset, pred_preset = family_presets(args.model)
-    dataset = build_dataset(args, net_config.image_size)
+    dataset = build_dataset(args, net_config.image_size, dist)
     args.schedule = schedule(args, len(dataset), dist.world_size)
     if "epochs" in args.schedule or "warmup_epochs" in args.schedule:
         _say(dist, recipes.describe_schedule(args.schedule))
@@ -285,7 +289,8 @@ def heldout_images(args, net_config) -> torch.Tensor:
     from .data import ImageFolderDataset, load_digits
     if not args.data_path:
         return load_digits("heldout", net_config.image_size)[0]
-    val = ImageFolderDataset(args.data_path, net_config.image_size, train=False)
+    root = Path(args.data_path)
+    val = ImageFolderDataset(root / "val" if (root / "val").is_dir() else root, net_config.image_size, train=False)
     pick = torch.randperm(len(val), generator=torch.Generator().manual_seed(0))[:512]
     return torch.stack([val[int(i)][0] for i in pick])
 
