@@ -72,7 +72,7 @@ def names(command: str) -> list[str]:
 
 def explicit_dests(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
     """The option `dest`s given on the command line (parsed again with every default None)."""
-    probe = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    probe = argparse.ArgumentParser(add_help=False, allow_abbrev=parser.allow_abbrev)
     for action in parser._actions:
         if action.option_strings and not isinstance(action, argparse._HelpAction):
             kwargs = {"dest": action.dest, "default": None}
@@ -88,9 +88,13 @@ def explicit_dests(parser: argparse.ArgumentParser, argv: list[str] | None) -> s
     return {k for k, v in vars(given).items() if v is not None}
 
 
+# a length in epochs and its alternative in steps: an explicit one keeps the recipe's other out
+_IN_STEPS = {"epochs": "steps", "warmup_epochs": "warmup_steps", "eval_every_epochs": "eval_every"}
+
+
 def apply(args: argparse.Namespace, name: str, command: str, explicit: set[str]) -> dict:
-    """Fill `args` with recipe `name`'s settings, except the options in `explicit`.
-    Returns the settings the recipe filled in."""
+    """Fill `args` with recipe `name`'s settings, except the options in `explicit` (and a
+    length in epochs whose alternative in steps is explicit). Returns the settings filled in."""
     recipe = RECIPES.get(name)
     if recipe is None or recipe.command != command:
         raise AddpError(f"unknown --recipe {name!r} for addp.{command}; choose from {', '.join(names(command))}")
@@ -98,7 +102,7 @@ def apply(args: argparse.Namespace, name: str, command: str, explicit: set[str])
     for key, value in recipe.settings.items():
         if not hasattr(args, key):
             raise AddpError(f"recipe {name} sets {key!r}, which addp.{command} has no option for")
-        if key not in explicit:
+        if key not in explicit and _IN_STEPS.get(key) not in explicit:
             setattr(args, key, value)
             filled[key] = value
     return filled

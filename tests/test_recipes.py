@@ -86,6 +86,9 @@ def test_explicit_flags_win_over_the_recipe():
     assert (args.blr, args.no_flip, args.beta2) == (2e-4, True, 0.99)
     assert (args.batch_size, args.accum_steps) == (64, 8)  # 4096 = 64 x 8 accumulation x 8 processes
     assert args.epochs == 1600
+    steps = train.parse_args(["--recipe", "addp_vit_base_1600ep", "--steps", "100", "--warmup-s", "10"])
+    train.resolve_recipe(steps, DistInfo(world_size=8))
+    assert (steps.epochs, steps.warmup_epochs, steps.steps, steps.warmup_steps) == (None, None, 100, 10)
     with pytest.raises(addp.AddpError, match="not a multiple"):
         train.resolve_recipe(train.parse_args(["--recipe", "addp_vit_base_1600ep", "--batch-size", "48"]),
                              DistInfo(world_size=8))
