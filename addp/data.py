@@ -85,7 +85,7 @@ class ImageFolderDataset(Dataset):
     def __init__(self, root, image_size: int, crop_min: float = 0.2, flip: bool = True,
                  train: bool = True, seed: int = 0):
         self.root, self.seed = Path(root), seed
-        self.samples, self.classes = _scan(self.root)
+        self.samples, self.classes = scan_shared(self.root)
         if train:
             steps = [transforms.RandomResizedCrop(image_size, scale=(crop_min, 1.0),
                                                   interpolation=transforms.InterpolationMode.BICUBIC)]
@@ -110,6 +110,34 @@ class ImageFolderDataset(Dataset):
                 torch.manual_seed(_sample_seed(self.seed, epoch, index))
                 return self.transform(img), label, bad
         raise AddpError(f"{MAX_CONSECUTIVE_BAD} unreadable images in a row near {self.samples[index][0]}")
+
+
+def training_folder(path) -> tuple[Path, str | None]:
+    """The folder pretraining reads: `path/train` when `path` is a dataset root holding train/
+    (ImageNet's layout; its val/ must not leak into training), else `path`; and a line
+    saying so (None when `path` is used as is)."""
+    root = Path(path)
+    if (root / "train").is_dir():
+        return root / "train", f"[data] {root} holds train/: training reads {root / 'train'} only"
+    return root, None
+
+
+def scan_shared(root: Path):
+    """(samples, classes) of an image folder, scanned once by rank 0 and sent to the other
+    ranks (a scan of ImageNet's 1.28M files takes minutes on network storage)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return _scan(root)
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = _scan(root)
+        except AddpError as e:
+            box[0] = str(e)
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], str):
+        raise AddpError(box[0])
+    return box[0]
 
 
 def _scan(root: Path):

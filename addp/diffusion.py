@@ -37,12 +37,18 @@ class DiffusionConfig:
     grid_steps: int = 100
     max_offset: int = 5  # i_next = i + U{1..max_offset}
     fixed_ratio: float = 0.5  # masking="fixed": mask_t always masks this fraction
+    # > 0: the frozen predictor's dropout layers run in training mode with this rate in both
+    # of its passes, as in the official pretraining (which puts the whole model, predictor
+    # included, in train mode every epoch; MAGE's rate is 0.1). 0: the predictor runs in eval mode.
+    predictor_dropout: float = 0.0
 
     def __post_init__(self):
         for value, allowed, what in ((self.mapping, MAPPINGS, "mapping"), (self.condition, CONDITIONS, "condition"),
                                      (self.masking, MASKINGS, "masking")):
             if value not in allowed:
                 raise ValueError(f"{what} must be one of {allowed}, got {value!r}")
+        if not 0 <= self.predictor_dropout < 1:
+            raise ValueError(f"predictor dropout must be in [0, 1), got {self.predictor_dropout}")
         if not 0 < self.ratio_min < self.ratio_max <= 1:
             raise ValueError(f"mask ratios need 0 < min < max <= 1, got {self.ratio_min}, {self.ratio_max}")
 
@@ -130,6 +136,8 @@ class DiffusionProcess(nn.Module):
         self.tokenizer, self.predictor, self.config = tokenizer.eval(), predictor.eval(), config
         for p in self.parameters():
             p.requires_grad_(False)
+        self.predictor_dropout = _dropout_layers(predictor, config.predictor_dropout)
+        self.train(False)
         self.schedule = MaskSchedule(config, predictor.config.seq_len)
         self._encode, self._predict, self._decode = tokenizer.encode, predictor.forward, tokenizer.decode_embeddings
 
@@ -142,7 +150,10 @@ class DiffusionProcess(nn.Module):
         return self
 
     def train(self, mode: bool = True):
-        return super().train(False)  # frozen: always in eval mode (no dropout)
+        super().train(False)  # frozen: eval mode, except the predictor's dropout when asked for
+        for m in getattr(self, "predictor_dropout", ()):
+            m.train(True)
+        return self
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None,
@@ -175,3 +186,19 @@ class DiffusionProcess(nn.Module):
             return logits, logits
         both = self._predict(torch.cat([z0, z0]), torch.cat([masks.mask_next, masks.mask_t]))
         return both.chunk(2)
+
+
+def _dropout_layers(predictor: nn.Module, rate: float) -> list[nn.Module]:
+    """The predictor's dropout modules (nn.Dropout and attention-probability dropout) set to
+    `rate`; an empty list for rate 0."""
+    if rate == 0:
+        return []
+    layers = []
+    for m in predictor.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = rate
+            layers.append(m)
+        elif hasattr(m, "attn_drop") and isinstance(m.attn_drop, float):
+            m.attn_drop = rate
+            layers.append(m)
+    return layers

@@ -24,7 +24,7 @@ from .registry import check_config, register_model_class, register_preset
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-TOKEN_INPUTS = ("decoder", "none")
+TOKEN_INPUTS = ("decoder", "encoder_decoder", "none")
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,9 @@ class ADDPConfig:
     mlp_ratio: float = 4.0
     dropout: float = 0.1
     drop_path: float = 0.0
-    token_input: str = "decoder"  # where reliable tokens enter: "decoder" (paper) or "none"
+    # where reliable tokens enter: "decoder" (paper), "encoder_decoder" (Tab. 5 ablation: also
+    # appended to the encoder's input) or "none"
+    token_input: str = "decoder"
 
     def __post_init__(self):
         check_config(self, ints=dict(image_size=1, patch_size=1, codebook_size=1, extra_tokens=0, embed_dim=1,
@@ -55,9 +57,11 @@ class ADDPConfig:
                      choices={"token_input": TOKEN_INPUTS},
                      multiples=(("image_size", "patch_size"), ("embed_dim", "num_heads"),
                                 ("decoder_embed_dim", "decoder_num_heads")))
-        if self.token_input == "decoder" and self.embed_dim != self.decoder_embed_dim:
-            raise AddpError(f"{self.name}: token_input 'decoder' needs embed_dim == decoder_embed_dim (the token "
-                            f"embedding feeds the decoder directly), got {self.embed_dim} and {self.decoder_embed_dim}")
+        if self.token_input != "none" and self.embed_dim != self.decoder_embed_dim:
+            raise AddpError(f"{self.name}: token_input {self.token_input!r} needs embed_dim == decoder_embed_dim (the "
+                            f"token embedding feeds the decoder directly), got {self.embed_dim} and {self.decoder_embed_dim}")
+        if self.token_input == "encoder_decoder" and self.encoder != "vit":
+            raise AddpError(f"{self.name}: token_input 'encoder_decoder' needs the ViT encoder, got {self.encoder!r}")
 
     @property
     def grid_size(self) -> int:
@@ -140,7 +144,9 @@ class ADDP(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, c.decoder_embed_dim))
         self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, n + 1, c.decoder_embed_dim))
         self.decoder_pos_mask_embed = nn.Parameter(torch.zeros(1, n + 1, c.decoder_embed_dim))
-        if c.token_input == "decoder":
+        if c.token_input == "encoder_decoder":
+            self.pos_token_embed = nn.Parameter(torch.zeros(1, n + 1, c.embed_dim))
+        if c.token_input != "none":
             self.decoder_pos_token_embed = nn.Parameter(torch.zeros(1, n + 1, c.decoder_embed_dim))
         self.decoder_blocks = nn.ModuleList(
             Block(c.decoder_embed_dim, c.decoder_num_heads, c.mlp_ratio, drop=c.dropout, attn_drop=c.dropout)
@@ -164,17 +170,23 @@ class ADDP(nn.Module):
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))
 
     # -- encoder ---------------------------------------------------------------------------
-    def forward_encoder(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> patch features (B, N, C) (the ViT's class slot dropped)."""
+    def forward_encoder(self, images: torch.Tensor, reliable_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> patch features (B, N, C) (the ViT's class slot dropped).
+
+        reliable_tokens (B, R, D), token_input "encoder_decoder" only: appended to the
+        encoder's input sequence, dropped from its output."""
         x = (images.clamp(0, 1) - self.pixel_mean) / self.pixel_std
         if hasattr(self, "encoder"):
             return self.encoder(x)
         x = self.patch_embed(x) + self.pos_embed[:, 1:]  # (B, N, D)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = self.tokenizer_dropout(self.tokenizer_norm(torch.cat([cls, x], dim=1)))  # (B, 1+N, D)
+        n = x.shape[1]
+        if reliable_tokens is not None:
+            x = torch.cat([x, reliable_tokens], dim=1)
         for blk in self.blocks:
             x = blk(x)
-        return self.norm(x)[:, 1:]
+        return self.norm(x[:, 1:n])
 
     # -- decoder ---------------------------------------------------------------------------
     def forward_decoder(self, features: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
@@ -195,19 +207,20 @@ class ADDP(nn.Module):
         x = torch.cat([self.mask_token.to(x.dtype).expand(B, 1, -1), x], dim=1)  # (B, 1+N, Dd)
         slot_mask = torch.cat([mask.new_zeros(B, 1), mask], dim=1)[..., None]
         x = x + torch.where(slot_mask, self.decoder_pos_mask_embed, self.decoder_pos_embed_learned)
-        if self.config.token_input == "decoder":
+        if self.config.token_input != "none":
             x = torch.cat([x, self._reliable_token_input(ids, mask, num_reliable)], dim=1)
         for blk in self.decoder_blocks:
             x = blk(x)
         return x
 
-    def _reliable_token_input(self, ids, mask, num_reliable):
-        """Embeddings of the reliable tokens in position order + their position embedding."""
+    def _reliable_token_input(self, ids, mask, num_reliable, pos_embed=None):
+        """Embeddings of the reliable tokens in position order + their position embedding
+        (the decoder's, or `pos_embed`)."""
         if num_reliable is None:
             num_reliable = int((~mask[0]).sum())  # host sync; pass num_reliable in hot loops
         order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)[:, :num_reliable]  # (B, R)
         emb = self.token_emb(ids.gather(1, order))  # (B, R, D)
-        pos = self.decoder_pos_token_embed[0, 1:][order]  # (B, R, Dd)
+        pos = (self.decoder_pos_token_embed if pos_embed is None else pos_embed)[0, 1:][order]  # (B, R, D)
         return emb + pos
 
     def forward(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
@@ -222,7 +235,10 @@ class ADDP(nn.Module):
         """
         if mask.shape[1] != self.config.num_patches:
             raise ValueError(f"mask has {mask.shape[1]} positions, the model's grid has {self.config.num_patches}")
-        return self.forward_decoder(self.forward_encoder(images), ids, mask, num_reliable)
+        tokens = None
+        if self.config.token_input == "encoder_decoder":
+            tokens = self._reliable_token_input(ids, mask, num_reliable, self.pos_token_embed)
+        return self.forward_decoder(self.forward_encoder(images, tokens), ids, mask, num_reliable)
 
 
 @register_preset

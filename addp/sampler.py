@@ -326,7 +326,8 @@ def compiled_models(net: nn.Module, tokenizer: nn.Module) -> tuple[nn.Module, nn
     cache = _cache(net)
     key = ("compiled", id(tokenizer))
     if key not in cache or cache[key][1].tokenizer is not tokenizer:
-        fast_net = _CompiledNet(net) if hasattr(net, "forward_encoder") else torch.compile(net)
+        split = hasattr(net, "forward_encoder") and net.config.token_input != "encoder_decoder"
+        fast_net = _CompiledNet(net) if split else torch.compile(net)
         cache[key] = (fast_net, _CompiledTokenizer(tokenizer))
     return cache[key]
 

@@ -10,6 +10,7 @@ pretraining (launch it with torchrun for several GPUs).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import ops, registry
+from . import ops, recipes, registry
 from .checkpoint import load_checkpoint, save_checkpoint
 from .cli import (RESUMABLE, ArgumentParser, add_sampler_args, device, existing_file, fraction, integer,
                   non_negative_float, non_negative_int, number, output_folder, positive_float, positive_int,
@@ -42,6 +43,8 @@ log = logging.getLogger("addp.train")  # a fixed name: run as `python -m`, __nam
 
 def get_args_parser() -> ArgumentParser:
     p = ArgumentParser("train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--recipe", default=None, choices=recipes.names("train"),
+                   help="the settings of an official pretraining run (explicit flags still win)")
     p.add_argument("--stage", default="all", choices=("all",) + STAGES, help="which stage(s) to run")
     p.add_argument("--model", default="addp_vit_small", choices=registry.list_models("addp"))
     p.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
@@ -53,25 +56,37 @@ def get_args_parser() -> ArgumentParser:
     p.add_argument("--tokenizer-model", default=None, choices=registry.list_models("tokenizer"),
                    help="preset to train when no --tokenizer is given (default: matches --model)")
     p.add_argument("--predictor-model", default=None, choices=registry.list_models("predictor"))
-    p.add_argument("--data-path", help="ImageFolder root (e.g. imagenet/train); default: bundled digits")
+    p.add_argument("--data-path", help="ImageFolder root, or a root holding train/ (then train/ only, e.g. "
+                                       "imagenet/); default: bundled digits")
     p.add_argument("--crop-min", type=number(0, 1, low_open=True), default=0.2,
                    help="RandomResizedCrop scale lower bound")
     p.add_argument("--no-flip", action="store_true", help="no horizontal flips")
     p.add_argument("--output-dir", type=output_folder, default="output/addp_demo")
     p.add_argument("--steps", type=positive_int, default=6000, help="ADDP training steps")
+    p.add_argument("--epochs", type=positive_float, default=None,
+                   help="ADDP training length in epochs of the data (replaces --steps)")
     p.add_argument("--tokenizer-steps", type=positive_int, default=500)
     p.add_argument("--predictor-steps", type=positive_int, default=2400)
     p.add_argument("--batch-size", type=positive_int, default=32, help="per process and micro-step")
     p.add_argument("--accum-steps", type=positive_int, default=1)
+    p.add_argument("--global-batch", type=positive_int, default=None,
+                   help="images per optimizer step over all processes; sets --batch-size (or, when "
+                        "--batch-size is given, --accum-steps) from the world size")
     p.add_argument("--blr", type=positive_float, default=None,
-                   help="base lr; lr = blr * global batch / 256 (default 1.5e-4, 4e-3 for the small presets)")
+                   help="base lr; lr = blr * global batch / 256 (default 1e-4 as the official runs, "
+                        "4e-3 for the small presets)")
     p.add_argument("--lr", type=positive_float, default=None, help="absolute ADDP lr (overrides --blr)")
     p.add_argument("--tokenizer-lr", type=positive_float, default=2e-3)
     p.add_argument("--predictor-lr", type=positive_float, default=3e-3)
     p.add_argument("--min-lr", type=non_negative_float, default=0.0)
-    p.add_argument("--warmup-steps", type=non_negative_int, default=100)
+    p.add_argument("--warmup-steps", type=non_negative_int, default=None,
+                   help="default: 100 for the small presets, else 40 epochs (the official runs)")
+    p.add_argument("--warmup-epochs", type=non_negative_float, default=None,
+                   help="warm-up in epochs (replaces --warmup-steps)")
     p.add_argument("--weight-decay", type=non_negative_float, default=0.05)
     p.add_argument("--clip-grad", type=non_negative_float, default=3.0, help="gradient norm clip (0: off)")
+    p.add_argument("--beta1", type=fraction, default=0.9, help="AdamW beta1")
+    p.add_argument("--beta2", type=fraction, default=0.95, help="AdamW beta2 (the paper's ResNet-50: 0.98)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: bf16 on GPU, fp32 on CPU")
     p.add_argument("--ema-decay", type=fraction, default=0.0, help="EMA of the weights (0: off)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
@@ -80,7 +95,12 @@ def get_args_parser() -> ArgumentParser:
                    help="predictor condition of the inputs: reliable tokens of t+1 (paper) or of t")
     p.add_argument("--masking", default="default", choices=MASKINGS)
     p.add_argument("--target", default="soft", choices=TARGETS)
-    p.add_argument("--token-input", default=None, choices=TOKEN_INPUTS, help="default: the preset's")
+    p.add_argument("--token-input", default=None, choices=TOKEN_INPUTS,
+                   help="where reliable tokens enter the network (encoder_decoder: paper Tab. 5); "
+                        "default: the preset's (decoder)")
+    p.add_argument("--predictor-dropout", type=fraction, default=0.0,
+                   help="dropout rate of the frozen token predictor in both of its passes, as in the "
+                        "official run (0.1, MAGE's); 0: the predictor runs in eval mode")
     p.add_argument("--log-every", type=positive_int, default=20)
     p.add_argument("--ckpt-every", type=positive_int, default=500)
     p.add_argument("--seed", type=random_seed, default=0)
@@ -105,7 +125,9 @@ def _check_configs(args) -> None:
         args.net_config = registry.preset_config(args.model, **overrides)
     except AddpError as e:
         raise AddpError(f"--model-option: {e}") from None
-    args.train_configs = {stage: train_config(args, stage) for stage in STAGES}
+    provisional = {"steps": args.steps, "warmup_steps": args.warmup_steps or 0}  # epochs need the data
+    for stage in STAGES:
+        train_config(args, stage, provisional)
 
 
 # -- building blocks -----------------------------------------------------------------------
@@ -127,19 +149,46 @@ def family_presets(model: str) -> tuple[str, str]:
 
 
 def build_dataset(args, image_size: int):
-    from .data import DigitsDataset, ImageFolderDataset
+    from .data import DigitsDataset, ImageFolderDataset, training_folder
     if args.data_path:
-        return ImageFolderDataset(args.data_path, image_size, args.crop_min, not args.no_flip, seed=args.seed)
+        folder, line = training_folder(args.data_path)
+        if line:
+            log.info(line)
+        return ImageFolderDataset(folder, image_size, args.crop_min, not args.no_flip, seed=args.seed)
     return DigitsDataset("train", image_size, flip=False, seed=args.seed)
 
 
-def train_config(args, stage: str) -> TrainConfig:
-    steps = {"tokenizer": args.tokenizer_steps, "predictor": args.predictor_steps, "addp": args.steps}[stage]
+def schedule(args, num_samples: int, world_size: int) -> dict:
+    """ADDP steps and warm-up steps, from epochs where they are given in epochs."""
+    global_batch = args.batch_size * args.accum_steps * world_size
+    out = {"global_batch": global_batch, "dataset_images": num_samples}
+    steps = args.steps
+    if args.epochs is not None:
+        steps = recipes.epochs_to_steps(args.epochs, num_samples, args.batch_size, world_size, args.accum_steps)
+        out["epochs"] = args.epochs
+    if args.warmup_epochs is not None:
+        warmup = recipes.epochs_to_steps(args.warmup_epochs, num_samples, args.batch_size, world_size,
+                                         args.accum_steps, at_least=0)
+        out["warmup_epochs"] = args.warmup_epochs
+    elif args.warmup_steps is not None:
+        warmup = args.warmup_steps
+    elif args.model.endswith("_small"):
+        warmup = 100
+    else:  # the official runs warm up for 40 epochs
+        warmup = recipes.epochs_to_steps(40, num_samples, args.batch_size, world_size, args.accum_steps, at_least=0)
+        out["warmup_epochs"] = 40
+    out.update(steps=steps, warmup_steps=min(warmup, steps - 1))
+    return out
+
+
+def train_config(args, stage: str, sched: dict) -> TrainConfig:
+    steps = {"tokenizer": args.tokenizer_steps, "predictor": args.predictor_steps, "addp": sched["steps"]}[stage]
     lr = {"tokenizer": args.tokenizer_lr, "predictor": args.predictor_lr, "addp": args.lr}[stage]
-    blr = args.blr if args.blr is not None else (4e-3 if args.model.endswith("_small") else 1.5e-4)
+    blr = args.blr if args.blr is not None else (4e-3 if args.model.endswith("_small") else 1e-4)
     return TrainConfig(steps=steps, batch_size=args.batch_size, accum_steps=args.accum_steps, blr=blr, lr=lr,
-                       min_lr=args.min_lr, warmup_steps=min(args.warmup_steps, steps - 1),
+                       min_lr=args.min_lr, warmup_steps=min(sched["warmup_steps"], steps - 1),
                        weight_decay=0.0 if stage == "tokenizer" else args.weight_decay,
+                       betas=(args.beta1, args.beta2),
                        clip_grad=args.clip_grad, precision=args.precision, ema_decay=args.ema_decay,
                        compile=args.compile, log_every=args.log_every, ckpt_every=args.ckpt_every, seed=args.seed,
                        num_workers=args.num_workers if args.num_workers is not None
@@ -149,14 +198,17 @@ def train_config(args, stage: str) -> TrainConfig:
 def stage_identity(args, name: str, model_config, inputs: dict, dist) -> dict:
     """What a stage's output is made from: its training and model config, the data, and the
     SHA-256 of each file it consumes (`inputs`)."""
-    return identity_of(train_config(args, name), model_config, inputs,
+    run = {"recipe": args.recipe_record} if args.recipe_record else {}
+    if name == "addp":
+        run["schedule"] = args.schedule
+    return identity_of(train_config(args, name, args.schedule), model_config, inputs, run,
                        {"data": args.data_path or "digits", "world_size": dist.world_size})
 
 
 def run_stage(stage, args, dist, dataset, identity: dict) -> dict:
     """Train one stage in output/<stage>/ (resuming if a matching checkpoint is there)."""
     from .data import make_loader
-    cfg = args.train_configs[stage.name]
+    cfg = train_config(args, stage.name, args.schedule)
     out = Path(args.output_dir) / stage.name
     trainer = Trainer(stage, cfg, out, dist, identity)
     trainer.maybe_resume(args.resume if args.stage == stage.name else None, args.force)
@@ -189,16 +241,35 @@ def use_cached_input(args, name: str, file: Path, inputs: dict) -> None:
 
 
 # -- main ----------------------------------------------------------------------------------
+def resolve_recipe(args, dist) -> None:
+    """Fill in --recipe's settings (not the explicit flags) and the batch split; says so once."""
+    explicit = getattr(args, "explicit", set())
+    args.recipe_record = None
+    if args.recipe:
+        filled = recipes.apply(args, args.recipe, "train", explicit)
+        args.recipe_record = {"name": args.recipe, "source": recipes.RECIPES[args.recipe].source, "filled": filled}
+        log.info(recipes.describe(args.recipe, filled, explicit))
+    line = recipes.split_global_batch(args, dist.world_size, explicit)
+    if line:
+        log.info(line)
+    _check_configs(args)  # the recipe may name another model or values
+
+
 def main(args) -> dict:
     dist = init_distributed(args.device)
     torch.manual_seed(args.seed)
+    resolve_recipe(args, dist)
     out = Path(args.output_dir)
     if dist.is_main:
         clean_run_folder(out, STAGES)
     overrides, net_config = args.model_overrides, args.net_config
     tok_preset, pred_preset = family_presets(args.model)
     dataset = build_dataset(args, net_config.image_size)
-    diffusion = DiffusionConfig(mapping=args.mapping, condition=args.condition, masking=args.masking)
+    args.schedule = schedule(args, len(dataset), dist.world_size)
+    if "epochs" in args.schedule or "warmup_epochs" in args.schedule:
+        log.info(recipes.describe_schedule(args.schedule))
+    diffusion = DiffusionConfig(mapping=args.mapping, condition=args.condition, masking=args.masking,
+                                predictor_dropout=args.predictor_dropout)
     runs = STAGES if args.stage == "all" else (args.stage,)  # the stages this command trains
     report: dict = {"output_dir": str(out), "ops_backends": ops.backends(dist.device)}
     started = time.perf_counter()
@@ -297,7 +368,8 @@ def heldout_images(args, net_config) -> torch.Tensor:
     from .data import ImageFolderDataset, load_digits
     if not args.data_path:
         return load_digits("heldout", net_config.image_size)[0]
-    val = ImageFolderDataset(args.data_path, net_config.image_size, train=False)
+    root = Path(args.data_path)
+    val = ImageFolderDataset(root / "val" if (root / "val").is_dir() else root, net_config.image_size, train=False)
     pick = torch.randperm(len(val), generator=torch.Generator().manual_seed(0))[:512]
     return torch.stack([val[int(i)][0] for i in pick])
 
@@ -326,8 +398,19 @@ def _finish(dist, report: dict, started: float) -> dict:
     return report
 
 
+def _parser_with_explicit(argv) -> ArgumentParser:
+    """The parser, recording in `explicit` the options given on the command line (a recipe leaves them)."""
+    parser = get_args_parser()
+    parser.add_check(lambda args: setattr(args, "explicit", recipes.explicit_dests(parser, argv)))
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return _parser_with_explicit(argv).parse_args(argv)
+
+
 def cli(argv=None) -> int:
-    return run_command("train", get_args_parser(), main, argv, interrupted=RESUMABLE)
+    return run_command("train", _parser_with_explicit(argv), main, argv, interrupted=RESUMABLE)
 
 
 if __name__ == "__main__":

@@ -219,7 +219,7 @@ class Trainer:
 
     def _say(self, text: str) -> None:
         if self.dist.is_main:
-            print(f"[{self.stage.name}] {text}", flush=True)
+            log.info(f"[{self.stage.name}] {text}")
 
     # -- finite checks -----------------------------------------------------------------
     def _check_weights(self) -> None:
@@ -239,8 +239,10 @@ class Trainer:
                          "lower the learning rate")
 
     # -- the loop ----------------------------------------------------------------------
-    def fit(self, make_loader) -> dict:
-        """Train to `steps`; `make_loader(start_micro_batch)` returns an endless loader."""
+    def fit(self, make_loader, on_step=None) -> dict:
+        """Train to `steps`; `make_loader(start_micro_batch)` returns an endless loader.
+        `on_step(step)`, called on every rank after each step's checkpointing, may return
+        values to log at that step (e.g. a periodic evaluation)."""
         cfg = self.cfg
         metrics = _Log(self.out, self.dist.is_main, self.step)
         batches = with_worker_causes(make_loader(self.step * cfg.accum_steps))
@@ -274,6 +276,10 @@ class Trainer:
                     window_start, window_images = time.perf_counter(), 0
                 if self.step % cfg.ckpt_every == 0 or last:
                     self.save()
+                if on_step is not None:
+                    values = on_step(self.step)
+                    if values:
+                        metrics.write(self.step, values)
         finally:
             bar.close()
             metrics.close()
