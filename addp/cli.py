@@ -298,7 +298,9 @@ def add_sampler_args(parser: ArgumentParser, prefix: str = "", defaults=None) ->
 
 def sampler_options(config) -> dict:
     """A SamplerConfig as the keyword arguments of the pipeline's calls."""
-    return dataclasses.asdict(config)
+    options = dataclasses.asdict(config)
+    options["num_inference_steps"] = options.pop("steps")
+    return options
 
 
 def sampler_summary(args) -> dict:

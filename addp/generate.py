@@ -110,8 +110,8 @@ def main(args) -> dict:
             if todo:
                 g = torch.Generator(pipe.device).manual_seed(batch_seed(args.seed, b))
                 with autocast(args.precision, pipe.device):
-                    images = pipe(num_images=B, generator=g, output_type="pt", return_dict=False,
-                                  cuda_graph=args.cuda_graph, compile=args.compile, **sampler_options(config))
+                    images = pipe(num_images=B, generator=g, output_type="pt", cuda_graph=args.cuda_graph,
+                                  compile=args.compile, **sampler_options(config)).images
                 arr = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
                 for i in todo:
                     _save_png(out / image_name(i), arr[i - start])

@@ -1,22 +1,27 @@
 """`ADDPPipeline`: unconditional generation, inpainting, outpainting and uncropping.
 
     pipe = ADDPPipeline.from_pretrained("addp.safetensors")       # ADDP network + VQ tokenizer
-    images = pipe(num_images=16, generator=torch.Generator().manual_seed(0))   # 16 PIL images
-    filled = pipe.inpaint(image, mask)                              # mask True / white = hole
+    images = pipe(num_images=16, generator=torch.Generator().manual_seed(0)).images   # 16 PIL images
+    filled = pipe.inpaint(image, mask_image)                        # mask True / white = hole
+
+The call follows diffusers' pipelines (``num_inference_steps``, ``generator``, ``output_type``,
+``return_dict``, ``callback_on_step_end``, ``pipe.to(device, dtype)``); docs/generation.md
+describes it.
 
 Inpainting follows the paper (App. E): the hole is filled with the mean of the visible
 pixels and the image is encoded to tokens; tokens whose token cell touches the hole are
 unreliable, the others are kept as reliable tokens for the whole run. The alternating
-process starts at the schedule step whose mask ratio matches the unreliable fraction and
-runs the sampler's own step (`sampler._denoise_step`) to the end; the result is blended into
-the input by the pixel mask, so known pixels come back unchanged, bit for bit.
+process starts at the schedule step whose mask ratio matches the unreliable fraction
+(``sampler.Schedule.start_step``) and runs the sampler's loop (``sampler.denoise``) to the
+end; the result is blended into the input by the pixel mask, so known pixels come back
+unchanged, bit for bit.
 """
 from __future__ import annotations
 
-import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -96,11 +101,46 @@ def resize_images(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- pipeline
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+@dataclass
+class ADDPPipelineOutput:
+    """What ``ADDPPipeline.__call__`` returns (diffusers' ``ImagePipelineOutput``).
+
+    images: N PIL images ("pil"), an (N, H, W, 3) float32 array in [0, 1] ("np"), or an
+        (N, 3, H, W) float tensor in [0, 1] on the model's device ("pt").
+    ``output[0]`` and ``output["images"]`` are ``output.images`` too.
+    """
+
+    images: Union[list[Image.Image], np.ndarray, torch.Tensor]
+
+    def to_tuple(self) -> tuple:
+        return (self.images,)
+
+    def __getitem__(self, key):
+        return self.to_tuple()[key] if isinstance(key, int) else getattr(self, key)
+
+
+def as_output_type(images: torch.Tensor, output_type: str):
+    """(N, 3, H, W) in [0, 1] -> the images as ``output_type`` ("pil" | "np" | "pt") gives them."""
+    if output_type == "pil":
+        return to_pil(images)
+    if output_type == "np":
+        return images.float().permute(0, 2, 3, 1).cpu().numpy()
+    return images.float()
+
+
+def _check_output_type(output_type: str) -> None:
+    if output_type not in OUTPUT_TYPES:
+        raise AddpError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+
+
 class ADDPPipeline:
     """An ADDP network and its VQ tokenizer, ready to generate and edit images."""
 
     def __init__(self, net: nn.Module, tokenizer: nn.Module):
-        S._check_models(net, tokenizer)
+        S.check_models(net, tokenizer)
         self.net, self.tokenizer = net.eval(), tokenizer.eval()
 
     # -- construction ---------------------------------------------------------------------
@@ -138,47 +178,96 @@ class ADDPPipeline:
         return next(self.net.parameters()).device
 
     @property
+    def dtype(self) -> torch.dtype:
+        return next(self.net.parameters()).dtype
+
+    @property
     def image_size(self) -> int:
         return self.net.config.image_size
 
+    def to(self, *args, device=None, dtype=None) -> "ADDPPipeline":
+        """Move and/or cast both networks: ``pipe.to("cuda")``, ``pipe.to("cuda", torch.bfloat16)``,
+        ``pipe.to(dtype=torch.bfloat16)``. Returns the pipeline."""
+        for arg in args:
+            if isinstance(arg, torch.dtype):
+                dtype = arg
+            else:
+                device = arg
+        for module in (self.net, self.tokenizer):
+            module.to(device=device, dtype=dtype)
+        S.clear_cache(self.net)  # compiled parts and CUDA graphs read the old parameters
+        return self
+
+    def _step_callback(self, callback_on_step_end) -> Optional[S.StepCallback]:
+        """diffusers' ``callback_on_step_end(pipe, step, timestep, callback_kwargs)`` as a sampler step callback."""
+        if callback_on_step_end is None:
+            return None
+        return lambda i, step, state: callback_on_step_end(self, i, step.timestep, state)
+
     # -- unconditional generation ---------------------------------------------------------
     @torch.no_grad()
-    def __call__(self, num_images: int = 16, steps: int = 20, schedule: str = "cosine", temperature: float = 6.0,
-                 top_p: float = 1.0, generator: Optional[torch.Generator] = None, batch_size: Optional[int] = None,
-                 output_type: str = "pil", return_dict: bool = True, progress: bool = False,
-                 cuda_graph: Optional[bool] = None, compile: bool = False, temperature_schedule: str = "annealed",
-                 parity: bool = False):
-        """Generate ``num_images`` images, ``batch_size`` at a time (default: all at once).
-        On a GPU each batch replays a captured CUDA graph (``cuda_graph=False``: eager);
-        ``compile=True`` compiles the networks first (``sampler.compiled_models``).
+    def __call__(self, num_images: int = 16, num_inference_steps: Optional[int] = None,
+                 generator: S.Generators = None, output_type: str = "pil", return_dict: bool = True,
+                 callback_on_step_end: Optional[Callable] = None, *, protocol: Optional[str] = None,
+                 schedule: Optional[str] = None, temperature: Optional[float] = None,
+                 temperature_schedule: Optional[str] = None, top_p: Optional[float] = None,
+                 parity: Optional[bool] = None, batch_size: Optional[int] = None, progress: bool = False,
+                 cuda_graph: Optional[bool] = None, compile: bool = False):
+        """Generate ``num_images`` images.
 
-        Returns ``{"images": ...}`` (or the bare list/tensor with ``return_dict=False``):
-        a list of PIL images (output_type "pil") or a (N, 3, H, W) tensor in [0, 1] ("pt").
+        Args:
+            num_inference_steps: denoising steps T (default 20, or the protocol's).
+            generator: a torch.Generator on any device (the noise is drawn there and moved to
+                the model's), a list of ``num_images`` of them (image i is the image
+                ``pipe(1, generator=generators[i])`` gives), or None (torch's global RNG).
+            output_type: "pil" (a list of PIL images), "np" ((N, H, W, 3) float32 array) or
+                "pt" ((N, 3, H, W) float tensor on the model's device), values in [0, 1].
+            return_dict: True returns an ``ADDPPipelineOutput`` (``.images``), False the
+                tuple ``(images,)``.
+            callback_on_step_end: ``f(pipe, step, timestep, callback_kwargs)`` after every
+                step (step counts from 0, timestep counts down to 0 at the last step);
+                ``callback_kwargs`` holds the step's "image" (B, 3, H, W), "ids" (B, L) and
+                "mask" (B, L, True = unreliable); returning a dict replaces any of them for
+                the next step (a mask must keep its number of unreliable positions per row).
+            protocol: a named official setting of ``sampler.SAMPLER_PROTOCOLS``
+                ("paper-steps20", "paper-steps256" = the paper's FID protocol).
+            schedule, temperature, temperature_schedule, top_p, parity: sampler options
+                (``sampler.SamplerConfig``); those given replace the protocol's.
+            batch_size: images per forward pass (default: all at once); the callback sees
+                each batch's steps in turn.
+            progress, cuda_graph, compile: as ``sampler.generate`` (on a GPU each batch
+                replays a captured CUDA graph unless a callback or a list of generators
+                needs the eager loop).
         """
-        if output_type not in ("pil", "pt"):
-            raise AddpError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
-        config = S.SamplerConfig(steps=steps, schedule=schedule, temperature=temperature, top_p=top_p,
-                                 temperature_schedule=temperature_schedule, parity=parity)
-        images = S.generate(self.net, self.tokenizer, num_images, config, generator=generator,
-                            batch_size=batch_size, progress=progress, cuda_graph=cuda_graph,
-                            compile=compile)
-        images = to_pil(images) if output_type == "pil" else images
-        return {"images": images} if return_dict else images
+        _check_output_type(output_type)
+        images = S.generate(self.net, self.tokenizer, num_images, generator=generator, batch_size=batch_size,
+                            progress=progress, cuda_graph=cuda_graph, compile=compile,
+                            callback=self._step_callback(callback_on_step_end), protocol=protocol,
+                            steps=num_inference_steps, schedule=schedule, temperature=temperature,
+                            temperature_schedule=temperature_schedule, top_p=top_p, parity=parity)
+        images = as_output_type(images, output_type)
+        return ADDPPipelineOutput(images) if return_dict else (images,)
 
     # -- inpainting -----------------------------------------------------------------------
     @torch.no_grad()
-    def inpaint(self, image: ImageLike, mask, steps: int = 20, schedule: str = "cosine", temperature: float = 6.0,
-                top_p: float = 1.0, generator: Optional[torch.Generator] = None, temperature_schedule: str = "annealed",
-                parity: bool = False):
-        """Fill the hole of ``image`` (``mask`` True / white) and return the image, of the same
-        kind and size as the input (PIL for PIL or a path, a tensor for a tensor); pixels
+    def inpaint(self, image: ImageLike, mask_image, num_inference_steps: Optional[int] = None,
+                generator: S.Generators = None, callback_on_step_end: Optional[Callable] = None, *,
+                protocol: Optional[str] = None, schedule: Optional[str] = None,
+                temperature: Optional[float] = None, temperature_schedule: Optional[str] = None,
+                top_p: Optional[float] = None, parity: Optional[bool] = None):
+        """Fill the hole of ``image`` (``mask_image`` True / white) and return the image, of the
+        same kind and size as the input (PIL for PIL or a path, a tensor for a tensor); pixels
         outside the hole are returned unchanged.
 
         Images of another size than the model's are resized to it for the model and the
-        result is resized back before blending. One mask for every image of a batch.
+        result is resized back before blending. One mask for every image of a batch; a list
+        of generators holds one per image. The other arguments are those of ``__call__``.
         """
+        config = S.sampler_config(protocol=protocol, steps=num_inference_steps, schedule=schedule,
+                                  temperature=temperature, temperature_schedule=temperature_schedule,
+                                  top_p=top_p, parity=parity)
         x, was_pil = _image_tensor(image)
-        hole = mask_tensor(mask)
+        hole = mask_tensor(mask_image)
         if tuple(hole.shape[-2:]) != tuple(x.shape[-2:]):
             raise AddpError(f"mask size {tuple(hole.shape[-2:])} differs from image size {tuple(x.shape[-2:])}")
         if hole.shape[0] not in (1, x.shape[0]) or (hole.shape[0] > 1 and not (hole == hole[:1]).all()):
@@ -188,62 +277,40 @@ class ADDPPipeline:
             raise AddpError("the mask is all black: there is no hole to fill")
         if hole.all():
             raise AddpError("the mask is all white: no pixel is known (use the pipeline's __call__ to generate)")
-        config = S.SamplerConfig(steps=steps, schedule=schedule, temperature=temperature, top_p=top_p,
-                                 temperature_schedule=temperature_schedule, parity=parity)
-        filled = self._inpaint_model_size(x.to(self.device), hole.to(self.device), config, generator)
+        S.check_generators(generator, x.shape[0])
+        filled = self._inpaint_model_size(x.to(self.device), hole.to(self.device), config, generator,
+                                          self._step_callback(callback_on_step_end))
         out = torch.where(hole.to(self.device), filled, x.to(self.device))  # known pixels: the input, exactly
         return _like(out, image, was_pil)
 
-    def _inpaint_model_size(self, x, hole, config, generator) -> torch.Tensor:
+    def _inpaint_model_size(self, x, hole, config, generator, callback) -> torch.Tensor:
         """(B, 3, H, W), hole (1, 1, H, W) -> generated images (B, 3, H, W), not yet blended."""
         size = (self.image_size, self.image_size)
         H, W = x.shape[-2:]
         xs = resize_images(x, size)
         # resized: a model pixel is in the hole when it overlaps any hole pixel
         holes = hole if (H, W) == size else F.adaptive_max_pool2d(hole.float(), size) > 0
-        images = self.fill(xs, holes.expand(x.shape[0], -1, -1, -1), config, generator)
-        return resize_images(images, (H, W))
+        images = self.fill(xs, holes.expand(x.shape[0], -1, -1, -1), config, generator, callback)
+        return resize_images(images.float(), (H, W))
 
     def fill(self, x: torch.Tensor, hole: torch.Tensor, config: S.SamplerConfig = S.SamplerConfig(),
-             generator: Optional[torch.Generator] = None) -> torch.Tensor:
+             generator: S.Generators = None, callback: Optional[S.StepCallback] = None) -> torch.Tensor:
         """The alternating process from a partly known image, at the model size.
 
         x (B, 3, S, S) in [0, 1]; hole (B, 1, S, S) bool, the same in every row.
-        Returns the generated images (B, 3, S, S) (not blended).
+        Returns the generated images (B, 3, S, S) (not blended). ``callback``: see ``sampler.denoise``.
         """
-        L = self.net.config.num_patches
-        with S._EvalMode(self.net, self.tokenizer):
+        with S.eval_mode(self.net, self.tokenizer):
             visible = (~hole).float()
             mean = (x * visible).sum((2, 3), keepdim=True) / visible.sum((2, 3), keepdim=True).clamp_min(1)
             x = torch.where(hole, mean.expand_as(x), x)  # (B, 3, S, S): the hole holds the visible mean
-            ids = self.tokenizer.encode(x)  # (B, L)
+            ids = self.tokenizer.encode(x.to(self.tokenizer.codebook.dtype))  # (B, L)
             cell = self.image_size // self.net.config.grid_size
             mask = F.max_pool2d(hole.float(), cell).flatten(1) > 0  # (B, L): token cells touching the hole
-            unreliable = int(mask[0].sum())
-            lengths = S.mask_schedule(L, config.steps, config.schedule, config.parity)
-            start = self.start_step(L, unreliable, config)
-            taus = S.choice_temperatures(config)
+            steps = S.Schedule(config, self.net.config.num_patches).plan(unreliable=int(mask[0].sum()))
             x = self.tokenizer.decode_ids(ids).clamp(0, 1)  # (B, 3, S, S): the decoded starting image
-            num_reliable = L - unreliable
-            for s in range(start, config.steps):
-                mask_len = min(lengths[s], L - num_reliable)  # known tokens never become unreliable again
-                x, ids, mask = S._denoise_step(self.net, self.tokenizer, x, ids, mask, num_reliable, mask_len,
-                                               taus[s], config.top_p, generator)
-                num_reliable = L - mask_len
+            x, _, _ = S.denoise(self.net, self.tokenizer, x, ids, mask, steps, config.top_p, generator, callback)
         return x
-
-    @staticmethod
-    def start_step(num_tokens: int, unreliable: int, config: S.SamplerConfig) -> int:
-        """The step to start from: the last s whose input mask ratio m(s/T) still masks at
-        least ``unreliable`` of ``num_tokens`` positions (0 when every position is unreliable)."""
-        T = config.steps
-        start = 0
-        for s in range(T):
-            r = s / T
-            ratio = math.cos(math.pi / 2 * r) if config.schedule == "cosine" else 1 - r
-            if math.ceil(num_tokens * ratio) >= unreliable:
-                start = s
-        return start
 
     # -- outpainting / uncropping ---------------------------------------------------------
     @torch.no_grad()

@@ -6,14 +6,24 @@ Every step (s = 0 .. T-1), with L token positions and a K-entry codebook:
     sampled  = categorical(softmax(logits)) at every position          (optionally top-p)
     ids      = where(mask, sampled, ids)             reliable tokens never change
     conf     = log p(sampled) + tau_s * Gumbel,  +inf at reliable positions
-    mask     = the mask_len[s] lowest-confidence positions of each row
+    mask     = the mask_len[s] lowest-confidence positions of each row (ties: lower index)
     x        = clamp(decode(where(mask, softmax(logits) @ codebook, codebook[ids])), 0, 1)
 
-It starts from every position unreliable (ids zeros, x zeros: the network does not read the
-image while every position is masked) and returns the last x.
+Generation starts from every position unreliable (ids zeros, x zeros: the network does not
+read the image while every position is masked) and returns the last x.
 
 ``mask_len[s] = clip(ceil(L * m((s + 1) / T)), 1, L)`` with ``m(r) = cos(pi/2 * r)`` or ``1 - r``,
 and ``tau_s = tau0 * (1 - (s + 1) / T)`` (annealed) or ``tau0`` (static).
+
+The parts, split as diffusers splits ``AmusedScheduler`` from its pipelines:
+
+* ``Schedule``: for a config and L positions, the mask lengths, the temperatures, and the
+  step to start from when only some positions are unknown (inpainting); ``Schedule.plan``
+  lists the ``Step``s to run.
+* ``denoise_step``: one step, the formulas above; the only place a step is computed.
+* ``denoise``: runs a plan from a state (image, ids, mask). ``sample_batch`` (generation),
+  ``ADDPPipeline.fill`` (inpainting, outpainting, uncropping), ``CudaGraphSampler`` (which
+  captures ``sample_batch``) and the step visualisation all run it.
 
 Two modes, otherwise identical:
 
@@ -25,24 +35,33 @@ Two modes, otherwise identical:
   reliable and the final image is decoded from hard tokens only.
 
 Random numbers. All noise comes from ``generator`` (or torch's global RNG when None), drawn
-in this fixed order, so a re-implementation can reproduce a run exactly:
+by ``ops.gumbel_topk_unmask`` in this fixed order, so a re-implementation can reproduce a
+run exactly:
 
     for each batch, for each step s:
-        1. sampling noise  gumbel_noise((B, L, K), generator, torch.float32)
-        2. choice noise    gumbel_noise((B, L), generator, torch.float64)
+        1. sampling noise  ops.gumbel(torch.rand((B, L, K), generator=generator, dtype=torch.float32))
+        2. choice noise    ops.gumbel(torch.rand((B, L), generator=generator, dtype=torch.float64))
 
-``gumbel_noise`` is ``-log(-log(u))`` with ``u = torch.rand(shape, dtype)`` clamped below at
-the dtype's smallest normal number. Sampling is Gumbel-max: ``argmax(logits + noise)``
-(non-nucleus tokens get -inf first when top_p < 1). The choice noise is float64 and scaled by
-tau in float64 before being added to the float32 log-probability, as the official code does
-with numpy's float64 Gumbel draws. Results therefore depend on ``batch_size`` (the batches
-draw one after another from the same generator).
+``ops.gumbel(u)`` is ``-log(-log(u))`` with u clamped below at the dtype's smallest normal
+number. Sampling is Gumbel-max: ``argmax(logits + noise)`` (non-nucleus tokens get -inf
+first when top_p < 1). The choice noise is float64 and scaled by tau in float64 before being
+added to the float32 log-probability, as the official code does with numpy's float64 Gumbel
+draws. Results therefore depend on ``batch_size`` (the batches draw one after another from
+the same generator). A list of generators, one per image, gives image b the noise of its
+own generator: the image a batch of one would give from it.
+
+Noise is drawn on the generator's device and moved to the model's (the diffusers
+convention): a CPU generator gives a CUDA model the noise of the CPU run, at the cost of
+drawing B*L*K uniforms a step on the CPU and copying them to the GPU (docs/generation.md
+gives the measured cost). A generator on the model's device costs nothing extra.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -51,6 +70,8 @@ from . import ops
 
 SCHEDULES = ("cosine", "linear")
 TEMPERATURE_SCHEDULES = ("annealed", "static")
+
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]
 
 
 @dataclass(frozen=True)
@@ -85,16 +106,33 @@ class SamplerConfig:
                              f"got {self.temperature_schedule!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.parity, bool):
+            raise ValueError(f"parity must be True or False, got {self.parity!r}")
 
 
-# Named sampler settings of the official release (ChangyaoTian/ADDP generation scripts).
-# "paper-steps256" is the paper's FID protocol (Tab. 1).
+# Named sampler settings of the official release (ChangyaoTian/ADDP, configs/release/*/
+# generate_addp_*.sh with main_generate.py's defaults: choice temperature 6.0, `dynamic`
+# temperature, plain categorical sampling). "paper-steps256" is the paper's FID protocol (Tab. 1).
 SAMPLER_PROTOCOLS: dict[str, SamplerConfig] = {
     "paper-steps20": SamplerConfig(steps=20, schedule="cosine", temperature=6.0,
                                    temperature_schedule="annealed", parity=True),
     "paper-steps256": SamplerConfig(steps=256, schedule="linear", temperature=6.0,
                                     temperature_schedule="annealed", parity=True),
 }
+
+
+def sampler_config(config: Optional[SamplerConfig] = None, protocol: Optional[str] = None,
+                   **options) -> SamplerConfig:
+    """The config to run: ``config``, else the named ``protocol`` (a key of
+    SAMPLER_PROTOCOLS), else the defaults; every option given (not None) replaces its field,
+    e.g. ``sampler_config(protocol="paper-steps256", steps=64)``."""
+    if config is not None and protocol is not None:
+        raise ValueError("give a config or a protocol, not both")
+    if protocol is not None and protocol not in SAMPLER_PROTOCOLS:
+        raise ValueError(f"protocol must be one of {tuple(SAMPLER_PROTOCOLS)}, got {protocol!r}")
+    base = config if config is not None else SAMPLER_PROTOCOLS[protocol] if protocol is not None else SamplerConfig()
+    given = {k: v for k, v in options.items() if v is not None}
+    return dataclasses.replace(base, **given) if given else base
 
 
 @dataclass
@@ -113,7 +151,7 @@ class GenerationOutput:
     step_ids: list[torch.Tensor] = field(default_factory=list)
 
 
-# --------------------------------------------------------------------------- schedules
+# --------------------------------------------------------------------------- the schedule
 def mask_schedule(num_tokens: int, steps: int, schedule: str = "cosine", parity: bool = False) -> list[int]:
     """Number of positions left unreliable after each step: a list of ``steps`` ints.
 
@@ -142,135 +180,188 @@ def choice_temperatures(config: SamplerConfig) -> list[float]:
     return [tau0 * (1 - 1.0 * (s + 1) / T) for s in range(T)]
 
 
-# --------------------------------------------------------------------------- sampling helpers
-def gumbel_noise(shape, generator: Optional[torch.Generator] = None, dtype=torch.float32,
-                 device=None) -> torch.Tensor:
-    """Standard Gumbel noise of ``shape``: ``-log(-log(u))``, u uniform from ``generator``.
+@dataclass(frozen=True)
+class Step:
+    """One denoising step of a plan.
 
-    u is clamped below at the smallest normal float, so the noise is finite (a zero
-    temperature times the noise is 0, never NaN).
+    index: s in [0, T), the step of the schedule.
+    timestep: T - 1 - s, counting down to 0 at the last step (diffusers' ``timesteps``).
+    num_reliable: reliable positions entering the step (the same in every row).
+    mask_len: positions left unreliable after it.
+    temperature: tau_s, the Gumbel scale of the choice of positions.
     """
-    u = torch.rand(shape, generator=generator, dtype=dtype, device=device)
-    return -torch.log(-torch.log(u.clamp_min(torch.finfo(dtype).tiny)))
+
+    index: int
+    timestep: int
+    num_reliable: int
+    mask_len: int
+    temperature: float
 
 
-def nucleus_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """(..., K) logits -> (..., K) bool, True for tokens in the top-p nucleus.
+class Schedule:
+    """The schedule of a sampler config over ``num_tokens`` positions.
 
-    The nucleus is the smallest prefix of the probabilities sorted in descending order whose
-    sum reaches ``top_p``; the most likely token is always in it.
+    mask_lengths[s]: positions left unreliable after step s (``mask_schedule``).
+    temperatures[s]: tau_s (``choice_temperatures``).
     """
-    probs = torch.softmax(logits.float(), dim=-1)
-    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of the tokens ranked above
-    keep_sorted = mass_before < top_p
-    keep_sorted[..., 0] = True
-    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+    def __init__(self, config: SamplerConfig, num_tokens: int):
+        self.config, self.num_tokens = config, num_tokens
+        self.mask_lengths = mask_schedule(num_tokens, config.steps, config.schedule, config.parity)
+        self.temperatures = choice_temperatures(config)
+
+    def start_step(self, unreliable: int) -> int:
+        """The step to start from with ``unreliable`` of the L positions unknown: the last s
+        whose input still has at least that many unreliable positions. Step s's input has
+        ``ceil(L * m(s / T))`` of them: L at s = 0, then ``mask_lengths[s - 1]`` (the clip
+        and the parity flag never act before the last step)."""
+        if not 0 <= unreliable <= self.num_tokens:
+            raise ValueError(f"unreliable must be in [0, {self.num_tokens}], got {unreliable}")
+        entering = [self.num_tokens] + self.mask_lengths[:-1]
+        return max(s for s, n in enumerate(entering) if n >= unreliable)
+
+    def plan(self, unreliable: Optional[int] = None) -> list[Step]:
+        """The steps to run: from step 0 with every position unreliable (None: generation),
+        or from ``start_step(unreliable)`` with ``unreliable`` positions unknown; positions
+        known at the start stay reliable (mask_len never exceeds the unknown count)."""
+        L, T = self.num_tokens, self.config.steps
+        start = 0 if unreliable is None else self.start_step(unreliable)
+        left = L if unreliable is None else unreliable
+        steps = []
+        for s in range(start, T):
+            mask_len = min(self.mask_lengths[s], left)
+            steps.append(Step(s, T - 1 - s, L - left, mask_len, self.temperatures[s]))
+            left = mask_len
+        return steps
 
 
-def sample_ids(logits: torch.Tensor, noise: torch.Tensor, top_p: float = 1.0) -> torch.Tensor:
-    """Gumbel-max sampling: (..., K) logits and (..., K) Gumbel noise -> (...) int64 ids.
-
-    With ``top_p < 1`` only tokens of the nucleus (``nucleus_mask``) can be drawn; with
-    ``top_p == 1`` it samples from ``softmax(logits)`` with the very same noise.
-    """
-    scores = logits.float()
-    if top_p < 1:
-        scores = scores.masked_fill(~nucleus_mask(scores, top_p), float("-inf"))
-    return torch.argmax(scores + noise, dim=-1)
+# --------------------------------------------------------------------------- the step
+StepCallback = Callable[[int, Step, dict], Optional[dict]]
+STATE_KEYS = ("image", "ids", "mask")
 
 
-def sample_categorical(logits: torch.Tensor, generator: Optional[torch.Generator] = None,
-                       top_p: float = 1.0) -> torch.Tensor:
-    """(..., K) logits -> (...) int64 ids drawn from softmax(logits) (top-p when < 1)."""
-    noise = gumbel_noise(logits.shape, generator, torch.float32, logits.device)
-    return sample_ids(logits, noise, top_p)
+def denoise_step(net: nn.Module, tokenizer: nn.Module, x: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                 step: Step, top_p: float = 1.0, generator: Generators = None):
+    """One alternating step (the module docstring's formulas): (x, ids, mask) -> the same after it.
 
-
-def lowest_confidence_mask(confidence: torch.Tensor, mask_len: int) -> torch.Tensor:
-    """(B, L) confidence -> (B, L) bool, True at the ``mask_len`` lowest values of each row."""
-    out = torch.zeros_like(confidence, dtype=torch.bool)
-    if mask_len == 0:
-        return out
-    idx = torch.topk(confidence, k=mask_len, dim=-1, largest=False).indices
-    return out.scatter(-1, idx, True)
-
-
-# --------------------------------------------------------------------------- the sampler
-def _denoise_step(net, tokenizer, x, ids, mask, num_reliable: int, mask_len: int, tau: float,
-                  top_p: float, generator):
-    """One alternating step: (x, ids, mask) -> (x_next, ids_next, mask_next).
-
-    Sampling, confidence and the choice of positions are the fused op
-    ``ops.gumbel_topk_unmask`` (its reference is the plain-PyTorch definition); it draws
-    the noise in the order documented above.
+    x (B, 3, H, W); ids (B, L) int64; mask (B, L) bool, True = unreliable, with
+    ``step.num_reliable`` False in every row. Sampling, confidence and the choice of
+    positions are the fused op ``ops.gumbel_topk_unmask``; the image is decoded from
+    ``ops.codebook_weighted_sum``.
     """
     K = tokenizer.codebook.shape[0]
-    if num_reliable == 0:
+    if step.num_reliable == 0:
         # Every position unreliable: the network reads neither the image nor any token, so
         # every row gets the same logits. One row is computed and shared by the batch.
         logits = net(x[:1], ids[:1], mask[:1], 0)[..., :K].float().expand(x.shape[0], -1, -1)
     else:
-        logits = net(x, ids, mask, num_reliable)[..., :K].float()  # (B, L, K)
-    ids, mask = ops.gumbel_topk_unmask(logits, ids, mask, mask_len, tau, generator=generator, top_p=top_p)
+        logits = net(x, ids, mask, step.num_reliable)[..., :K].float()  # (B, L, K)
+    ids, mask = ops.gumbel_topk_unmask(logits, ids, mask, step.mask_len, step.temperature,
+                                       generator=generator, top_p=top_p)
     emb = ops.codebook_weighted_sum(logits, tokenizer.codebook, ids, mask)  # (B, L, D)
     x = tokenizer.decode_embeddings(emb).clamp(0, 1)
     return x, ids, mask
 
 
-def _check_models(net, tokenizer) -> None:
+def denoise(net: nn.Module, tokenizer: nn.Module, x: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+            steps: Sequence[Step], top_p: float = 1.0, generator: Generators = None,
+            callback: Optional[StepCallback] = None):
+    """Run ``steps`` (a ``Schedule.plan``) from the state (x, ids, mask); returns the state
+    after the last step. Reads no tensor on the host (without a callback).
+
+    callback(i, step, {"image": x, "ids": ids, "mask": mask}) runs after the i-th step of the
+    run; it may return a dict replacing any of the three for the next step (a replaced mask
+    must leave ``step.mask_len`` positions unreliable in every row).
+    """
+    for i, step in enumerate(steps):
+        x, ids, mask = denoise_step(net, tokenizer, x, ids, mask, step, top_p, generator)
+        if callback is not None:
+            x, ids, mask = _replaced(callback(i, step, dict(zip(STATE_KEYS, (x, ids, mask)))), x, ids, mask, step)
+    return x, ids, mask
+
+
+def _replaced(new: Optional[dict], x, ids, mask, step: Step):
+    """The state after a step callback: its returned tensors where it returned any, checked."""
+    if not new:
+        return x, ids, mask
+    unknown = set(new) - set(STATE_KEYS)
+    if unknown:
+        raise ValueError(f"a step callback may return {STATE_KEYS}, got {sorted(unknown)}")
+    out = []
+    for key, old in zip(STATE_KEYS, (x, ids, mask)):
+        value = new.get(key, old)
+        if not isinstance(value, torch.Tensor) or value.shape != old.shape or value.dtype != old.dtype:
+            raise ValueError(f"a step callback's {key!r} must be a {old.dtype} tensor of shape {tuple(old.shape)}")
+        out.append(value.to(old.device))
+    if "mask" in new and not bool((out[2].sum(1) == step.mask_len).all()):
+        raise ValueError(f"a step callback's mask must leave {step.mask_len} positions unreliable in every row")
+    return tuple(out)
+
+
+def check_models(net: nn.Module, tokenizer: nn.Module) -> None:
+    """Raise ValueError unless the network predicts the tokenizer's codebook."""
     K, Kt = net.config.codebook_size, tokenizer.codebook.shape[0]
     if K != Kt:
         raise ValueError(f"the network predicts {K} codebook entries but the tokenizer has {Kt}")
 
 
+@contextlib.contextmanager
+def eval_mode(*modules: nn.Module):
+    """Modules in eval mode for a ``with`` block; their training flags are restored after it."""
+    flags = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, flag in zip(modules, flags):
+            m.train(flag)
+
+
+def check_generators(generator: Generators, num_images: int) -> None:
+    """A list of generators must hold one per image."""
+    if isinstance(generator, (list, tuple)) and len(generator) != num_images:
+        raise ValueError(f"got {len(generator)} generators for {num_images} images (give one, or one per image)")
+
+
 def sample_batch(net: nn.Module, tokenizer: nn.Module, batch_size: int, config: SamplerConfig = SamplerConfig(),
-                 generator: Optional[torch.Generator] = None, return_intermediates: bool = False):
+                 generator: Generators = None, return_intermediates: bool = False,
+                 callback: Optional[StepCallback] = None):
     """Generate one batch; ``net`` and ``tokenizer`` must already be in eval mode.
 
-    Runs on the device of ``net`` (``generator``, if given, must be on that device). Does not
-    switch off autograd itself (``generate`` does).
+    Runs on the device of ``net``; ``generator``: one (any device), one per image, or None.
+    Does not switch off autograd itself (``generate`` does). ``callback``: see ``denoise``.
 
     Returns images (B, 3, H, W) in [0, 1], or with ``return_intermediates`` a
     ``GenerationOutput`` whose lists hold one (B, ...) tensor per step.
     """
-    _check_models(net, tokenizer)
-    device = next(net.parameters()).device
+    check_models(net, tokenizer)
+    check_generators(generator, batch_size)
+    param = next(net.parameters())
     L, size = net.config.num_patches, net.config.image_size
-    x = torch.zeros(batch_size, 3, size, size, device=device)
-    ids = torch.zeros(batch_size, L, dtype=torch.long, device=device)
-    mask = torch.ones(batch_size, L, dtype=torch.bool, device=device)
+    x = torch.zeros(batch_size, 3, size, size, device=param.device, dtype=param.dtype)
+    ids = torch.zeros(batch_size, L, dtype=torch.long, device=param.device)
+    mask = torch.ones(batch_size, L, dtype=torch.bool, device=param.device)
     out = GenerationOutput(images=x)
-    num_reliable = 0
-    lengths = mask_schedule(L, config.steps, config.schedule, config.parity)
-    for mask_len, tau in zip(lengths, choice_temperatures(config)):
-        x, ids, mask = _denoise_step(net, tokenizer, x, ids, mask, num_reliable, mask_len, tau,
-                                     config.top_p, generator)
-        num_reliable = L - mask_len  # known from the schedule: no host sync
-        if return_intermediates:
-            out.step_images.append(x)
-            out.step_masks.append(mask)
-            out.step_ids.append(ids)
+    if return_intermediates:
+        callback = _recorder(out, callback)
+    x, _, _ = denoise(net, tokenizer, x, ids, mask, Schedule(config, L).plan(), config.top_p, generator, callback)
     if not return_intermediates:
         return x
     out.images = x
     return out
 
 
-class _EvalMode:
-    """Puts modules in eval mode for a ``with`` block and restores their training flags."""
-
-    def __init__(self, *modules: nn.Module):
-        self.modules = modules
-
-    def __enter__(self):
-        self.flags = [m.training for m in self.modules]
-        for m in self.modules:
-            m.eval()
-
-    def __exit__(self, *exc):
-        for m, flag in zip(self.modules, self.flags):
-            m.train(flag)
+def _recorder(out: GenerationOutput, callback: Optional[StepCallback]) -> StepCallback:
+    """A step callback that runs ``callback`` and appends the resulting state to ``out``."""
+    def record(i, step, state):
+        new = callback(i, step, state) if callback is not None else None
+        final = {**state, **(new or {})}
+        out.step_images.append(final["image"])
+        out.step_ids.append(final["ids"])
+        out.step_masks.append(final["mask"])
+        return new
+    return record
 
 
 class _CompiledNet(nn.Module):
@@ -336,10 +427,15 @@ class CudaGraphSampler:
     """``sample_batch`` for one (network, tokenizer, batch size, config), captured as one
     CUDA graph and replayed: the T steps launch as a single graph, with no Python between
     kernels. Shapes are static (every step's mask_len and number of reliable tokens is
-    fixed by the schedule), and the noise comes from a private generator registered with
-    the graph. Each call copies the caller's generator state into it, replays, and advances
-    the caller's generator by what the eager sampler would have drawn, so for the same
-    generator state the replay computes exactly what ``sample_batch`` computes.
+    fixed by the schedule), and the noise comes from a private CUDA generator registered
+    with the graph.
+
+    A CUDA generator's state is copied into the private one before the replay and the
+    caller's generator is advanced by what the eager sampler would have drawn, so the
+    replay computes exactly what ``sample_batch`` computes from the same generator. A
+    generator on another device (e.g. the CPU) seeds the private one with
+    ``torch.randint(2**63 - 1, (), generator=generator)``: the replay then computes what
+    ``sample_batch`` computes from a CUDA generator with that seed.
 
     The graph reads the module's parameters in place: load new weights with
     ``load_state_dict`` (in place), not by replacing parameter tensors.
@@ -368,10 +464,19 @@ class CudaGraphSampler:
         """One batch (B, 3, H, W) drawn from ``generator`` (None: the device's default generator)."""
         device = self.images.device
         source = generator if generator is not None else torch.cuda.default_generators[device.index or 0]
-        self.generator.set_state(source.get_state())
-        self.graph.replay()
-        source.set_state(self.generator.get_state())
+        if source.device.type == "cuda":
+            self.generator.set_state(source.get_state())
+            self.graph.replay()
+            source.set_state(self.generator.get_state())
+        else:
+            self.generator.manual_seed(graph_seed(source))
+            self.graph.replay()
         return self.images.clone()
+
+
+def graph_seed(generator: torch.Generator) -> int:
+    """The seed a non-CUDA generator gives the CUDA-graph sampler's private generator."""
+    return int(torch.randint(2 ** 63 - 1, (), generator=generator))
 
 
 def graphed_sampler(net: nn.Module, tokenizer: nn.Module, batch_size: int, config: SamplerConfig) -> CudaGraphSampler:
@@ -385,10 +490,13 @@ def graphed_sampler(net: nn.Module, tokenizer: nn.Module, batch_size: int, confi
     return cache[key]
 
 
-def generate(net: nn.Module, tokenizer: nn.Module, num_images: int, config: SamplerConfig = SamplerConfig(),
-             generator: Optional[torch.Generator] = None, batch_size: Optional[int] = None,
-             return_intermediates: bool = False, progress: bool = False, cuda_graph: Optional[bool] = None,
-             compile: bool = False):
+def generate(net: nn.Module, tokenizer: nn.Module, num_images: int, config: Optional[SamplerConfig] = None,
+             generator: Generators = None, batch_size: Optional[int] = None, return_intermediates: bool = False,
+             progress: bool = False, cuda_graph: Optional[bool] = None, compile: bool = False,
+             callback: Optional[StepCallback] = None, *, protocol: Optional[str] = None,
+             steps: Optional[int] = None, schedule: Optional[str] = None, temperature: Optional[float] = None,
+             temperature_schedule: Optional[str] = None, top_p: Optional[float] = None,
+             parity: Optional[bool] = None):
     """Generate ``num_images`` images with the alternating denoising process.
 
     Args:
@@ -396,43 +504,60 @@ def generate(net: nn.Module, tokenizer: nn.Module, num_images: int, config: Samp
             Both run in eval mode (their training flags are restored afterwards) under
             ``torch.no_grad``, on the device of ``net``.
         num_images: N >= 1.
-        config: the sampler options.
-        generator: source of all randomness (on the device of ``net``); None = torch's global RNG.
+        config: the sampler options (default ``SamplerConfig()``), or
+        protocol: a name of ``SAMPLER_PROTOCOLS`` (e.g. "paper-steps256"); not both.
+        steps, schedule, temperature, temperature_schedule, top_p, parity: replace the
+            field of the config or protocol when given (``sampler_config``).
+        generator: source of all randomness: one torch.Generator (any device; the noise is
+            drawn there and moved), a list of N (image i from generator i), or None for
+            torch's global RNG.
         batch_size: images per batch (default: all N in one batch).
         return_intermediates: also return every step's images, masks and ids.
         progress: show a tqdm bar over batches.
         cuda_graph: replay each batch size's T steps as one captured CUDA graph
-            (``CudaGraphSampler``; same images as eager). None = on for CUDA devices unless
-            ``return_intermediates``; True off CUDA is an error.
+            (``CudaGraphSampler``; same images as eager for a CUDA generator). None = on for
+            CUDA devices unless ``return_intermediates``, a callback or a list of generators
+            asks for the eager loop; True off CUDA is an error.
         compile: torch.compile the networks (the ADDP pixel encoder, its token decoder and
             the tokenizer's decoder; ``compiled_models``). The first batch pays the compilation.
+        callback: called after every step of every batch (``denoise``).
 
     Returns:
         images (N, 3, H, W) in [0, 1], or a ``GenerationOutput`` with lists of T tensors
         (N, 3, H, W) / (N, L) / (N, L) when ``return_intermediates``.
     """
+    config = sampler_config(config, protocol, steps=steps, schedule=schedule, temperature=temperature,
+                            temperature_schedule=temperature_schedule, top_p=top_p, parity=parity)
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
         raise ValueError(f"num_images must be an integer >= 1, got {num_images!r}")
     batch_size = num_images if batch_size is None else batch_size
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    check_generators(generator, num_images)
+    per_image = isinstance(generator, (list, tuple))
     on_cuda = next(net.parameters()).device.type == "cuda"
     if cuda_graph and not on_cuda:
         raise ValueError("cuda_graph=True needs the network on a CUDA device")
-    if cuda_graph and return_intermediates:
-        raise ValueError("cuda_graph=True cannot return intermediates (the graph keeps only the final images)")
-    use_graph = (on_cuda and not return_intermediates) if cuda_graph is None else cuda_graph
-    sizes = [min(batch_size, num_images - i) for i in range(0, num_images, batch_size)]
+    eager_only = return_intermediates or callback is not None or per_image
+    if cuda_graph and eager_only:
+        raise ValueError("cuda_graph=True cannot return intermediates, call a step callback or take a list "
+                         "of generators (the graph keeps only the final images of one generator)")
+    use_graph = (on_cuda and not eager_only) if cuda_graph is None else cuda_graph
+    starts = range(0, num_images, batch_size)
     if progress:
         from tqdm.auto import tqdm
-        sizes = tqdm(sizes, desc="generating", unit="batch")
-    with torch.no_grad(), _EvalMode(net, tokenizer):
+        starts = tqdm(starts, desc="generating", unit="batch")
+    results = []
+    with torch.no_grad(), eval_mode(net, tokenizer):
         if compile:
             net, tokenizer = compiled_models(net, tokenizer)
-        if use_graph:
-            results = [graphed_sampler(net, tokenizer, b, config)(generator) for b in sizes]
-        else:
-            results = [sample_batch(net, tokenizer, b, config, generator, return_intermediates) for b in sizes]
+        for start in starts:
+            b = min(batch_size, num_images - start)
+            g = generator[start:start + b] if per_image else generator
+            if use_graph:
+                results.append(graphed_sampler(net, tokenizer, b, config)(g))
+            else:
+                results.append(sample_batch(net, tokenizer, b, config, g, return_intermediates, callback))
     if not return_intermediates:
         return torch.cat(results)
     return GenerationOutput(
@@ -443,26 +568,7 @@ def generate(net: nn.Module, tokenizer: nn.Module, num_images: int, config: Samp
     )
 
 
-# --------------------------------------------------------------------------- visualisation
-@torch.no_grad()
-def token_embedding_pca(net: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Paper Fig. 16: ids (B, L) in [0, K) -> images (B, 3, h, w) in [0, 1], h = w = sqrt(L).
-
-    Each token's ADDP embedding (``net.token_emb``) is projected on the first 3 principal
-    components of the K codebook rows of the embedding table; each component is min-max
-    normalised over the K codebook rows, so colours are comparable across images and steps.
-    """
-    K = net.config.codebook_size
-    table = net.token_emb.weight[:K].float()  # (K, D)
-    mean = table.mean(0)
-    _, _, vh = torch.linalg.svd(table - mean, full_matrices=False)
-    components = vh[:3].T  # (D, 3)
-    proj_codebook = (table - mean) @ components  # (K, 3)
-    lo, hi = proj_codebook.min(0).values, proj_codebook.max(0).values
-    proj = proj_codebook[ids]  # (B, L, 3): a row of the table per id
-    proj = ((proj - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1)
-    B, L = ids.shape
-    side = math.isqrt(L)
-    if side * side != L:
-        raise ValueError(f"{L} tokens do not form a square grid")
-    return proj.transpose(1, 2).reshape(B, 3, side, side)
+def clear_cache(net: nn.Module) -> None:
+    """Drop the compiled parts and CUDA graphs cached on ``net``: needed after its parameters
+    are replaced (``net.to(other device or dtype)``), since a graph reads them in place."""
+    _cache(net).clear()

@@ -4,7 +4,7 @@ Rows are the images; for each shown step there is a group of three tiles:
   image   the decoded image x after the step
   mask    the positions still unreliable after the step (white), upscaled to the image size
   tokens  the ids after the step (candidates at unreliable positions) coloured by the PCA of
-          the network's token embeddings (``sampler.token_embedding_pca``), upscaled (nearest)
+          the network's token embeddings (``token_embedding_pca``), upscaled (nearest)
 Shown steps (1-based): 1, 1 + k, 1 + 2k, ... and always the last, k = --every. Every tile is
 the image size times --scale (nearest). Writes one PNG (atomically) and prints a JSON line.
 """
@@ -78,6 +78,30 @@ def tile_origin(row: int, group: int, kind: int, tile_h: int, tile_w: int) -> tu
 
 
 # --------------------------------------------------------------------------- tiles
+@torch.no_grad()
+def token_embedding_pca(net, ids: torch.Tensor) -> torch.Tensor:
+    """Paper Fig. 16: ids (B, L) in [0, K) -> images (B, 3, h, w) in [0, 1], h = w = sqrt(L).
+
+    Each token's ADDP embedding (``net.token_emb``) is projected on the first 3 principal
+    components of the K codebook rows of the embedding table; each component is min-max
+    normalised over the K codebook rows, so colours are comparable across images and steps.
+    """
+    K = net.config.codebook_size
+    table = net.token_emb.weight[:K].float()  # (K, D)
+    mean = table.mean(0)
+    _, _, vh = torch.linalg.svd(table - mean, full_matrices=False)
+    components = vh[:3].T  # (D, 3)
+    proj_codebook = (table - mean) @ components  # (K, 3)
+    lo, hi = proj_codebook.min(0).values, proj_codebook.max(0).values
+    proj = proj_codebook[ids]  # (B, L, 3): a row of the table per id
+    proj = ((proj - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1)
+    B, L = ids.shape
+    side = math.isqrt(L)
+    if side * side != L:
+        raise ValueError(f"{L} tokens do not form a square grid")
+    return proj.transpose(1, 2).reshape(B, 3, side, side)
+
+
 def upscale(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(B, C, h, w) -> (B, C, H, W) by pixel repetition (nearest); exact when H, W are multiples."""
     h, w = images.shape[-2:]
@@ -94,7 +118,7 @@ def step_tiles(net, result: S.GenerationOutput, step: int, scale: int) -> list[n
     size = (H * scale, W * scale)
     side = math.isqrt(result.step_masks[step].shape[1])
     mask = result.step_masks[step].cpu().float().reshape(N, 1, side, side).expand(-1, 3, -1, -1)
-    pca = S.token_embedding_pca(net, result.step_ids[step].to(next(net.parameters()).device)).float().cpu()
+    pca = token_embedding_pca(net, result.step_ids[step].to(next(net.parameters()).device)).float().cpu()
     image_tile = upscale(to_uint8(x), size)
     mask_tile = upscale(upscale(to_uint8(mask), (H, W)), size)
     pca_tile = upscale(upscale(to_uint8(pca), (H, W)), size)

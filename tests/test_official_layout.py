@@ -118,8 +118,8 @@ def test_addp_network_layout(tmp_path, size):
     if size == "base":  # the official release generates through the pipeline as it is
         from addp.pipeline import ADDPPipeline
         pipe = ADDPPipeline.from_pretrained(path, device="cpu")
-        images = pipe(num_images=1, steps=2, temperature=1.0, generator=torch.Generator().manual_seed(0),
-                      output_type="pt", return_dict=False)
+        images, = pipe(num_images=1, num_inference_steps=2, temperature=1.0,
+                       generator=torch.Generator().manual_seed(0), output_type="pt", return_dict=False)
         assert images.shape == (1, 3, 256, 256) and 0 <= float(images.min()) <= float(images.max()) <= 1
 
 

@@ -52,15 +52,15 @@ def test_every_isa(isa, monkeypatch):
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_c)])
 def test_matches_sampler_step(backend):
-    """Same generator state -> the selection of addp.sampler's _denoise_step (no ties here)."""
-    from addp import sampler as S
+    """Same generator state -> the selection addp.sampler documents (noise order; no ties here)."""
     logits, ids, mask = make_inputs(3, 64, 128, seed=5)
     g = torch.Generator().manual_seed(7)
-    sampled = S.sample_ids(logits, S.gumbel_noise(logits.shape, g, torch.float32), 1.0)
+    sampled = torch.argmax(logits + ops.gumbel(torch.rand(logits.shape, generator=g)), -1)
     exp_ids = torch.where(mask, sampled, ids)
     prob = torch.softmax(logits, -1).gather(-1, exp_ids[..., None])[..., 0]
-    conf = (torch.log(prob) + (2.5 * S.gumbel_noise(mask.shape, g, torch.float64)).float()).masked_fill(~mask, float("inf"))
-    exp_mask = S.lowest_confidence_mask(conf, 9)
+    noise = ops.gumbel(torch.rand(mask.shape, generator=g, dtype=torch.float64))
+    conf = (torch.log(prob) + (2.5 * noise).float()).masked_fill(~mask, float("inf"))
+    exp_mask = torch.zeros_like(mask).scatter(-1, torch.topk(conf, 9, largest=False).indices, True)
     assert_same(run(backend, logits, ids, mask, 9, 2.5, seed=7), (exp_ids, exp_mask))
 
 

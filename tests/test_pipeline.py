@@ -6,7 +6,7 @@ from PIL import Image
 
 import addp
 from addp import sampler as S
-from addp.pipeline import ADDPPipeline
+from addp.pipeline import ADDPPipeline, ADDPPipelineOutput
 
 STEPS = 4
 
@@ -49,38 +49,39 @@ def digit_like(n=1):
 
 # --------------------------------------------------------------------------- generation
 def test_call_returns_pil_images(pipe):
-    out = pipe(num_images=3, steps=STEPS, generator=gen(0))
-    assert isinstance(out, dict) and len(out["images"]) == 3
-    assert all(isinstance(im, Image.Image) and im.size == (32, 32) and im.mode == "RGB" for im in out["images"])
+    out = pipe(num_images=3, num_inference_steps=STEPS, generator=gen(0))
+    assert isinstance(out, ADDPPipelineOutput) and len(out.images) == 3
+    assert out[0] is out.images and out["images"] is out.images
+    assert all(isinstance(im, Image.Image) and im.size == (32, 32) and im.mode == "RGB" for im in out.images)
 
 
 def test_call_pt_tensor_and_seeding(pipe):
-    a = pipe(num_images=2, steps=STEPS, generator=gen(0), output_type="pt", return_dict=False)
-    b = pipe(num_images=2, steps=STEPS, generator=gen(0), output_type="pt", return_dict=False)
-    c = pipe(num_images=2, steps=STEPS, generator=gen(1), output_type="pt", return_dict=False)
+    a, = pipe(num_images=2, num_inference_steps=STEPS, generator=gen(0), output_type="pt", return_dict=False)
+    b, = pipe(num_images=2, num_inference_steps=STEPS, generator=gen(0), output_type="pt", return_dict=False)
+    c, = pipe(num_images=2, num_inference_steps=STEPS, generator=gen(1), output_type="pt", return_dict=False)
     assert a.shape == (2, 3, 32, 32) and a.dtype == torch.float32
     assert 0 <= a.min() and a.max() <= 1
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
 def test_more_images_than_batch_size_runs_in_batches(pipe, models):
-    out = pipe(num_images=5, steps=STEPS, generator=gen(3), batch_size=2, output_type="pt", return_dict=False)
+    out = pipe(num_images=5, num_inference_steps=STEPS, generator=gen(3), batch_size=2, output_type="pt").images
     ref = S.generate(*models, 5, S.SamplerConfig(steps=STEPS), generator=gen(3), batch_size=2)
     assert out.shape == (5, 3, 32, 32) and torch.equal(out, ref)
 
 
 def test_bad_output_type(pipe):
     with pytest.raises(addp.AddpError, match="output_type"):
-        pipe(num_images=1, steps=STEPS, output_type="np")
+        pipe(num_images=1, num_inference_steps=STEPS, output_type="latent")
 
 
 # --------------------------------------------------------------------------- loading
 def test_from_pretrained_file_and_folder(ckpts, pipe):
-    ref = pipe(num_images=1, steps=STEPS, generator=gen(0), output_type="pt", return_dict=False)
+    ref = pipe(num_images=1, num_inference_steps=STEPS, generator=gen(0), output_type="pt").images
     for source, kw in [(ckpts / "both.safetensors", {}), (ckpts / "folder", {}),
                        (ckpts / "net.safetensors", {"tokenizer": ckpts / "tok.safetensors"})]:
         p = ADDPPipeline.from_pretrained(source, device="cpu", **kw)
-        out = p(num_images=1, steps=STEPS, generator=gen(0), output_type="pt", return_dict=False)
+        out = p(num_images=1, num_inference_steps=STEPS, generator=gen(0), output_type="pt").images
         assert torch.equal(out, ref), source
 
 
@@ -101,11 +102,11 @@ def hole_mask():
 
 def test_inpaint_keeps_known_pixels_exactly_tensor(pipe):
     x, m = digit_like(2), hole_mask()
-    y = pipe.inpaint(x, m, steps=STEPS, generator=gen(0))
+    y = pipe.inpaint(x, m, num_inference_steps=STEPS, generator=gen(0))
     assert y.shape == x.shape
     assert torch.equal(y[..., ~m], x[..., ~m])
     assert not torch.equal(y[..., m], x[..., m])
-    y2 = pipe.inpaint(x, m, steps=STEPS, generator=gen(0))
+    y2 = pipe.inpaint(x, m, num_inference_steps=STEPS, generator=gen(0))
     assert torch.equal(y, y2)
 
 
@@ -117,7 +118,7 @@ def test_inpaint_keeps_known_pixels_exactly_pil_other_size(pipe, tmp_path):
     image.save(tmp_path / "img.png")
     mask.save(tmp_path / "mask.png")
     for im, ms in [(image, mask), (tmp_path / "img.png", tmp_path / "mask.png")]:
-        out = pipe.inpaint(im, ms, steps=STEPS, generator=gen(0))
+        out = pipe.inpaint(im, ms, num_inference_steps=STEPS, generator=gen(0))
         assert isinstance(out, Image.Image) and out.size == (48, 40)
         hole = torch.from_numpy(np.array(mask)) > 127
         got = torch.from_numpy(np.array(out))
@@ -129,14 +130,14 @@ def test_inpaint_keeps_reliable_tokens(pipe, monkeypatch):
     x, m = digit_like(1), torch.zeros(32, 32, dtype=torch.bool)
     m[:8, :8] = True  # exactly token cells (0,0),(0,1),(1,0),(1,1)
     seen = []
-    real = S._denoise_step
+    real = S.denoise_step
 
-    def spy(net, tok, x_, ids, mask, num_reliable, mask_len, *a):
-        seen.append((ids.clone(), mask.clone(), num_reliable, mask_len))
-        return real(net, tok, x_, ids, mask, num_reliable, mask_len, *a)
+    def spy(net, tok, x_, ids, mask, step, *a):
+        seen.append((ids.clone(), mask.clone(), step.num_reliable, step.mask_len))
+        return real(net, tok, x_, ids, mask, step, *a)
 
-    monkeypatch.setattr(S, "_denoise_step", spy)
-    pipe.inpaint(x, m, steps=8, generator=gen(0))
+    monkeypatch.setattr(S, "denoise_step", spy)
+    pipe.inpaint(x, m, num_inference_steps=8, generator=gen(0))
     ids0, mask0, rel0, _ = seen[0]
     assert int(mask0.sum()) == 4 and rel0 == 60
     assert mask0[0, [0, 1, 8, 9]].all()
@@ -149,7 +150,7 @@ def test_inpaint_keeps_reliable_tokens(pipe, monkeypatch):
 def test_start_step_matches_schedule():
     config = S.SamplerConfig(steps=20)
     for unreliable in (1, 5, 16, 40, 63, 64):
-        s = ADDPPipeline.start_step(64, unreliable, config)
+        s = S.Schedule(config, 64).start_step(unreliable)
         lengths = [64] + S.mask_schedule(64, 20, "cosine")
         assert lengths[s] >= unreliable and (s == 19 or lengths[s + 1] < unreliable)
 
@@ -161,24 +162,24 @@ def test_start_step_matches_schedule():
 ])
 def test_inpaint_bad_masks(pipe, bad, match):
     with pytest.raises(addp.AddpError, match=match):
-        pipe.inpaint(digit_like(), bad, steps=STEPS)
+        pipe.inpaint(digit_like(), bad, num_inference_steps=STEPS)
 
 
 def test_inpaint_non_image_file(pipe, tmp_path):
     f = tmp_path / "notes.png"
     f.write_text("not an image")
     with pytest.raises(addp.AddpError, match="not a readable image") as e:
-        pipe.inpaint(f, hole_mask(), steps=STEPS)
+        pipe.inpaint(f, hole_mask(), num_inference_steps=STEPS)
     assert "\n" not in str(e.value)
     with pytest.raises(addp.AddpError, match="not found"):
-        pipe.inpaint(tmp_path / "missing.png", hole_mask(), steps=STEPS)
+        pipe.inpaint(tmp_path / "missing.png", hole_mask(), num_inference_steps=STEPS)
 
 
 # --------------------------------------------------------------------------- outpainting / uncropping
 @pytest.mark.parametrize("margins", [dict(left=3, top=5), dict(right=8, bottom=1), dict(left=2, right=2, top=2, bottom=2)])
 def test_outpaint_grows_canvas_by_margins(pipe, margins):
     x = digit_like(1)[0]
-    y = pipe.outpaint(x, steps=STEPS, generator=gen(0), **margins)
+    y = pipe.outpaint(x, num_inference_steps=STEPS, generator=gen(0), **margins)
     l, r, t, b = (margins.get(k, 0) for k in ("left", "right", "top", "bottom"))
     assert y.shape == (3, 32 + t + b, 32 + l + r)
     assert torch.equal(y[:, t:t + 32, l:l + 32], x)
@@ -186,7 +187,7 @@ def test_outpaint_grows_canvas_by_margins(pipe, margins):
 
 def test_outpaint_pil_and_bad_margins(pipe):
     image = Image.fromarray((torch.rand(32, 32, 3, generator=gen(2)) * 255).to(torch.uint8).numpy())
-    out = pipe.outpaint(image, left=4, steps=STEPS)
+    out = pipe.outpaint(image, left=4, num_inference_steps=STEPS)
     assert isinstance(out, Image.Image) and out.size == (36, 32)
     assert out.crop((4, 0, 36, 32)).tobytes() == image.tobytes()
     with pytest.raises(addp.AddpError, match="margin"):
@@ -197,7 +198,7 @@ def test_outpaint_pil_and_bad_margins(pipe):
 
 def test_uncrop(pipe):
     x = digit_like(1)
-    y = pipe.uncrop(x, 2.0, steps=STEPS, generator=gen(0))
+    y = pipe.uncrop(x, 2.0, num_inference_steps=STEPS, generator=gen(0))
     assert y.shape == (1, 3, 32, 32)
     with pytest.raises(addp.AddpError, match="scale"):
         pipe.uncrop(x, 0.5)

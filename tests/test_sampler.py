@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import addp
+from addp import ops
 from addp import sampler as S
 
 STEPS = 6
@@ -33,8 +34,15 @@ def run(models, seed=0, n=2, **options):
 
 
 def gumbel(shape, g, dtype):
-    u = torch.rand(shape, generator=g, dtype=dtype)
-    return -torch.log(-torch.log(u.clamp_min(torch.finfo(dtype).tiny)))
+    return ops.gumbel(torch.rand(shape, generator=g, dtype=dtype))
+
+
+def sample(logits, g, top_p=1.0):
+    """Candidate ids of (B, L, K) logits from the sampler's op (every position unreliable)."""
+    B, L, _ = logits.shape
+    ids, _ = ops.gumbel_topk_unmask(logits, torch.zeros(B, L, dtype=torch.long), torch.ones(B, L, dtype=torch.bool),
+                                    0, 0.0, generator=g, top_p=top_p)
+    return ids
 
 
 def chi2_sf(x, df):
@@ -140,15 +148,19 @@ def test_batching_and_plain_output(models):
 
 def test_top_p_one_is_plain_categorical():
     logits = torch.randn(4, 16, 50)
-    got = S.sample_categorical(logits, torch.Generator().manual_seed(3), top_p=1.0)
+    got = sample(logits, torch.Generator().manual_seed(3), top_p=1.0)
     expected = torch.argmax(logits + gumbel(logits.shape, torch.Generator().manual_seed(3), torch.float32), -1)
     assert torch.equal(got, expected)
 
 
 def test_tiny_top_p_is_argmax(models):
     logits = torch.randn(4, 16, 50)
-    noise = gumbel(logits.shape, torch.Generator().manual_seed(0), torch.float32)
-    assert torch.equal(S.sample_ids(logits, noise, top_p=1e-6), logits.argmax(-1))
+    u1 = torch.rand(logits.shape, generator=torch.Generator().manual_seed(0))
+    ids, mask = torch.zeros(4, 16, dtype=torch.long), torch.ones(4, 16, dtype=torch.bool)
+    sampled, _ = ops.gumbel_topk_unmask_reference(logits, u1, torch.rand(4, 16, dtype=torch.float64), ids, mask, 0,
+                                                  0.0, keep=ops.nucleus_keep(logits, 1e-6))
+    assert torch.equal(sampled, logits.argmax(-1))
+    assert torch.equal(sample(logits, torch.Generator().manual_seed(0), top_p=1e-6), logits.argmax(-1))
 
     net, tok = models
     out = run(models, top_p=1e-6)
@@ -162,13 +174,13 @@ def test_tiny_top_p_is_argmax(models):
 def test_categorical_frequencies_chi_square():
     probs = torch.tensor([0.5, 0.25, 0.15, 0.1])
     n = 20000
-    draws = S.sample_categorical(probs.log().expand(n, 4), torch.Generator().manual_seed(0))
+    draws = sample(probs.log().expand(1, n, 4), torch.Generator().manual_seed(0))[0]
     counts = torch.bincount(draws, minlength=4).double()
     stat = float(((counts - n * probs.double()) ** 2 / (n * probs.double())).sum())
     assert chi2_sf(stat, df=3) > 1e-3
 
     # top_p = 0.7 keeps {0.5, 0.25} (the mass before 0.25 is 0.5 < 0.7; before 0.15 it is 0.75)
-    draws = S.sample_categorical(probs.log().expand(n, 4), torch.Generator().manual_seed(1), top_p=0.7)
+    draws = sample(probs.log().expand(1, n, 4), torch.Generator().manual_seed(1), top_p=0.7)[0]
     counts = torch.bincount(draws, minlength=4).double()
     assert counts[2:].sum() == 0
     expected = torch.tensor([2 / 3, 1 / 3], dtype=torch.double) * n
@@ -245,17 +257,6 @@ def test_bad_num_images(models, n):
     assert "\n" not in str(info.value)
 
 
-def test_token_embedding_pca(models):
-    net, _ = models
-    ids = torch.randint(0, net.config.codebook_size, (2, 64), generator=torch.Generator().manual_seed(0))
-    ids[1] = ids[0].flip(0)
-    img = S.token_embedding_pca(net, ids)
-    assert img.shape == (2, 3, 8, 8) and img.min() >= 0 and img.max() <= 1
-    flat = img.flatten(2)  # (B, 3, L): the same id gets the same colour
-    assert torch.equal(flat[1], flat[0].flip(-1))
-    assert not torch.equal(flat[0, :, 0], flat[0, :, 1]) or ids[0, 0] == ids[0, 1]
-
-
 def test_compiled_parts_give_the_eager_images(models):
     net, tok = models
     config = S.SamplerConfig(steps=3, temperature=1.0)
@@ -267,3 +268,156 @@ def test_compiled_parts_give_the_eager_images(models):
     assert not any("_addp" in k for k in net.state_dict())  # the cache is not part of the weights
     import copy
     assert copy.deepcopy(net)._addp_sampler_cache == {}
+
+
+# --------------------------------------------------------------------------- the schedule object
+def old_start_step(num_tokens, unreliable, steps, schedule):
+    """The start step as the inpainting code computed it: the last s whose m(s/T) masks at
+    least ``unreliable`` positions."""
+    start = 0
+    for s in range(steps):
+        r = s / steps
+        ratio = math.cos(math.pi / 2 * r) if schedule == "cosine" else 1 - r
+        if math.ceil(num_tokens * ratio) >= unreliable:
+            start = s
+    return start
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+@pytest.mark.parametrize("parity", [False, True])
+def test_start_step_equals_the_direct_formula(schedule, parity):
+    checked = 0
+    for L in (1, 4, 16, 64, 100, 256):
+        for T in (1, 2, 3, 7, 20, 64, 256):
+            sched = S.Schedule(S.SamplerConfig(steps=T, schedule=schedule, parity=parity), L)
+            for unreliable in range(0, L + 1):
+                assert sched.start_step(unreliable) == old_start_step(L, unreliable, T, schedule), (L, T, unreliable)
+                checked += 1
+    assert checked > 3000
+    with pytest.raises(ValueError, match="unreliable"):
+        sched.start_step(L + 1)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(schedule="linear", steps=7), dict(steps=1, parity=True),
+                                     dict(temperature_schedule="static", temperature=2.5, steps=5)])
+def test_schedule_lengths_and_temperatures(options):
+    config = S.SamplerConfig(**options)
+    T, tau0 = config.steps, config.temperature
+    sched = S.Schedule(config, 64)
+    assert sched.mask_lengths == S.mask_schedule(64, T, config.schedule, config.parity)
+    expected_tau = [tau0 if config.temperature_schedule == "static" else tau0 * (1 - (s + 1) / T) for s in range(T)]
+    assert sched.temperatures == pytest.approx(expected_tau, abs=1e-12)
+    assert S.choice_temperatures(config) == sched.temperatures
+    assert sched.temperatures[-1] == (tau0 if config.temperature_schedule == "static" else 0)
+
+
+def test_plan_from_nothing_and_from_known_tokens():
+    config = S.SamplerConfig(steps=10, parity=True)
+    sched = S.Schedule(config, 64)
+    plan = sched.plan()
+    assert [p.index for p in plan] == list(range(10)) and [p.timestep for p in plan] == list(range(9, -1, -1))
+    assert [p.mask_len for p in plan] == sched.mask_lengths
+    assert [p.num_reliable for p in plan] == [0] + [64 - n for n in sched.mask_lengths[:-1]]
+    assert [p.temperature for p in plan] == sched.temperatures
+    for unreliable in (1, 5, 30, 63, 64):
+        plan = sched.plan(unreliable)
+        assert plan[0].index == sched.start_step(unreliable) and plan[-1].index == 9
+        assert plan[0].num_reliable == 64 - unreliable
+        left = unreliable
+        for p in plan:  # known tokens never become unreliable; the schedule caps the rest
+            assert p.mask_len == min(sched.mask_lengths[p.index], left) and p.num_reliable == 64 - left
+            left = p.mask_len
+
+
+# --------------------------------------------------------------------------- protocols and options
+def test_protocols_are_the_official_release_settings():
+    # configs/release/*/generate_addp_*.sh + main_generate.py defaults (ChangyaoTian/ADDP 7c2c034)
+    p20, p256 = S.SAMPLER_PROTOCOLS["paper-steps20"], S.SAMPLER_PROTOCOLS["paper-steps256"]
+    assert (p20.steps, p20.schedule, p256.steps, p256.schedule) == (20, "cosine", 256, "linear")
+    for p in (p20, p256):
+        assert (p.temperature, p.temperature_schedule, p.top_p, p.parity) == (6.0, "annealed", 1.0, True)
+
+
+def test_sampler_config_resolves_protocol_and_overrides():
+    assert S.sampler_config() == S.SamplerConfig()
+    assert S.sampler_config(protocol="paper-steps256") == S.SAMPLER_PROTOCOLS["paper-steps256"]
+    got = S.sampler_config(protocol="paper-steps256", steps=8, top_p=None)
+    assert got == S.SamplerConfig(steps=8, schedule="linear", parity=True)
+    assert S.sampler_config(S.SamplerConfig(steps=3), parity=True) == S.SamplerConfig(steps=3, parity=True)
+    for kwargs, match in [(dict(protocol="paper"), "protocol must be one of"),
+                          (dict(config=S.SamplerConfig(), protocol="paper-steps20"), "not both"),
+                          (dict(steps=0), "steps")]:
+        with pytest.raises(ValueError, match=match) as info:
+            S.sampler_config(**kwargs)
+        assert "\n" not in str(info.value)
+
+
+def test_generate_takes_protocol_and_options(models):
+    net, tok = models
+    g = lambda: torch.Generator().manual_seed(9)  # noqa: E731
+    ref = S.generate(net, tok, 2, S.SamplerConfig(steps=STEPS, schedule="linear", parity=True), generator=g())
+    assert torch.equal(S.generate(net, tok, 2, protocol="paper-steps256", steps=STEPS, generator=g()), ref)
+    assert torch.equal(S.generate(net, tok, 2, steps=STEPS, schedule="linear", parity=True, generator=g()), ref)
+    static = S.generate(net, tok, 2, steps=STEPS, schedule="linear", parity=True, temperature_schedule="static",
+                        generator=g())
+    assert not torch.equal(static, ref)
+
+
+# --------------------------------------------------------------------------- generators and callbacks
+def test_list_of_generators_gives_each_image_its_own_run(models):
+    net, tok = models
+    seeds = (0, 1, 2)
+    batch = S.generate(net, tok, 3, generator=[torch.Generator().manual_seed(s) for s in seeds], steps=STEPS,
+                       top_p=0.9, return_intermediates=True)
+    for i, s in enumerate(seeds):
+        one = S.generate(net, tok, 1, generator=torch.Generator().manual_seed(s), steps=STEPS, top_p=0.9,
+                         return_intermediates=True)
+        for a, b in zip(batch.step_ids + batch.step_masks, one.step_ids + one.step_masks):
+            assert torch.equal(a[i], b[0])  # every choice the same
+        # images: the same up to the float rounding of batched CPU kernels
+        torch.testing.assert_close(batch.images[i], one.images[0], atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="2 generators for 3 images"):
+        S.generate(net, tok, 3, generator=[torch.Generator(), torch.Generator()], steps=STEPS)
+
+
+def test_list_of_generators_across_batches(models):
+    net, tok = models
+    gens = lambda: [torch.Generator().manual_seed(s) for s in range(3)]  # noqa: E731
+    a = S.generate(net, tok, 3, generator=gens(), steps=2, batch_size=2, return_intermediates=True)
+    b = S.generate(net, tok, 3, generator=gens(), steps=2, batch_size=1, return_intermediates=True)
+    assert all(torch.equal(x, y) for x, y in zip(a.step_ids, b.step_ids))
+
+
+def test_callback_sees_every_step_and_can_replace_the_state(models):
+    net, tok = models
+    seen = []
+
+    def record(i, step, state):
+        seen.append((i, step, {k: v.clone() for k, v in state.items()}))
+
+    out = S.generate(net, tok, 2, S.SamplerConfig(steps=STEPS), generator=torch.Generator().manual_seed(0),
+                     callback=record, return_intermediates=True)
+    assert [i for i, _, _ in seen] == list(range(STEPS))
+    assert [st.mask_len for _, st, _ in seen] == S.mask_schedule(64, STEPS)
+    for s, (_, _, state) in enumerate(seen):
+        assert torch.equal(state["image"], out.step_images[s]) and torch.equal(state["ids"], out.step_ids[s])
+        assert torch.equal(state["mask"], out.step_masks[s])
+
+    def zero_reliable_ids(i, step, state):  # after step 2, every reliable id becomes 0
+        if i == 2:
+            return {"ids": torch.where(state["mask"], state["ids"], 0)}
+
+    edited = S.generate(net, tok, 2, S.SamplerConfig(steps=STEPS), generator=torch.Generator().manual_seed(0),
+                        callback=zero_reliable_ids, return_intermediates=True)
+    fixed = ~edited.step_masks[2]
+    assert fixed.any() and (edited.step_ids[2][fixed] == 0).all()
+    assert (edited.step_ids[-1][fixed] == 0).all()  # reliable tokens never change afterwards
+    assert torch.equal(edited.step_ids[1], out.step_ids[1])
+
+
+@pytest.mark.parametrize("bad,match", [({"latents": None}, "may return"),
+                                       ({"mask": torch.zeros(2, 64, dtype=torch.bool)}, "unreliable"),
+                                       ({"ids": torch.zeros(2, 63, dtype=torch.long)}, "shape")])
+def test_bad_callback_results(models, bad, match):
+    with pytest.raises(ValueError, match=match):
+        S.generate(*models, 2, S.SamplerConfig(steps=2), callback=lambda i, step, state: bad)

@@ -72,10 +72,22 @@ def test_figure_layout_and_tiles(ckpt, tmp_path, capsys):
             expected = np.where(m, 255, 0).astype(np.uint8).repeat(8, 0).repeat(8, 1)
             assert np.array_equal(tile_at(r, g, 1), np.stack([expected] * 3, -1))
     # PCA tile of one step: token_embedding_pca upscaled (nearest)
-    pca = S.token_embedding_pca(pipe.net, result.step_ids[2])  # (N, 3, 8, 8); step 2 is group 1
+    pca = V.token_embedding_pca(pipe.net, result.step_ids[2])  # (N, 3, 8, 8); step 2 is group 1
     pca = (pca[1] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     assert np.array_equal(tile_at(1, 1, 2), pca.repeat(8, 0).repeat(8, 1))
     assert not result.step_masks[-1].any() and (tile_at(0, 2, 1) == 0).all()  # all reliable at the end
+
+
+def test_token_embedding_pca():
+    torch.manual_seed(0)
+    net = addp.create_model("addp_vit_small").eval()
+    ids = torch.randint(0, net.config.codebook_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    ids[1] = ids[0].flip(0)
+    img = V.token_embedding_pca(net, ids)
+    assert img.shape == (2, 3, 8, 8) and img.min() >= 0 and img.max() <= 1
+    flat = img.flatten(2)  # (B, 3, L): the same id gets the same colour
+    assert torch.equal(flat[1], flat[0].flip(-1))
+    assert not torch.equal(flat[0, :, 0], flat[0, :, 1]) or ids[0, 0] == ids[0, 1]
 
 
 def test_explicit_scale(ckpt, tmp_path, capsys):

@@ -99,6 +99,15 @@ def check_inputs(logits, ids, mask, top_p) -> None:
         raise ValueError(f"gumbel_topk_unmask: top_p must be in (0, 1], got {top_p}")
 
 
+def _uniform(shape, dtype, generator, device) -> torch.Tensor:
+    """torch.rand(shape) from ``generator``, drawn on the generator's device and moved to
+    ``device``; a list of generators draws row b from generator b."""
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([_uniform((1, *shape[1:]), dtype, g, device) for g in generator])
+    source = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, dtype=dtype, device=source).to(device)
+
+
 def gumbel_topk_unmask(logits, ids, mask, mask_len, tau: float, generator=None, top_p: float = 1.0, backend=None):
     """One unmasking step of the sampler: sample candidate ids, keep the confident ones.
 
@@ -109,9 +118,10 @@ def gumbel_topk_unmask(logits, ids, mask, mask_len, tau: float, generator=None, 
     to the lower index (``lowest_k_mask_reference``).
 
     Random numbers: this wrapper draws ``u1 = torch.rand((B, L, K), float32)`` then
-    ``u2 = torch.rand((B, L), float64)`` from ``generator`` and passes them to the kernel, so
-    every backend gives the same result for the same generator state (up to float rounding of
-    near-ties).
+    ``u2 = torch.rand((B, L), float64)`` from ``generator`` (on the generator's device, then
+    moved to the logits') and passes them to the kernel, so every backend gives the same
+    result for the same generator state (up to float rounding of near-ties). With a list of
+    B generators, row b's u1 and u2 come from generator b.
 
     Args:
         logits: (B, L, K) float32/bfloat16/float16, any strides (e.g. a slice ``[..., :K]``).
@@ -119,7 +129,8 @@ def gumbel_topk_unmask(logits, ids, mask, mask_len, tau: float, generator=None, 
         mask_len: int, or a one-element int64 tensor on the logits' device (read on device,
             so a captured CUDA graph can replay with a new value); clamped to [0, L].
         tau: Gumbel scale of the confidence (float >= 0).
-        generator: torch.Generator on the logits' device, or None for the global RNG.
+        generator: a torch.Generator (any device), a list of B of them (one per row), or
+            None for the global RNG of the logits' device.
         top_p: nucleus sampling when < 1 (the nucleus is computed with torch.sort).
         backend: "reference" | "cpu" | "triton" | "cuda" | "auto"; None reads ADDP_OPS_BACKEND.
             Auto never picks "cuda" (the CUDA C++ kernel).
@@ -129,8 +140,10 @@ def gumbel_topk_unmask(logits, ids, mask, mask_len, tau: float, generator=None, 
     """
     check_inputs(logits, ids, mask, top_p)
     B, L, K = logits.shape
-    u1 = torch.rand((B, L, K), generator=generator, dtype=torch.float32, device=logits.device)
-    u2 = torch.rand((B, L), generator=generator, dtype=torch.float64, device=logits.device)
+    if isinstance(generator, (list, tuple)) and len(generator) != B:
+        raise ValueError(f"gumbel_topk_unmask: {len(generator)} generators for {B} rows")
+    u1 = _uniform((B, L, K), torch.float32, generator, logits.device)
+    u2 = _uniform((B, L), torch.float64, generator, logits.device)
     keep = nucleus_keep(logits, top_p) if top_p < 1 else None
     if isinstance(mask_len, torch.Tensor):
         mask_len = mask_len.to(device=logits.device, dtype=torch.int64).reshape(())
