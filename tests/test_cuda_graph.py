@@ -76,3 +76,53 @@ def test_autocast_state_gets_its_own_graph(cuda_models):
     eager = S.generate(net, tok, 2, config, generator=torch.Generator("cuda").manual_seed(1), cuda_graph=False)
     assert torch.equal(fp32, eager)  # not the bf16 graph replayed
     assert sum(k[0] == "graph" and k[2] == 2 for k in S._cache(net)) == 2
+
+
+@needs_cuda
+def test_cpu_generator_seeds_the_graph(cuda_models):
+    """A CPU generator seeds the graph's private generator with one draw of its own."""
+    net, tok = cuda_models
+    config = S.SamplerConfig(steps=4, temperature=2.0)
+    graph = S.generate(net, tok, 3, config, generator=torch.Generator().manual_seed(7), cuda_graph=True)
+    seed = int(torch.randint(2 ** 63 - 1, (), generator=torch.Generator().manual_seed(7)))
+    eager = S.generate(net, tok, 3, config, generator=torch.Generator("cuda").manual_seed(seed), cuda_graph=False)
+    assert torch.equal(graph, eager)
+
+
+@needs_cuda
+def test_cpu_generator_with_the_model_on_cuda_draws_on_the_cpu(cuda_models, cpu_models):
+    """Eager: the noise comes from the CPU generator (drawn there, moved), as on a CPU model."""
+    net, tok = cuda_models
+    config = S.SamplerConfig(steps=3)
+    g_cuda_model, g_cpu_model = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    a = S.generate(net, tok, 2, config, generator=g_cuda_model, cuda_graph=False)
+    b = S.generate(net, tok, 2, config, generator=torch.Generator().manual_seed(2), cuda_graph=False)
+    assert a.is_cuda and torch.equal(a, b)
+    net.cpu(), tok.cpu()
+    try:
+        S.generate(net, tok, 2, config, generator=g_cpu_model)
+    finally:
+        net.cuda(), tok.cuda()
+    # the CPU generator advanced by exactly the draws of the CPU run
+    assert torch.equal(torch.rand(4, generator=g_cuda_model), torch.rand(4, generator=g_cpu_model))
+
+
+@needs_cuda
+def test_pipeline_with_a_cpu_generator_on_cuda(cuda_models):
+    from addp.pipeline import ADDPPipeline
+    pipe = ADDPPipeline(*cuda_models)
+    images = pipe(num_images=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert images.is_cuda and images.shape == (2, 3, 32, 32)
+    per_image = pipe(num_images=2, num_inference_steps=3, output_type="pt",
+                     generator=[torch.Generator().manual_seed(0), torch.Generator("cuda").manual_seed(1)]).images
+    assert per_image.shape == (2, 3, 32, 32)
+
+
+@needs_cuda
+def test_eager_only_options_with_cuda_graph_are_errors(cuda_models):
+    net, tok = cuda_models
+    config = S.SamplerConfig(steps=2)
+    with pytest.raises(ValueError, match="list"):
+        S.generate(net, tok, 2, config, generator=[torch.Generator("cuda"), torch.Generator("cuda")], cuda_graph=True)
+    with pytest.raises(ValueError, match="callback"):
+        S.generate(net, tok, 2, config, callback=lambda i, step, state: None, cuda_graph=True)

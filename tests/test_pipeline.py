@@ -202,3 +202,97 @@ def test_uncrop(pipe):
     assert y.shape == (1, 3, 32, 32)
     with pytest.raises(addp.AddpError, match="scale"):
         pipe.uncrop(x, 0.5)
+
+
+# --------------------------------------------------------------------------- the diffusers-shaped call
+def test_output_types_hold_the_same_images(pipe):
+    pt = pipe(num_images=2, num_inference_steps=STEPS, generator=gen(4), output_type="pt").images
+    arr = pipe(num_images=2, num_inference_steps=STEPS, generator=gen(4), output_type="np").images
+    pil = pipe(num_images=2, num_inference_steps=STEPS, generator=gen(4), output_type="pil").images
+    assert isinstance(arr, np.ndarray) and arr.shape == (2, 32, 32, 3) and arr.dtype == np.float32
+    assert np.array_equal(arr, pt.permute(0, 2, 3, 1).numpy())
+    for im, x in zip(pil, pt):
+        assert np.array_equal(np.asarray(im), (x.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())
+    as_tuple = pipe(num_images=2, num_inference_steps=STEPS, generator=gen(4), output_type="np", return_dict=False)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 1 and np.array_equal(as_tuple[0], arr)
+
+
+def test_callback_on_step_end_records_every_step(pipe, models):
+    calls = []
+
+    def callback(p, step, timestep, callback_kwargs):
+        assert p is pipe
+        calls.append((step, timestep, {k: v.clone() for k, v in callback_kwargs.items()}))
+        return callback_kwargs
+
+    out = pipe(num_images=2, num_inference_steps=STEPS, generator=gen(5), output_type="pt",
+               callback_on_step_end=callback).images
+    ref = S.generate(*models, 2, S.SamplerConfig(steps=STEPS), generator=gen(5), return_intermediates=True)
+    assert [c[0] for c in calls] == list(range(STEPS)) and [c[1] for c in calls] == list(range(STEPS - 1, -1, -1))
+    for s, (_, _, kw) in enumerate(calls):
+        assert set(kw) == {"image", "ids", "mask"}
+        assert torch.equal(kw["image"], ref.step_images[s]) and torch.equal(kw["ids"], ref.step_ids[s])
+        assert torch.equal(kw["mask"], ref.step_masks[s])
+    assert torch.equal(out, ref.images) and torch.equal(calls[-1][2]["image"], out)
+
+
+def test_callback_on_inpaint_sees_the_run_from_its_start_step(pipe):
+    steps = []
+    x, m = digit_like(1), hole_mask()
+    pipe.inpaint(x, mask_image=m, num_inference_steps=8, generator=gen(0),
+                 callback_on_step_end=lambda p, i, t, kw: steps.append((i, t, int(kw["mask"].sum()))))
+    start = 8 - len(steps)
+    assert start > 0 and [s[0] for s in steps] == list(range(len(steps)))
+    assert [s[1] for s in steps] == list(range(8 - 1 - start, -1, -1)) and steps[-1][2] == 0
+
+
+def test_list_of_generators_one_per_image(pipe):
+    batch = pipe(num_images=3, num_inference_steps=STEPS, generator=[gen(s) for s in (7, 8, 9)], output_type="pt").images
+    for i, s in enumerate((7, 8, 9)):
+        one = pipe(num_images=1, num_inference_steps=STEPS, generator=gen(s), output_type="pt").images
+        torch.testing.assert_close(batch[i], one[0], atol=1e-4, rtol=0)  # batched kernels round differently
+    a = pipe.inpaint(digit_like(2), hole_mask(), STEPS, generator=[gen(1), gen(2)])
+    b = pipe.inpaint(digit_like(2)[1:], hole_mask(), STEPS, generator=gen(2))
+    torch.testing.assert_close(a[1:], b, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="generators"):
+        pipe(num_images=3, num_inference_steps=STEPS, generator=[gen(0)])
+
+
+def test_generator_on_cpu_with_model_on_cpu(pipe):
+    assert pipe.device.type == "cpu"
+    a = pipe(num_images=2, num_inference_steps=STEPS, generator=torch.Generator("cpu").manual_seed(3), output_type="pt")
+    torch.manual_seed(3)
+    b = pipe(num_images=2, num_inference_steps=STEPS, output_type="pt")  # None: the global CPU RNG
+    assert torch.equal(a.images, b.images)
+
+
+def test_parity_and_protocol_through_the_pipeline(pipe, models):
+    def config_run(**options):
+        return S.generate(*models, 2, S.SamplerConfig(**options), generator=gen(6))
+
+    run = lambda **kw: pipe(num_images=2, generator=gen(6), output_type="pt", **kw).images  # noqa: E731
+    assert torch.equal(run(num_inference_steps=STEPS, parity=True), config_run(steps=STEPS, parity=True))
+    assert torch.equal(run(protocol="paper-steps256", num_inference_steps=STEPS),
+                       config_run(steps=STEPS, schedule="linear", parity=True))
+    assert torch.equal(run(num_inference_steps=STEPS, temperature_schedule="static"),
+                       config_run(steps=STEPS, temperature_schedule="static"))
+    assert not torch.equal(run(num_inference_steps=STEPS, parity=True), run(num_inference_steps=STEPS))
+    x, m = digit_like(1), hole_mask()
+    a = pipe.inpaint(x, m, generator=gen(0), protocol="paper-steps20", num_inference_steps=STEPS)
+    b = pipe.inpaint(x, m, generator=gen(0), num_inference_steps=STEPS, parity=True)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="protocol"):
+        pipe(num_images=1, protocol="fid")
+
+
+def test_to_moves_and_casts_both_networks(models):
+    import copy
+    p = ADDPPipeline(*(copy.deepcopy(m) for m in models))
+    assert p.to("cpu", torch.bfloat16) is p
+    assert p.dtype == torch.bfloat16 and p.tokenizer.codebook.dtype == torch.bfloat16
+    images = p(num_images=2, num_inference_steps=STEPS, generator=gen(0), output_type="pt").images
+    assert images.shape == (2, 3, 32, 32) and images.dtype == torch.float32 and 0 <= images.min() <= images.max() <= 1
+    filled = p.inpaint(digit_like(1), hole_mask(), STEPS, generator=gen(0))
+    assert torch.equal(filled[..., ~hole_mask()], digit_like(1)[..., ~hole_mask()])
+    p.to(dtype=torch.float32)
+    assert p.dtype == torch.float32 and p.device.type == "cpu"
