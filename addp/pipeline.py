@@ -218,8 +218,9 @@ class ADDPPipeline:
         Args:
             num_inference_steps: denoising steps T (default 20, or the protocol's).
             generator: a torch.Generator on any device (the noise is drawn there and moved to
-                the model's), a list of ``num_images`` of them (image i is the image
-                ``pipe(1, generator=generators[i])`` gives), or None (torch's global RNG).
+                the model's), a list of ``num_images`` of them (image i has the tokens, and
+                up to the float rounding of batched kernels the pixels, of
+                ``pipe(1, generator=generators[i])``), or None (torch's global RNG).
             output_type: "pil" (a list of PIL images), "np" ((N, H, W, 3) float32 array) or
                 "pt" ((N, 3, H, W) float tensor on the model's device), values in [0, 1].
             return_dict: True returns an ``ADDPPipelineOutput`` (``.images``), False the

@@ -58,9 +58,8 @@ gives the measured cost). A generator on the model's device costs nothing extra.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -132,7 +131,7 @@ def sampler_config(config: Optional[SamplerConfig] = None, protocol: Optional[st
         raise ValueError(f"protocol must be one of {tuple(SAMPLER_PROTOCOLS)}, got {protocol!r}")
     base = config if config is not None else SAMPLER_PROTOCOLS[protocol] if protocol is not None else SamplerConfig()
     given = {k: v for k, v in options.items() if v is not None}
-    return dataclasses.replace(base, **given) if given else base
+    return replace(base, **given) if given else base
 
 
 @dataclass

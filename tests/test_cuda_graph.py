@@ -18,6 +18,7 @@ def cpu_models():
 @pytest.fixture
 def cuda_models(cpu_models):
     net, tok = (m.cuda() for m in cpu_models)
+    S.clear_cache(net)  # graphs captured by an earlier test read the parameters it moved away
     yield net, tok
     net.cpu(), tok.cpu()
 
@@ -111,7 +112,8 @@ def test_cpu_generator_with_the_model_on_cuda_draws_on_the_cpu(cuda_models, cpu_
 def test_pipeline_with_a_cpu_generator_on_cuda(cuda_models):
     from addp.pipeline import ADDPPipeline
     pipe = ADDPPipeline(*cuda_models)
-    images = pipe(num_images=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    images = pipe(num_images=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                  output_type="pt").images
     assert images.is_cuda and images.shape == (2, 3, 32, 32)
     per_image = pipe(num_images=2, num_inference_steps=3, output_type="pt",
                      generator=[torch.Generator().manual_seed(0), torch.Generator("cuda").manual_seed(1)]).images

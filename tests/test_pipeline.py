@@ -247,7 +247,8 @@ def test_callback_on_inpaint_sees_the_run_from_its_start_step(pipe):
 
 
 def test_list_of_generators_one_per_image(pipe):
-    batch = pipe(num_images=3, num_inference_steps=STEPS, generator=[gen(s) for s in (7, 8, 9)], output_type="pt").images
+    batch = pipe(num_images=3, num_inference_steps=STEPS, generator=[gen(s) for s in (7, 8, 9)],
+                 output_type="pt").images
     for i, s in enumerate((7, 8, 9)):
         one = pipe(num_images=1, num_inference_steps=STEPS, generator=gen(s), output_type="pt").images
         torch.testing.assert_close(batch[i], one[0], atol=1e-4, rtol=0)  # batched kernels round differently
