@@ -242,7 +242,7 @@ def test_parity_mode_matches_literal_official_loop(models, schedule, backend, at
 # --------------------------------------------------------------------------- options and visualisation
 @pytest.mark.parametrize("options", [
     {"steps": 0}, {"steps": 2.5}, {"schedule": "exp"}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_p": -0.1},
-    {"temperature": -1.0}, {"temperature_schedule": "dynamic"},
+    {"temperature": -1.0}, {"temperature_schedule": "dynamic"}, {"parity": "yes"},
 ])
 def test_bad_options_raise_one_line_value_error(options):
     with pytest.raises(ValueError) as info:
