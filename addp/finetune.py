@@ -491,9 +491,8 @@ class PeriodicEvaluation:
                 save_checkpoint(self.out / "checkpoint-best.safetensors", _cpu_copy(model))
                 text = json.dumps(self.best, indent=1)
                 atomic_write(self.best_file, lambda tmp: Path(tmp).write_text(text))
-            print(f"[finetune] step {step}: val top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
-                  f"loss {metrics['loss']:.4f}  (best top-1 {self.best['top1']:.2f}% at step {self.best['step']})",
-                  flush=True)
+            log.info(f"[finetune] step {step}: val top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
+                     f"loss {metrics['loss']:.4f}  (best top-1 {self.best['top1']:.2f}% at step {self.best['step']})")
         return {f"val_{k}": v for k, v in metrics.items() if k != "num_images"}
 
 

@@ -76,8 +76,7 @@ def explicit_dests(parser: argparse.ArgumentParser, argv: list[str] | None) -> s
     for action in parser._actions:
         if action.option_strings and not isinstance(action, argparse._HelpAction):
             kwargs = {"dest": action.dest, "default": None}
-            if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction,
-                                   argparse._StoreConstAction)):
+            if action.nargs == 0:  # flags: store_true/false/const, --x/--no-x
                 kwargs.update(action="store_const", const=True)
             elif isinstance(action, argparse._AppendAction):
                 kwargs.update(action="append")

@@ -146,10 +146,10 @@ def test_decompression_bomb_in_a_training_folder_is_counted_as_unreadable(tmp_pa
     assert images.shape == (5, 3, 8, 8) and bad == 1
 
 
-def test_decompression_bomb_as_inpainting_input_is_one_error_line(tmp_path, capsys):
+def test_decompression_bomb_as_inpainting_input_is_one_error_line(tmp_path, capsys, tiny_checkpoint):
     bomb_png(tmp_path / "bomb.png", 60000)
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "mask.png")
-    code = I.cli(["--checkpoint", str(tmp_path / "none.safetensors"), "--image", str(tmp_path / "bomb.png"),
+    code = I.cli(["--checkpoint", str(tiny_checkpoint), "--image", str(tmp_path / "bomb.png"),
                   "--mask", str(tmp_path / "mask.png"), "--output", str(tmp_path / "o.png")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error:") and "decompression bomb" in err and "\n" not in err

@@ -126,8 +126,8 @@ def test_an_unchanged_finished_folder_is_reused_as_is(trained, tmp_path, capsys)
     out = copy_run(trained, tmp_path)
     before = folder_hashes(out)
     assert train.cli(["--output-dir", str(out), *TINY, "--stage", "predictor"]) == 0
-    stdout = capsys.readouterr().out
-    assert "[tokenizer] cached" in stdout and "[predictor] cached" in stdout
+    log = capsys.readouterr().err
+    assert "[tokenizer] cached" in log and "[predictor] cached" in log
     after = folder_hashes(out)
     assert {k: v for k, v in after.items() if k != "report.json"} == \
            {k: v for k, v in before.items() if k != "report.json"}
