@@ -349,11 +349,12 @@ def load_folder(folder: str | os.PathLike) -> dict[str, nn.Module]:
     models = {}
     for name in names:
         sub = folder / name
+        for file in ("config.json", "model.safetensors"):
+            if not (sub / file).is_file():
+                raise CheckpointError(f"{folder}: component {name} lacks {file}")
         try:
             config_dict = json.loads((sub / "config.json").read_text())
             state = load_file(str(sub / "model.safetensors"))
-        except FileNotFoundError as e:
-            raise CheckpointError(f"{folder}: component {name} lacks {Path(e.filename).name}") from None
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{sub} is not readable ({_first_line(e)})") from None
         models[name] = load_strict(_build(config_dict, str(sub)), state, str(sub))

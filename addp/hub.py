@@ -23,7 +23,7 @@ from .model import check_tokenizer_fits
 
 # A Hub repo id: "name" or "owner/name" (letters, digits, "-", "_", "."); a local path that
 # does not exist but looks like one is looked up on the Hub.
-_REPO_ID = re.compile(r"^(?:[\w.-]+/)?[\w.-]+$")
+_REPO_ID = re.compile(r"^(?:\w[\w.-]*/)?\w[\w.-]*$")
 _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
 # The files of a save_pretrained folder; a snapshot without `filename` fetches only these.
 _FOLDER_FILES = [MODEL_INDEX, "*/config.json", "*/model.safetensors"]
@@ -47,7 +47,7 @@ def resolve(name_or_path: str | os.PathLike, filename: str | None = None, revisi
             raise CheckpointError(f"checkpoint not found: {local / filename}")
         return local / filename
     repo = str(name_or_path)
-    if repo.endswith(_WEIGHT_SUFFIXES) or not _REPO_ID.match(repo):
+    if repo.endswith(_WEIGHT_SUFFIXES) or not _REPO_ID.match(repo) or ".." in repo:
         raise CheckpointError(f"checkpoint not found: {repo}")
     return _from_hub(repo, filename, revision, cache_dir, local_files_only)
 
@@ -65,6 +65,10 @@ def _from_hub(repo: str, filename, revision, cache_dir, local_files_only) -> Pat
         folder = Path(huggingface_hub.snapshot_download(repo, revision=revision, cache_dir=cache_dir,
                                                         allow_patterns=_FOLDER_FILES,
                                                         local_files_only=local_files_only))
+    except errors.LocalEntryNotFoundError:
+        offline = " (HF_HUB_OFFLINE is set)" if huggingface_hub.constants.HF_HUB_OFFLINE else ""
+        raise CheckpointError(f"cannot get {what}{at}: it is not in the Hub cache and the Hub cannot be "
+                              f"reached{offline}") from None
     except errors.RepositoryNotFoundError:
         raise CheckpointError(f"cannot get {what}{at}: no such repo (or it is private), and no local path "
                               f"of that name") from None
@@ -72,10 +76,6 @@ def _from_hub(repo: str, filename, revision, cache_dir, local_files_only) -> Pat
         raise CheckpointError(f"cannot get {what}: no revision {revision}") from None
     except errors.EntryNotFoundError:
         raise CheckpointError(f"cannot get {what}{at}: the repo has no such file") from None
-    except errors.LocalEntryNotFoundError:
-        offline = " (HF_HUB_OFFLINE is set)" if huggingface_hub.constants.HF_HUB_OFFLINE else ""
-        raise CheckpointError(f"cannot get {what}{at}: it is not in the Hub cache and the Hub cannot be "
-                              f"reached{offline}") from None
     except (errors.HfHubHTTPError, errors.HFValidationError, OSError, ValueError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise CheckpointError(f"cannot get {what}{at}: {reason}") from None
