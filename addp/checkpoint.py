@@ -7,9 +7,9 @@ Our formats:
 - a folder, the layout diffusers and transformers use (`save_pretrained`):
   `model_index.json` naming the components, and per component a subfolder holding
   `config.json` (the model's config) and `model.safetensors` (its state dict).
-Loading takes either, an official file, or a Hub repo id (`addp.hub.resolve`). Official `.pth`/`.ckpt` files are read with
-`torch.load(weights_only=True)`: arbitrary pickled objects are never executed.
-Every problem is raised as a `CheckpointError` whose message is one line.
+Loading takes either, an official file, or a Hub repo id (`addp.hub.resolve`). Official
+`.pth`/`.ckpt` files are read with `torch.load(weights_only=True)`: arbitrary pickled
+objects are never executed. Every problem is raised as a `CheckpointError` whose message is one line.
 """
 from __future__ import annotations
 
@@ -281,8 +281,11 @@ def _by_name(models: nn.Module | dict[str, nn.Module]) -> dict[str, nn.Module]:
 
 
 def save_pretrained(folder: str | os.PathLike, models: nn.Module | dict[str, nn.Module],
-                    class_name: str = "ADDPPipeline") -> Path:
+                    class_name: str | None = None) -> Path:
     """Write models as a folder: `model_index.json` + `<component>/{config.json, model.safetensors}`.
+
+    class_name: the index's `_class_name`; default `ADDPPipeline` when the models are an
+    ADDP network and its tokenizer, else `dict` (a plain set of components).
 
     The folder is written under a temporary name beside `folder` and renamed into place, so
     `folder` is never half-written. An existing `folder` is replaced only when it is itself a
@@ -297,6 +300,8 @@ def save_pretrained(folder: str | os.PathLike, models: nn.Module | dict[str, nn.
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
     try:
+        if class_name is None:
+            class_name = "ADDPPipeline" if {"addp", "tokenizer"} <= set(models) else "dict"
         index = {"_class_name": class_name, "_addp_version": __version__}
         for name, model in models.items():
             (tmp / name).mkdir()

@@ -19,14 +19,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def pipe():
     torch.manual_seed(0)
-    return ADDPPipeline(addp.create_model("addp_vit_small").eval(), addp.create_model("vqgan_small").eval(),)
+    return ADDPPipeline(addp.create_model("addp_vit_small").eval(), addp.create_model("vqgan_small").eval())
 
 
 def images(pipe, seed=0):
     """Two generated images (a (2, 3, 32, 32) tensor), the same for the same weights and seed."""
-    out = pipe(num_images=2, steps=3, generator=torch.Generator().manual_seed(seed), output_type="pt",
-               return_dict=False)
-    return out
+    return pipe(num_images=2, steps=3, generator=torch.Generator().manual_seed(seed), output_type="pt",
+                return_dict=False)
 
 
 def assert_same_weights(a, b):
