@@ -12,6 +12,7 @@ is neither here nor on the Hub is one `CheckpointError` line naming the repo and
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -58,6 +59,9 @@ def _from_hub(repo: str, filename, revision, cache_dir, local_files_only) -> Pat
 
     what = f"{filename} from the Hub repo {repo}" if filename else f"the Hub repo {repo}"
     at = f" at revision {revision}" if revision else ""
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # its warning on an unreachable Hub repeats what the error below says
     try:
         if filename is not None:
             return Path(huggingface_hub.hf_hub_download(repo, filename, revision=revision, cache_dir=cache_dir,
@@ -79,6 +83,8 @@ def _from_hub(repo: str, filename, revision, cache_dir, local_files_only) -> Pat
     except (errors.HfHubHTTPError, errors.HFValidationError, OSError, ValueError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise CheckpointError(f"cannot get {what}{at}: {reason}") from None
+    finally:
+        hub_log.setLevel(level)
     if not (folder / MODEL_INDEX).exists():
         raise CheckpointError(f"the Hub repo {repo}{at} holds no {MODEL_INDEX}; pass filename= to load one "
                               "of its files (e.g. filename='addp-vit-base-16.pth')")
