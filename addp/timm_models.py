@@ -59,8 +59,10 @@ def _config(timm_name: str):
 def _pretrained_cfg(timm_name: str) -> dict:
     c, file = _config(timm_name), MODELS[timm_name][1]
     hub = dict(hf_hub_id=HUB_ID, hf_hub_filename=file) if file else {}
+    # crop_pct 1.0: evaluation resizes to the input size and centre-crops it (addp.data, and
+    # MAE's rule above 224 px that the official fine-tuning follows)
     return dict(**hub, num_classes=c.num_classes, input_size=(3, c.image_size, c.image_size), fixed_input_size=True,
-                mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, interpolation="bicubic", crop_pct=0.875,
+                mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, interpolation="bicubic", crop_pct=1.0,
                 first_conv="patch_embed.proj", classifier="head", license="apache-2.0", paper_ids="arXiv:2306.05423",
                 paper_name="ADDP: Learning General Representations for Image Recognition and Generation with "
                            "Alternating Denoising Diffusion Process")
