@@ -298,7 +298,7 @@ def save_pretrained(folder: str | os.PathLike, models: nn.Module | dict[str, nn.
     if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / MODEL_INDEX).exists())):
         raise CheckpointError(f"{folder} exists and is not a save_pretrained folder; not replacing it")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.{os.getpid()}.", suffix=".tmp"))
     try:
         if class_name is None:
             class_name = "ADDPPipeline" if {"addp", "tokenizer"} <= set(models) else "dict"

@@ -33,7 +33,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import VisionTransformer
 
 from .classifier import GLOBAL_POOLS, classifier_config_for, encoder_state_from_addp, resample_pos_embed, vit_kwargs
-from .registry import AddpError, list_models, preset_config
+from .errors import AddpError
+from .registry import list_models, preset_config
 
 HUB_ID = "Changyao/ADDP"
 # timm name -> (our preset it is built from, the official file on the Hub or None)
