@@ -79,6 +79,15 @@ def _probe_head(dim: int, head: nn.Module) -> nn.Module:
     return nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), head)
 
 
+def vit_kwargs(config: ClassifierConfig) -> dict:
+    """The arguments of timm's VisionTransformer for a classifier config."""
+    c = config
+    return dict(img_size=c.image_size, patch_size=c.patch_size, num_classes=c.num_classes, global_pool=c.global_pool,
+                embed_dim=c.embed_dim, depth=c.depth, num_heads=c.num_heads, mlp_ratio=c.mlp_ratio, qkv_bias=True,
+                class_token=True, pre_norm=c.pre_norm, drop_path_rate=c.drop_path,
+                norm_layer=partial(nn.LayerNorm, eps=1e-6))
+
+
 class ViTClassifier(VisionTransformer):
     """timm's VisionTransformer taking images in [0, 1]; the state dict is timm's own."""
 
@@ -88,10 +97,7 @@ class ViTClassifier(VisionTransformer):
             raise AddpError(f"global_pool must be one of {GLOBAL_POOLS}, got {c.global_pool!r}")
         if c.image_size % c.patch_size:
             raise AddpError(f"image size {c.image_size} is not a multiple of the patch size {c.patch_size}")
-        super().__init__(img_size=c.image_size, patch_size=c.patch_size, num_classes=c.num_classes,
-                         global_pool=c.global_pool, embed_dim=c.embed_dim, depth=c.depth, num_heads=c.num_heads,
-                         mlp_ratio=c.mlp_ratio, qkv_bias=True, class_token=True, pre_norm=c.pre_norm,
-                         drop_path_rate=c.drop_path, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+        super().__init__(**vit_kwargs(c))
         self.config = c
         self.normalise = _Normalise()
         if c.head_norm:

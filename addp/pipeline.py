@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import sampler as S
-from .checkpoint import load_checkpoint, load_components
+from . import hub
+from .checkpoint import save_pretrained
 from .images import open_image, to_8bit, to_rgb
-from .model import check_tokenizer_fits
 from .registry import AddpError
 
 ImageLike = Union[Image.Image, torch.Tensor, str, os.PathLike]
@@ -145,33 +145,25 @@ class ADDPPipeline:
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path_or_dir, tokenizer=None, device=None) -> "ADDPPipeline":
-        """Load from our .safetensors (addp + tokenizer), a folder holding addp.safetensors
-        (and tokenizer.safetensors when the first has none), or an official addp-vit-*.pth.
+    def from_pretrained(cls, name_or_path, filename: Optional[str] = None, revision: Optional[str] = None,
+                        tokenizer=None, device=None, **hub_kwargs) -> "ADDPPipeline":
+        """Load from a save_pretrained folder, our .safetensors (addp + tokenizer), an official
+        addp-vit-*.pth, or a Hub repo id: ``from_pretrained("Changyao/ADDP",
+        filename="addp-vit-base-16.pth")`` (see `addp.hub.pipeline_models`).
 
-        tokenizer: a VQTokenizer or the path of a VQGAN checkpoint (ours or
-            vqgan_jax_strongaug.ckpt); needed when the checkpoint holds no tokenizer.
+        tokenizer: a VQTokenizer or a VQGAN checkpoint (ours or vqgan_jax_strongaug.ckpt);
+            needed when the checkpoint holds no tokenizer.
         device: where to run; default cuda when available, else cpu.
+        hub_kwargs: cache_dir, local_files_only (huggingface_hub's).
         """
-        path = Path(path_or_dir)
-        if path.is_dir():
-            folder, path = path, path / "addp.safetensors"
-            if not path.exists():
-                raise AddpError(f"{folder} holds no addp.safetensors")
-            if tokenizer is None and (folder / "tokenizer.safetensors").exists():
-                tokenizer = folder / "tokenizer.safetensors"
-        models = load_components(path)
-        if "addp" not in models:
-            raise AddpError(f"{path} holds no ADDP network (it holds: {', '.join(models)})")
-        if isinstance(tokenizer, (str, os.PathLike)):
-            tokenizer = load_checkpoint(tokenizer, "tokenizer")
-        tokenizer = tokenizer if tokenizer is not None else models.get("tokenizer")
-        if tokenizer is None:
-            raise AddpError(f"{path} holds no VQ tokenizer; pass tokenizer=<a VQGAN checkpoint, "
-                            f"e.g. vqgan_jax_strongaug.ckpt>")
-        check_tokenizer_fits(models["addp"].config, tokenizer.config)
+        net, tok = hub.pipeline_models(name_or_path, filename, revision, tokenizer, **hub_kwargs)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return cls(models["addp"].to(device), tokenizer.to(device))
+        return cls(net.to(device), tok.to(device))
+
+    def save_pretrained(self, folder) -> Path:
+        """Write ``folder/model_index.json``, ``folder/addp/`` and ``folder/tokenizer/`` (each a
+        ``config.json`` + ``model.safetensors``), atomically; `from_pretrained` reads it back."""
+        return save_pretrained(folder, {"addp": self.net, "tokenizer": self.tokenizer}, type(self).__name__)
 
     @property
     def device(self) -> torch.device:

@@ -1,4 +1,6 @@
 """Shared fixtures and helpers of the tests (import helpers with ``from conftest import ...``)."""
+import os
+
 import pytest
 import torch
 
@@ -146,3 +148,49 @@ def tiny_checkpoint(tmp_path_factory):
     addp.save_checkpoint(path, {"addp": addp.create_model("addp_vit_small", depth=1, decoder_depth=1),
                                 "tokenizer": addp.create_model("vqgan_small")})
     return path
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An offline Hugging Face Hub cache in huggingface_hub's documented layout.
+
+    Returns ``add(repo_id, files, revision="main") -> commit``: ``files`` maps a path inside
+    the repo to a local file or folder (copied) or bytes. Each file becomes
+    ``models--<owner>--<name>/blobs/<sha256>``, linked from ``snapshots/<commit>/<path>``,
+    and ``refs/<revision>`` holds the commit. HF_HOME / HF_HUB_CACHE point at the cache and
+    offline mode is on, both in the environment (for subprocesses) and in huggingface_hub's
+    constants, which it reads once at import.
+    """
+    import hashlib
+    from pathlib import Path
+
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hf_home" / "hub"
+    cache.mkdir(parents=True)
+    for name, value in (("HF_HOME", str(cache.parent)), ("HF_HUB_CACHE", str(cache)), ("HF_HUB_OFFLINE", "1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+    def add(repo_id: str, files: dict, revision: str = "main") -> str:
+        blobs = {}
+        for rel, source in files.items():
+            if isinstance(source, (str, Path)) and Path(source).is_dir():
+                blobs.update({f"{rel}/{f.relative_to(source).as_posix()}": f.read_bytes()
+                              for f in sorted(Path(source).rglob("*")) if f.is_file()})
+            else:
+                blobs[rel] = source if isinstance(source, bytes) else Path(source).read_bytes()
+        commit = hashlib.sha1(b"".join(k.encode() + hashlib.sha256(v).digest() for k, v in sorted(blobs.items())))
+        commit = commit.hexdigest()
+        repo = cache / ("models--" + repo_id.replace("/", "--"))
+        (repo / "blobs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs").mkdir(exist_ok=True)
+        for rel, data in blobs.items():
+            blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+            blob.write_bytes(data)
+            link = repo / "snapshots" / commit / rel
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(blob, link.parent))
+        (repo / "refs" / revision).write_text(commit)
+        return commit
+
+    return add

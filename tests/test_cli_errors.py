@@ -137,7 +137,7 @@ CASES = [
     ("addp.export", EXP + ["--checkpoint", "{tok_only}"], "holds no encoder"),
     ("addp.export", EXP + ["--checkpoint", "{not_object}"], "not a JSON object"),
     ("addp.export", EXP + ["--output", "{out}"], "is a folder"),
-    ("addp.export", EXP + ["--format", "onnx"], "--format"),
+    ("addp.export", EXP + ["--format", "tflite"], "--format"),
     # evaluate
     ("addp.evaluate", EVAL + ["--batch-size", "0"], "--batch-size"),
     ("addp.evaluate", EVAL + ["--metrics", "fid,xyz"], "unknown metrics"),

@@ -90,3 +90,76 @@ def test_checkpoint_without_encoder_is_a_one_line_error(tmp_path, capsys):
     assert export.cli(["--checkpoint", str(tok), "--output", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert "holds no encoder" in err and "\n" not in err and not out.exists()
+
+
+# --------------------------------------------------------------------------- programs
+def ours(net, size=32):
+    """Our headless classifier on the encoder of `net` (images in [0, 1])."""
+    cls = addp.create_model("vit_small_cls", num_classes=0, image_size=size)
+    return C.load_encoder_state(cls, C.encoder_state_from_addp(net, size), "test").eval()
+
+
+def test_torch_export_round_trip(tmp_path):
+    net, path = addp_file(tmp_path)
+    out = tmp_path / "vit.pt2"
+    assert export.cli(["--checkpoint", str(path), "--format", "torch-export", "--output", str(out)]) == 0
+    program = torch.export.load(out).module()
+    for batch in (1, 5):  # the batch dimension is dynamic
+        x = torch.rand(batch, 3, 32, 32)
+        with torch.no_grad():
+            y = program(x)
+            assert y.shape == (batch, 64) and (y - ours(net).forward_features(x)).abs().max() <= 1e-5
+
+
+def test_torch_export_of_a_classifier_keeps_its_head(tmp_path):
+    torch.manual_seed(0)
+    cls = addp.create_model("vit_small_cls", num_classes=7).eval()
+    path = addp.save_checkpoint(tmp_path / "classifier.safetensors", cls)
+    out = tmp_path / "cls.pt2"
+    assert export.cli(["--checkpoint", str(path), "--format", "torch-export", "--output", str(out), "--keep-head"]) == 0
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        assert (torch.export.load(out).module()(x) - cls(x)).abs().max() <= 1e-5
+
+
+@pytest.mark.slow
+def test_torch_export_of_a_resnet50_encoder_takes_any_image_size(tmp_path):
+    torch.manual_seed(0)
+    net = addp.create_model("addp_resnet50", image_size=64, token_input="none", decoder_embed_dim=32,
+                            decoder_depth=1, decoder_num_heads=2).eval()
+    r50 = addp.save_checkpoint(tmp_path / "addp_r50.safetensors", net)
+    out = tmp_path / "r50.pt2"
+    assert export.cli(["--checkpoint", str(r50), "--format", "torch-export", "--output", str(out),
+                       "--img-size", "64"]) == 0
+    program = torch.export.load(out).module()
+    for size in (64, 96):
+        x = torch.rand(2, 3, size, size)
+        with torch.no_grad():
+            expected = net.encoder.body.forward_features(normalised(x)).mean((2, 3))
+            assert (program(x) - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.slow
+def test_onnx_round_trip(tmp_path):
+    pytest.importorskip("onnxscript", reason="ONNX export needs onnx and onnxscript (pip install addp[onnx])")
+    ort = pytest.importorskip("onnxruntime", reason="running the ONNX file needs onnxruntime")
+    net, path = addp_file(tmp_path)
+    out = tmp_path / "vit.onnx"
+    assert export.cli(["--checkpoint", str(path), "--format", "onnx", "--output", str(out)]) == 0
+    session = ort.InferenceSession(str(out))
+    x = torch.rand(4, 3, 32, 32)
+    (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        assert (torch.from_numpy(y) - ours(net).forward_features(x)).abs().max() <= 1e-5
+
+
+def test_a_program_that_differs_from_eager_is_never_written(tmp_path, monkeypatch, capsys):
+    net, path = addp_file(tmp_path)
+    out = tmp_path / "vit.pt2"
+    out.write_bytes(b"previous")
+    monkeypatch.setattr(export, "CHECK_TOLERANCE", -1.0)  # every program now counts as different
+    assert export.cli(["--checkpoint", str(path), "--format", "torch-export", "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: the exported program differs from the eager model") and "\n" not in err
+    assert out.read_bytes() == b"previous" and sorted(p.name for p in tmp_path.iterdir()) == ["addp.safetensors",
+                                                                                             "vit.pt2"]
