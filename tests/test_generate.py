@@ -145,10 +145,18 @@ def test_second_run_into_a_busy_folder_is_refused(ckpt, tmp_path, capsys):
     assert run(ckpt, out, 4, "--seed", "1") == 0
 
 
-def test_stale_lock_file_is_taken_over(ckpt, tmp_path):
+def test_lock_of_a_killed_run_is_gone_with_it(ckpt, tmp_path):
+    import subprocess
+    import sys
     out = tmp_path / "stale"
     out.mkdir()
-    (out / ".lock").write_text("process 999999999 on elsewhere\n")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from addp.folder_lock import FolderLock; "
+                               "FolderLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)", str(out)],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    assert run(ckpt, out, 2) == 2
+    holder.kill()
+    holder.wait()
     assert run(ckpt, out, 2) == 0
 
 
@@ -186,7 +194,7 @@ def test_foreign_files_are_neither_adopted_nor_deleted(ckpt, tmp_path, capsys):
         assert run(ckpt, out, 3, *extra) == 2
         err = capsys.readouterr().err.strip()
         assert "000001.png" in err and "did not write" in err and "\n" not in err
-        assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".lock"} == snapshot
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == snapshot
     # images of ours past theirs: 000001.png is outside this run's range and stays untouched
     assert run(ckpt, out, 1) == 0
     assert (out / "000001.png").read_bytes() == snapshot["000001.png"]

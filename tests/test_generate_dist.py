@@ -43,8 +43,7 @@ def generate(ckpt, out, nproc, n=N):
 
 
 def files(out):
-    """Every file of the folder but the lock (which names its process)."""
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name != ".lock"}
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
 
 
 @pytest.fixture(scope="module")
