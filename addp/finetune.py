@@ -236,7 +236,9 @@ def build_classifier_for(args, num_classes: int | None = None, image_size: int |
 
     With `num_classes=None` only the config is worked out (to size the data first)."""
     probe = args.linear_probe
-    overrides = dict(drop_path=0.0 if probe else args.drop_path, head_norm=probe)
+    overrides = dict(head_norm=probe)
+    if probe or args.drop_path is not None:  # None: the size's default, set once the encoder is known
+        overrides["drop_path"] = 0.0 if probe else args.drop_path
     if args.official_layout:
         overrides["pre_norm"] = False
     if args.global_pool or probe:
