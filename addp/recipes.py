@@ -70,6 +70,13 @@ def names(command: str) -> list[str]:
     return sorted(n for n, r in RECIPES.items() if r.command == command)
 
 
+def record_explicit(parser, argv: list[str] | None):
+    """`parser`, made to record in `args.explicit` the options given on the command line
+    (a recipe leaves them as they are)."""
+    parser.add_check(lambda args: setattr(args, "explicit", explicit_dests(parser, argv)))
+    return parser
+
+
 def explicit_dests(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
     """The option `dest`s given on the command line (parsed again with every default None)."""
     probe = argparse.ArgumentParser(add_help=False, allow_abbrev=parser.allow_abbrev)

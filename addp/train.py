@@ -398,19 +398,12 @@ def _finish(dist, report: dict, started: float) -> dict:
     return report
 
 
-def _parser_with_explicit(argv) -> ArgumentParser:
-    """The parser, recording in `explicit` the options given on the command line (a recipe leaves them)."""
-    parser = get_args_parser()
-    parser.add_check(lambda args: setattr(args, "explicit", recipes.explicit_dests(parser, argv)))
-    return parser
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    return _parser_with_explicit(argv).parse_args(argv)
+    return recipes.record_explicit(get_args_parser(), argv).parse_args(argv)
 
 
 def cli(argv=None) -> int:
-    return run_command("train", _parser_with_explicit(argv), main, argv, interrupted=RESUMABLE)
+    return run_command("train", recipes.record_explicit(get_args_parser(), argv), main, argv, interrupted=RESUMABLE)
 
 
 if __name__ == "__main__":
