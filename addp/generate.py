@@ -24,7 +24,7 @@ from .cli import (ArgumentParser, add_checkpoint_args, add_runtime_args, add_sam
 from .errors import AddpError
 from .files import atomic_write
 from .pipeline import ADDPPipeline, to_uint8
-from .precision import autocast
+from .precision import autocast, resolve_precision
 from .registry import build_model
 
 GRID_IMAGES = 64
@@ -96,6 +96,8 @@ def main(args) -> dict:
     out = Path(args.output_dir)
     values = {**vars(args), **dataclasses.asdict(config), "checkpoint": str(Path(args.checkpoint).resolve())}
     settings = {k: values[k] for k in SETTINGS}
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    settings["precision"] = resolve_precision(args.precision, device)  # what made the images
     _prepare_output(out, settings, args.overwrite)
     pipe = _load_pipeline(args)
     _record_settings(out, settings, args.overwrite)
