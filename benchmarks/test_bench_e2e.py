@@ -7,6 +7,7 @@ in fp32 on both sides and at each side's device default; on a GPU ADDP ViT-B/16 
 + MAGE ViT-B, bf16, batch 64. 20 steps. Random weights: speed does not depend on them.
 torch.compile variants run for the small presets and on GPUs (ADDP_BENCH_COMPILE=1 adds
 them for the official layout on a CPU, where compiling the 256 px decoder takes minutes).
+ADDP_BENCH_ROUNDS sets the number of interleaved rounds.
 
 Rounds of ours and of the reference are interleaved and the medians compared, so load from
 other processes hits both alike. Times are wall-clock with the device synchronised; on a GPU
@@ -37,6 +38,8 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}  # bf
 # measured on a shared 2-core VM), as the op benchmarks do
 MIN_RATIO = 0.9
 ROUNDS = {"small": (8, 10), "official": (3, 5), "base": (10, 20)}  # (generation, training step)
+if os.environ.get("ADDP_BENCH_ROUNDS"):
+    ROUNDS = {k: (int(os.environ["ADDP_BENCH_ROUNDS"]),) * 2 for k in ROUNDS}
 
 
 def peak_flops():
@@ -90,7 +93,8 @@ def test_bench_generation(benchmark, report_ratio, preset, compile, precision):
 
     label = f"{precision} (ours {P.our_precision(precision)}, reference {_name(ref_amp)})"
     benchmark.group = f"generation {preset} B={B} T={T} {label} {DEVICE.type}"
-    benchmark.pedantic(ours(), rounds=1 if preset == "official" else 3, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(ours(), rounds=1 if preset == "official" else 3, iterations=1,
+                       warmup_rounds=0 if preset == "official" else 1)
     fns = [reference, ours()] + ([ours(cuda_graph=False)] if DEVICE.type == "cuda" else [])
     times = P.interleaved_medians(fns, ROUNDS[preset][0])
     ref_s, our_s = times[:2]
@@ -145,7 +149,8 @@ def test_bench_training_step(benchmark, report_ratio, preset, compile, precision
 
     label = f"{precision} (ours {ours_precision}, reference {_name(ref_amp)})"
     benchmark.group = f"training step {preset} B={B} {label} {DEVICE.type}"
-    benchmark.pedantic(ours, rounds=2 if preset == "official" else 5, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(ours, rounds=2 if preset == "official" else 5, iterations=1,
+                       warmup_rounds=0 if preset == "official" else 1)
     ref_s, our_s = P.interleaved_medians([reference, ours], ROUNDS[preset][1])
     detail = (f"(reference {B / ref_s:.2f} img/s, ours {B / our_s:.2f} img/s, B={B}, {label}, "
               f"{DEVICE.type}, {torch.get_num_threads()} threads)")
