@@ -52,7 +52,7 @@ step "where the time goes at ViT-B/16 256 px, B=64: generation and training step
 ADDP_BENCH_PRESET=base ADDP_BENCH_ROUNDS=5 timeout 60 "$PY" -m pytest -q -s benchmarks/test_bench_breakdown.py || status=1
 
 step "VQ decoder/encoder at MAGE's VQGAN (ch=128), 256 px, B=64: channels-last, bf16, compiled vs plain"
-ADDP_BENCH_ROUNDS=5 timeout 90 "$PY" -m pytest -q -s benchmarks/test_bench_vq.py || status=1
+ADDP_BENCH_ROUNDS=5 timeout 120 "$PY" -m pytest -q -s benchmarks/test_bench_vq.py || status=1
 
 step "op benchmarks at ViT-B/256 shapes"
 timeout 60 "$PY" benchmarks/gpu_bench.py --B 64 --L 256 --K 1024 --D 256 || status=1
