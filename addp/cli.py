@@ -235,13 +235,14 @@ def add_checkpoint_args(parser: ArgumentParser) -> None:
                         help="VQGAN checkpoint when --checkpoint holds no tokenizer")
 
 
-def add_runtime_args(parser: ArgumentParser, precision: str = "fp32", compile: bool = True,
+def add_runtime_args(parser: ArgumentParser, precision: str = "auto", compile: bool = True,
                      cuda_graph: bool = True) -> None:
     """--seed, --device, --precision and (where they apply) --compile and --cuda-graph."""
     parser.add_argument("--seed", type=random_seed, default=0, help="seed of the sampling noise")
     parser.add_argument("--device", type=device, default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--precision", default=precision, choices=PRECISIONS,
-                        help="autocast of the networks (auto: bf16 on GPU, fp32 on CPU); fp32 as the official code")
+                        help="autocast of the networks; auto: bf16 on GPUs and on CPUs with native bf16 "
+                             "(AVX512-BF16/AMX), else fp32; fp32 for bitwise-reproducible images across machines")
     if compile:
         parser.add_argument("--compile", action="store_true",
                             help="torch.compile the ADDP network and the tokenizer's decoder (pays off for many "

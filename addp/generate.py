@@ -33,7 +33,7 @@ from .files import atomic_write
 from .folder_lock import FolderLock
 from .npz_stream import NpzImageWriter
 from .pipeline import ADDPPipeline, to_uint8
-from .precision import autocast
+from .precision import autocast, resolve_precision
 from .registry import build_model
 
 GRID_IMAGES = 64
@@ -240,6 +240,7 @@ def _generate(args, config, out: Path, N: int, B: int, dist: DistInfo, lock: Fol
         values = {**vars(args), **dataclasses.asdict(config)}
         settings = {k: values[k] for k in SETTINGS if k in values}
         settings.update(checkpoint_hashes(args.checkpoint, args.tokenizer), checkpoint=str(Path(args.checkpoint)))
+        settings["precision"] = resolve_precision(args.precision, dist.device)  # what made the images
         return settings, prepare_folder(out, settings, N, args.overwrite)
 
     settings, record = _on_rank0(check_folder, dist)

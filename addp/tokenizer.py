@@ -4,6 +4,10 @@ It differs from taming's VQGAN in ways that matter for loading `vqgan_jax_strong
 no attention blocks, no quant_conv/post_quant_conv, encoder downsampling by average pooling,
 the encoder's input conv and every residual-block conv without bias, and residual blocks
 that change width apply their 1x1 shortcut to the block's *output* (not its input).
+
+Speed: the encoder and decoder run channels-last inside, whatever the layout of their input
+(oneDNN and cuDNN convolutions, GroupNorm and nearest upsampling all have NHWC kernels; the
+measurements are in docs/speed.md), and return contiguous tensors.
 """
 from __future__ import annotations
 
@@ -56,6 +60,10 @@ class VQConfig:
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels, eps=1e-6)
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 class ResBlock(nn.Module):
@@ -111,14 +119,14 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(ch_in, c.embed_dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)
+        h = self.conv_in(_channels_last(x))
         for level, down in enumerate(self.down):
             for block in down.block:
                 h = block(h)
             if level != len(self.down) - 1:
                 h = F.avg_pool2d(h, 2)
         h = self.mid.block_2(self.mid.block_1(h))
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h))).contiguous()
 
 
 class Decoder(nn.Module):
@@ -144,13 +152,13 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(ch_in, c.in_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid.block_2(self.mid.block_1(self.conv_in(z)))
+        h = self.mid.block_2(self.mid.block_1(self.conv_in(_channels_last(z))))
         for up in reversed(self.up):
             for block in up.block:
                 h = block(h)
             if hasattr(up, "upsample"):
                 h = up.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h))).contiguous()
 
 
 class Quantizer(nn.Module):

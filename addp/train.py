@@ -87,7 +87,9 @@ def get_args_parser() -> ArgumentParser:
     p.add_argument("--clip-grad", type=non_negative_float, default=3.0, help="gradient norm clip (0: off)")
     p.add_argument("--beta1", type=fraction, default=0.9, help="AdamW beta1")
     p.add_argument("--beta2", type=fraction, default=0.95, help="AdamW beta2 (the paper's ResNet-50: 0.98)")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="autocast of the whole step, frozen passes included; auto: bf16 on GPUs, fp32 on CPUs "
+                        "(bf16 is faster on CPUs with AVX512-BF16/AMX: docs/speed.md)")
     p.add_argument("--ema-decay", type=fraction, default=0.0, help="EMA of the weights (0: off)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
     p.add_argument("--mapping", default="weighted_sum", choices=MAPPINGS)

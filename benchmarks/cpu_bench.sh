@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The CPU benchmarks of the README in one run (~5 minutes on 2 cores; run with nothing else
-# on the machine): the fused ops vs their references, then the sampler and the training step
-# vs the reference loop in fp32 and with bf16 autocast on both sides. Raw logs and
-# pytest-benchmark JSON go to benchmarks/results/cpu_bench-<date>*. Usage: bash benchmarks/cpu_bench.sh
+# The CPU benchmarks in one run (long: the official 256 px layout runs 20-step generations at
+# batch 2; run with nothing else on the machine): the fused ops vs their references; the VQ
+# decoder/encoder speed steps vs the plain decoder; the per-part breakdown of a generation and
+# a training step at the official layout; then the sampler and the training step vs the
+# reference loop (small presets and the official layout), in fp32 on both sides and at each
+# side's device default. Raw logs and pytest-benchmark JSON go to
+# benchmarks/results/cpu_bench-<date>*. Usage: bash benchmarks/cpu_bench.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p benchmarks/results
@@ -12,11 +15,12 @@ status=0
 run() { echo; echo "=== $* ($(date +%T))"; "$@" || status=1; }
 
 lscpu | grep -E "^Model name|^CPU\(s\)" || true
+echo "bf16 ISA: $(lscpu | grep -o "avx512_bf16\|amx_bf16" | sort -u | tr "\n" " ")"
 python -c "import torch; print('torch', torch.__version__, 'threads', torch.get_num_threads())"
 run python -m pytest -q -s -p no:cacheprovider benchmarks/test_bench_ops.py --benchmark-json="${LOG%.log}-ops.json"
-run env ADDP_BENCH_PRECISION=fp32 python -m pytest -q -s -p no:cacheprovider benchmarks/test_bench_e2e.py \
-  --benchmark-json="${LOG%.log}-e2e-fp32.json"
-run env ADDP_BENCH_PRECISION=bf16 python -m pytest -q -s -p no:cacheprovider benchmarks/test_bench_e2e.py \
-  --benchmark-json="${LOG%.log}-e2e-bf16.json"
+run python -m pytest -q -s -p no:cacheprovider benchmarks/test_bench_vq.py
+run python -m pytest -q -s -p no:cacheprovider benchmarks/test_bench_breakdown.py
+run env ADDP_BENCH_PRECISION=fp32,default python -m pytest -q -s -p no:cacheprovider benchmarks/test_bench_e2e.py \
+  --benchmark-json="${LOG%.log}-e2e.json"
 echo; echo "=== done, status $status, log $LOG"
 exit $status

@@ -13,7 +13,10 @@ What makes it the official loop, kept on purpose:
     slots and the appended reliable tokens), the logits sliced afterwards;
   * the token predictor run twice per training step (input condition t+1, target t);
   * the loss through ``nn.CrossEntropyLoss`` on a zero-padded probability target;
-  * default (non-fused) AdamW.
+  * default (non-fused) AdamW;
+  * the VQGAN encoder and decoder in contiguous NCHW, the nearest-upsampled tensor built
+    before each upsampling conv (``vq_decode`` / ``vq_encode`` below: the layers of MAGE's
+    taming model, walked with torch.nn.functional on our tokenizer's weights).
 The arithmetic is the same as ours (same schedule, same weights), so speed is the only
 thing compared. Nothing here is imported by the package.
 """
@@ -38,6 +41,58 @@ def _sync(device: torch.device) -> None:
 
 def _autocast(device: torch.device, dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+# --------------------------------------------------------------------------- VQGAN passes
+def _norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    return F.silu(F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps))
+
+
+def _conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    return F.conv2d(x, conv.weight, conv.bias, padding=conv.padding)
+
+
+def _res_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    h = _conv(block.conv2, _norm_silu(block.norm2, _conv(block.conv1, _norm_silu(block.norm1, x))))
+    return (x if block.nin_shortcut is None else _conv(block.nin_shortcut, h)) + h
+
+
+def vq_decode_grid(decoder: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """The VQGAN decoder on (B, D, h, w) latents, contiguous NCHW throughout."""
+    h = _conv(decoder.conv_in, z.contiguous())
+    h = _res_block(decoder.mid.block_2, _res_block(decoder.mid.block_1, h))
+    for up in reversed(decoder.up):
+        for block in up.block:
+            h = _res_block(block, h)
+        if hasattr(up, "upsample"):
+            h = _conv(up.upsample.conv, F.interpolate(h, scale_factor=2.0, mode="nearest"))
+    return _conv(decoder.conv_out, _norm_silu(decoder.norm_out, h))
+
+
+def vq_encode_latents(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The VQGAN encoder on (B, 3, H, W) images, contiguous NCHW throughout."""
+    h = _conv(encoder.conv_in, images.contiguous())
+    for level, down in enumerate(encoder.down):
+        for block in down.block:
+            h = _res_block(block, h)
+        if level != len(encoder.down) - 1:
+            h = F.avg_pool2d(h, 2)
+    h = _res_block(encoder.mid.block_2, _res_block(encoder.mid.block_1, h))
+    return _conv(encoder.conv_out, _norm_silu(encoder.norm_out, h))
+
+
+def vq_decode(tokenizer: nn.Module, emb: torch.Tensor) -> torch.Tensor:
+    """(B, L, D) token embeddings -> images (B, 3, H, W), square token grid."""
+    B, L, D = emb.shape
+    side = math.isqrt(L)
+    return vq_decode_grid(tokenizer.decoder, emb.transpose(1, 2).reshape(B, D, side, side))
+
+
+def vq_encode(tokenizer: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) images -> ids (B, L): nearest codebook vectors of the encoder's latents."""
+    z = vq_encode_latents(tokenizer.encoder, images)
+    B, D, h, w = z.shape
+    return tokenizer.quantize.nearest(z.permute(0, 2, 3, 1).reshape(-1, D)).reshape(B, h * w)
 
 
 def _forward(net: nn.Module, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -92,7 +147,7 @@ def generate(net: nn.Module, tokenizer: nn.Module, batch_size: int, steps: int =
             soft = F.softmax(logits, dim=-1) @ codebook
             hard = codebook[ids_next]
             with _autocast(device, amp_dtype):
-                x = tokenizer.decode_embeddings(torch.where(masks_next.unsqueeze(-1), soft, hard)).float()
+                x = vq_decode(tokenizer, torch.where(masks_next.unsqueeze(-1), soft, hard)).float()
             ids, masks = ids_next, masks_next.float()
             _sync(device)
     return x.clamp(0, 1)
@@ -131,13 +186,13 @@ class TrainStep:
         codebook = self.tokenizer.codebook
         # as engine_pretrain: the whole forward, frozen passes included, under autocast
         with torch.no_grad(), attention_backend("math"), _autocast(device, self.amp_dtype):
-            z0 = self.tokenizer.encode(images)
+            z0 = vq_encode(self.tokenizer, images)
             mask_t, mask_next = _random_masking(self.schedule, images.shape[0], device)
             p_in = F.softmax(self.predictor(z0, mask_next.bool()).float(), dim=-1)  # the predictor, twice
             target = F.softmax(self.predictor(z0, mask_t.bool()).float(), dim=-1)
             soft = torch.einsum("bln,nd->bld", p_in, codebook)
             z_t = torch.where(mask_t.bool().unsqueeze(-1), soft, codebook[z0])
-            x_t = self.tokenizer.decode_embeddings(z_t).float()
+            x_t = vq_decode(self.tokenizer, z_t).float()
         with attention_backend("math"), _autocast(device, self.amp_dtype):
             logits = _forward(self.net, x_t, z0, mask_t.bool())  # (B, L, V)
         V = logits.shape[-1]

@@ -1,11 +1,13 @@
 """End-to-end speed: our sampler and training step vs the official-style reference loop
 (benchmarks/reference_loop.py) on the same models, in the same run (pytest benchmarks/).
 
-On the CPU: the small presets (addp_vit_small, vqgan_small, mage_vit_small; 32 px, 8x8
-tokens), fp32, batch 32, 20 steps. On a GPU: ADDP ViT-B/16 at 256 px with MAGE's VQGAN and
-the MAGE ViT-B predictor, bf16, batch 64, 20 steps (random weights: speed does not depend on
-them). ADDP_BENCH_PRESET=small|base, ADDP_BENCH_BATCH, ADDP_BENCH_STEPS and
-ADDP_BENCH_PRECISION=fp32|bf16 (autocast on both sides) override.
+Model sets and precision modes are those of benchmarks/presets.py: on a CPU the small demo
+presets (batch 32) and the official 256 px / 16x16-token layout at CPU widths (batch 2), each
+in fp32 on both sides and at each side's device default; on a GPU ADDP ViT-B/16 + MAGE VQGAN
++ MAGE ViT-B, bf16, batch 64. 20 steps. Random weights: speed does not depend on them.
+torch.compile variants run for the small presets and on GPUs (ADDP_BENCH_COMPILE=1 adds
+them for the official layout on a CPU, where compiling the 256 px decoder takes minutes).
+ADDP_BENCH_ROUNDS sets the number of interleaved rounds.
 
 Rounds of ours and of the reference are interleaved and the medians compared, so load from
 other processes hits both alike. Times are wall-clock with the device synchronised; on a GPU
@@ -14,56 +16,30 @@ bf16 dense peak of the GPU (ADDP_PEAK_TFLOPS overrides the table below).
 """
 import dataclasses
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-import addp
 from addp import sampler as S
 from addp.distributed import DistInfo
 from addp.stages import ADDPStage
 from addp.trainer import Trainer, TrainConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
+import presets as P  # noqa: E402
 import reference_loop as R  # noqa: E402
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-PRESET = os.environ.get("ADDP_BENCH_PRESET", "base" if DEVICE.type == "cuda" else "small")
-MODELS = {"small": ("addp_vit_small", "vqgan_small", "mage_vit_small"),
-          "base": ("addp_vit_base_patch16", "vqgan_mage", "mage_vit_base_patch16")}[PRESET]
-BATCH = int(os.environ.get("ADDP_BENCH_BATCH", 64 if PRESET == "base" else 32))
-STEPS = int(os.environ.get("ADDP_BENCH_STEPS", 20))
-# autocast dtype of both sides (the reference keeps its attention in fp32, as the official code)
-AMP = {"bf16": torch.bfloat16, "fp32": None}[os.environ.get("ADDP_BENCH_PRECISION",
-                                                             "bf16" if DEVICE.type == "cuda" else "fp32")]
+DEVICE = P.DEVICE
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}  # bf16 dense
 # fail when ours is more than 10 % slower than the reference loop (beyond the run-to-run noise
 # measured on a shared 2-core VM), as the op benchmarks do
 MIN_RATIO = 0.9
-
-
-def _sync():
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def interleaved_medians(fns, rounds, warmup=1):
-    """Median wall time of each fn, calling them in turn each round."""
-    times = [[] for _ in fns]
-    for i in range(warmup + rounds):
-        for fn, ts in zip(fns, times):
-            _sync()
-            t0 = time.perf_counter()
-            fn()
-            _sync()
-            if i >= warmup:
-                ts.append(time.perf_counter() - t0)
-    return [statistics.median(ts) for ts in times]
+ROUNDS = {"small": (8, 10), "official": (3, 5), "base": (10, 20)}  # (generation, training step)
+if os.environ.get("ADDP_BENCH_ROUNDS"):
+    ROUNDS = {k: (int(os.environ["ADDP_BENCH_ROUNDS"]),) * 2 for k in ROUNDS}
 
 
 def peak_flops():
@@ -75,52 +51,67 @@ def peak_flops():
     return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), None)
 
 
-@pytest.fixture(scope="module")
-def models():
-    torch.manual_seed(0)
-    net, tok, pred = (addp.create_model(name).to(DEVICE) for name in MODELS)
-    return net.eval(), tok.eval(), pred.eval()
+def _compile_params():
+    heavy = DEVICE.type == "cpu" and os.environ.get("ADDP_BENCH_COMPILE") != "1"
+    return [pytest.param(preset, compile, id=f"{preset}-{'compile' if compile else 'eager'}",
+                         marks=[pytest.mark.skip("compile at the official layout on a CPU: ADDP_BENCH_COMPILE=1")]
+                         if compile and heavy and preset == "official" else [])
+            for preset in P.presets() for compile in (False, True)]
 
 
-def _autocast():
-    return torch.autocast(DEVICE.type, dtype=AMP, enabled=AMP is not None)
+_MODELS = {}
+
+
+def models(preset):
+    if preset not in _MODELS:
+        _MODELS.clear()  # one model set in memory at a time
+        _MODELS[preset] = P.build(preset)
+    return _MODELS[preset]
 
 
 # --------------------------------------------------------------------------- generation
-@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compile"])
-def test_bench_generation(benchmark, report_ratio, models, compile):
+@pytest.mark.parametrize("precision", P.precisions())
+@pytest.mark.parametrize("preset,compile", _compile_params())
+def test_bench_generation(benchmark, report_ratio, preset, compile, precision):
     """Images/s of one batch of T steps. Both sides keep the official last step (parity=True)
     so they do the same work; ours replays a CUDA graph on a GPU, runs eager on the CPU, and
     with ``compile`` compiles the ADDP network and the tokenizer's decoder."""
-    net, tok, _ = models
-    config = S.SamplerConfig(steps=STEPS, parity=True)
+    net, tok, _ = models(preset)
+    B, T = P.batch_size(preset), P.STEPS
+    ref_amp, our_amp = P.amp_dtypes(precision)
+    config = S.SamplerConfig(steps=T, parity=True)
 
     def ours(cuda_graph=None):
         def run():
-            with _autocast():
-                S.generate(net, tok, BATCH, config, generator=torch.Generator(DEVICE).manual_seed(0),
+            with P.autocast(our_amp):
+                S.generate(net, tok, B, config, generator=torch.Generator(DEVICE).manual_seed(0),
                            cuda_graph=cuda_graph, compile=compile)
         return run
 
     def reference():
-        R.generate(net, tok, BATCH, STEPS, seed=0, amp_dtype=AMP)
+        R.generate(net, tok, B, T, seed=0, amp_dtype=ref_amp)
 
-    rounds = 8 if PRESET == "small" else 10
-    benchmark.group = f"generation {MODELS[0]} B={BATCH} T={STEPS} {DEVICE.type}"
-    benchmark.pedantic(ours(), rounds=3, iterations=1, warmup_rounds=1)
+    label = f"{precision} (ours {P.our_precision(precision)}, reference {_name(ref_amp)})"
+    benchmark.group = f"generation {preset} B={B} T={T} {label} {DEVICE.type}"
+    benchmark.pedantic(ours(), rounds=1 if preset == "official" else 3, iterations=1,
+                       warmup_rounds=0 if preset == "official" else 1)
     fns = [reference, ours()] + ([ours(cuda_graph=False)] if DEVICE.type == "cuda" else [])
-    times = interleaved_medians(fns, rounds)
+    times = P.interleaved_medians(fns, ROUNDS[preset][0])
     ref_s, our_s = times[:2]
-    detail = (f"(reference {BATCH / ref_s:.1f} img/s, ours {BATCH / our_s:.1f} img/s, "
-              f"B={BATCH} T={STEPS}, {DEVICE.type}, {torch.get_num_threads()} threads)")
-    benchmark.extra_info.update(reference_img_s=BATCH / ref_s, ours_img_s=BATCH / our_s, speedup=ref_s / our_s)
-    report_ratio(f"generation {MODELS[0]} ({'compiled' if compile else 'eager'})", ref_s / our_s, detail)
+    detail = (f"(reference {B / ref_s:.2f} img/s, ours {B / our_s:.2f} img/s, B={B} T={T}, {label}, "
+              f"{DEVICE.type}, {torch.get_num_threads()} threads)")
+    benchmark.extra_info.update(reference_img_s=B / ref_s, ours_img_s=B / our_s, speedup=ref_s / our_s)
+    report_ratio(f"generation {preset} {precision} ({'compiled' if compile else 'eager'})", ref_s / our_s, detail)
     if DEVICE.type == "cuda":
         eager_s = times[2]
-        benchmark.extra_info.update(ours_eager_img_s=BATCH / eager_s)
-        report_ratio("generation: CUDA-graph replay vs our eager sampler", eager_s / our_s,
-                     f"(eager {BATCH / eager_s:.1f} img/s, graph {BATCH / our_s:.1f} img/s)")
+        benchmark.extra_info.update(ours_eager_img_s=B / eager_s)
+        report_ratio(f"generation {preset}: CUDA-graph replay vs our eager sampler", eager_s / our_s,
+                     f"(eager {B / eager_s:.1f} img/s, graph {B / our_s:.1f} img/s)")
     assert ref_s / our_s >= MIN_RATIO, f"our sampler is more than 10 % slower than the reference loop {detail}"
+
+
+def _name(dtype):
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 # --------------------------------------------------------------------------- training
@@ -130,18 +121,21 @@ def _batches(images):
         yield images, labels, 0
 
 
-@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compile"])
-def test_bench_training_step(benchmark, report_ratio, models, compile):
+@pytest.mark.parametrize("precision", P.precisions())
+@pytest.mark.parametrize("preset,compile", _compile_params())
+def test_bench_training_step(benchmark, report_ratio, preset, compile, precision):
     """Images/s of one optimizer step (frozen tokenizer + predictor passes, ADDP forward and
     backward, clipping, AdamW), ours (Trainer.train_step) vs the reference TrainStep."""
-    _, tok, pred = models
+    _, tok, pred = models(preset)
+    B = P.batch_size(preset)
+    ref_amp, _ = P.amp_dtypes(precision)
+    ours_precision = P.our_precision(precision)
     torch.manual_seed(0)
-    size = models[0].config.image_size
-    images = torch.rand(BATCH, 3, size, size, device=DEVICE)
-    ref_step = R.TrainStep(addp.create_model(MODELS[0]).to(DEVICE), tok, pred, amp_dtype=AMP)
-    precision = "bf16" if AMP is torch.bfloat16 else "fp32"
-    trainer = Trainer(ADDPStage(addp.create_model(MODELS[0]), tok, pred),
-                      TrainConfig(steps=10 ** 6, batch_size=BATCH, precision=precision, compile=compile),
+    size = pred.config.seq_len ** 0.5 * tok.config.stride
+    images = torch.rand(B, 3, int(size), int(size), device=DEVICE)
+    ref_step = R.TrainStep(P.new_network(preset), tok, pred, amp_dtype=ref_amp)
+    trainer = Trainer(ADDPStage(P.new_network(preset), tok, pred),
+                      TrainConfig(steps=10 ** 6, batch_size=B, precision=ours_precision, compile=compile),
                       Path(tempfile.mkdtemp()), DistInfo(device=DEVICE), {})
     batches = _batches(images)
     for _ in range(4 if compile else 1):  # compile: settle the dynamic-shape recompilations first
@@ -153,31 +147,32 @@ def test_bench_training_step(benchmark, report_ratio, models, compile):
     def reference():
         ref_step(images)
 
-    rounds = 10 if PRESET == "small" else 20
-    benchmark.group = f"training step {MODELS[0]} B={BATCH} {precision} {DEVICE.type}"
-    benchmark.pedantic(ours, rounds=5, iterations=1, warmup_rounds=1)
-    ref_s, our_s = interleaved_medians([reference, ours], rounds)
-    detail = (f"(reference {BATCH / ref_s:.1f} img/s, ours {BATCH / our_s:.1f} img/s, B={BATCH}, {precision}, "
+    label = f"{precision} (ours {ours_precision}, reference {_name(ref_amp)})"
+    benchmark.group = f"training step {preset} B={B} {label} {DEVICE.type}"
+    benchmark.pedantic(ours, rounds=2 if preset == "official" else 5, iterations=1,
+                       warmup_rounds=0 if preset == "official" else 1)
+    ref_s, our_s = P.interleaved_medians([reference, ours], ROUNDS[preset][1])
+    detail = (f"(reference {B / ref_s:.2f} img/s, ours {B / our_s:.2f} img/s, B={B}, {label}, "
               f"{DEVICE.type}, {torch.get_num_threads()} threads)")
-    flops = _step_flops(trainer, batches)
-    peak = peak_flops()
-    if flops:
+    if DEVICE.type == "cuda":
+        flops = _step_flops(trainer, batches, preset)
+        peak = peak_flops()
         detail += f" {flops / our_s / 1e12:.2f} TFLOP/s"
         benchmark.extra_info.update(step_tflop=flops / 1e12)
         if peak:
             detail += f", MFU {flops / our_s / peak:.1%} of {peak / 1e12:.0f} TFLOP/s"
             benchmark.extra_info.update(mfu=flops / our_s / peak)
-    benchmark.extra_info.update(reference_img_s=BATCH / ref_s, ours_img_s=BATCH / our_s, speedup=ref_s / our_s)
-    report_ratio(f"training step {MODELS[0]} ({'compiled' if compile else 'eager'})", ref_s / our_s, detail)
+    benchmark.extra_info.update(reference_img_s=B / ref_s, ours_img_s=B / our_s, speedup=ref_s / our_s)
+    report_ratio(f"training step {preset} {precision} ({'compiled' if compile else 'eager'})", ref_s / our_s, detail)
     assert ref_s / our_s >= MIN_RATIO, f"our training step is more than 10 % slower than the reference loop {detail}"
 
 
-def _step_flops(trainer, batches):
+def _step_flops(trainer, batches, preset):
     """FLOPs of one whole training step (frozen passes included), counted on an eager copy
     of the trainer's stage (compiled code is invisible to the counter)."""
     from torch.utils.flop_counter import FlopCounterMode
     stage = trainer.stage
-    eager = Trainer(ADDPStage(addp.create_model(MODELS[0]), stage.process.tokenizer, stage.process.predictor),
+    eager = Trainer(ADDPStage(P.new_network(preset), stage.process.tokenizer, stage.process.predictor),
                     dataclasses.replace(trainer.cfg, compile=False), trainer.out, trainer.dist, {})
     with FlopCounterMode(display=False) as counter:
         eager.train_step(batches)

@@ -198,7 +198,7 @@ def test_parity_flag_gives_the_library_images(run_module, files, tmp_path):
         out = tmp_path / name
         code, stdout, stderr = run_module("addp.generate", ["--checkpoint", files["ckpt"], "--num-images", "3",
                                                             "--batch-size", "3", "--seed", "7", "--device", "cpu",
-                                                            "--output-dir", out, *flags])
+                                                            "--precision", "fp32", "--output-dir", out, *flags])
         assert code == 0, stderr
         assert summary_of(stdout)["sampler"] == {**config.__dict__}
         expected = S.generate(net, tok, 3, config, generator=torch.Generator().manual_seed(batch_seed(7, 0)))

@@ -85,24 +85,36 @@ def test_bf16_precision_runs_and_is_a_setting_of_the_folder(ckpt, tmp_path, caps
     out = tmp_path / "bf16"
     assert run(ckpt, out, 2, "--precision", "bf16") == 0
     fp32 = tmp_path / "fp32"
-    assert run(ckpt, fp32, 2) == 0
+    assert run(ckpt, fp32, 2, "--precision", "fp32") == 0
     a, b = (np.load(d / "samples.npz")["arr_0"] for d in (out, fp32))
     assert a.shape == b.shape == (2, 32, 32, 3)
     # the same seed with the networks under bf16 autocast: other images
     assert not np.array_equal(a, b)
     capsys.readouterr()
-    assert run(ckpt, out, 2) == 2  # fp32 into the bf16 folder: refused
+    assert run(ckpt, out, 2, "--precision", "fp32") == 2  # fp32 into the bf16 folder: refused
     assert "precision" in capsys.readouterr().err
 
 
 def test_folders_from_before_the_precision_setting_count_as_fp32(ckpt, tmp_path):
     import json
     out = tmp_path / "old"
-    assert run(ckpt, out, 2) == 0
+    assert run(ckpt, out, 2, "--precision", "fp32") == 0
     record = json.loads((out / "generate.json").read_text())
     del record["precision"]
     (out / "generate.json").write_text(json.dumps(record))
+    assert run(ckpt, out, 2, "--precision", "fp32") == 0
+
+
+def test_auto_precision_is_recorded_as_what_it_resolved_to(ckpt, tmp_path):
+    import json
+
+    from addp.precision import resolve_precision
+    out = tmp_path / "auto"
     assert run(ckpt, out, 2) == 0
+    resolved = resolve_precision("auto", torch.device("cpu"))
+    assert json.loads((out / "generate.json").read_text())["precision"] == resolved
+    # the same folder with the precision spelled out: the same settings, nothing regenerated
+    assert run(ckpt, out, 2, "--precision", resolved) == 0
 
 
 def png_arrays(out, n):

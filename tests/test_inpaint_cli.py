@@ -168,7 +168,7 @@ def test_bf16_precision_keeps_the_known_pixels(ckpt, files, tmp_path):
     d, image, hole = files
     out16, out32 = tmp_path / "bf16.png", tmp_path / "fp32.png"
     assert run(ckpt, d / "digit.png", out16, "--mask", str(d / "mask.png"), "--precision", "bf16") == 0
-    assert run(ckpt, d / "digit.png", out32, "--mask", str(d / "mask.png")) == 0
+    assert run(ckpt, d / "digit.png", out32, "--mask", str(d / "mask.png"), "--precision", "fp32") == 0
     bf16, fp32 = read(out16), read(out32)
     assert np.array_equal(bf16[~hole], image[~hole])
     assert not np.array_equal(bf16[hole], fp32[hole])  # the networks did run in bf16

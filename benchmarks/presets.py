@@ -1,0 +1,112 @@
+"""The model sets and precisions the benchmarks run at (shared by the benchmark files).
+
+  small     the CPU demo presets: 32 px, 8x8 tokens (addp_vit_small, vqgan_small, mage_vit_small)
+  official  the official layout at CPU widths: 256 px, 16x16 tokens, MAGE's VQGAN architecture
+            (ch_mult 1,1,2,2,4, two residual blocks per level) at ch=32, and ViT-B/16-shaped ADDP
+            and MAGE networks (12 encoder + 8 decoder blocks) at width 192. Every width is 1/4
+            of the real one, so every part keeps its share of the multiply-adds.
+  base      the real thing (GPU): ADDP ViT-B/16 + MAGE VQGAN + MAGE ViT-B at 256 px
+
+Precision modes (``precisions()``):
+  fp32      both sides in fp32
+  bf16      both sides under bf16 autocast
+  default   each side at its default for the device: the reference at the official code's
+            (fp32 on a CPU, where its torch.cuda.amp.autocast does nothing; fp16 autocast on a
+            GPU), ours at ``--precision auto`` (addp.precision.resolve_precision)
+
+Environment: ADDP_BENCH_PRESET (comma list; default small,official on a CPU, base on a GPU),
+ADDP_BENCH_PRECISION (comma list; default fp32,default on a CPU, bf16 on a GPU),
+ADDP_BENCH_BATCH, ADDP_BENCH_STEPS.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import torch
+
+import addp
+from addp.precision import autocast_dtype, enable_autotuning, resolve_precision
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+enable_autotuning(DEVICE)  # cuDNN autotuning, as the CLIs and the official training scripts
+
+_VIT_192 = dict(embed_dim=192, num_heads=3, decoder_embed_dim=192, decoder_num_heads=4)
+PRESETS = {
+    "small": (("addp_vit_small", {}), ("vqgan_small", {}), ("mage_vit_small", {})),
+    "official": (("addp_vit_base_patch16", _VIT_192), ("vqgan_mage", dict(ch=32)),
+                 ("mage_vit_base_patch16", _VIT_192)),
+    "base": (("addp_vit_base_patch16", {}), ("vqgan_mage", {}), ("mage_vit_base_patch16", {})),
+}
+BATCH = {"small": 32, "official": 2, "base": 64}
+STEPS = int(os.environ.get("ADDP_BENCH_STEPS", 20))
+
+
+def _env_list(name: str, default: str) -> list[str]:
+    return [v.strip() for v in os.environ.get(name, default).split(",") if v.strip()]
+
+
+def presets() -> list[str]:
+    return _env_list("ADDP_BENCH_PRESET", "base" if DEVICE.type == "cuda" else "small,official")
+
+
+def precisions() -> list[str]:
+    return _env_list("ADDP_BENCH_PRECISION", "bf16" if DEVICE.type == "cuda" else "fp32,default")
+
+
+def batch_size(preset: str) -> int:
+    return int(os.environ.get("ADDP_BENCH_BATCH", BATCH[preset]))
+
+
+def build(preset: str, seed: int = 0):
+    """(addp network, tokenizer, predictor) of ``preset`` on DEVICE, in eval mode."""
+    torch.manual_seed(seed)
+    return tuple(addp.create_model(name, **kw).to(DEVICE).eval() for name, kw in PRESETS[preset])
+
+
+def new_network(preset: str) -> torch.nn.Module:
+    name, kw = PRESETS[preset][0]
+    return addp.create_model(name, **kw).to(DEVICE)
+
+
+def amp_dtypes(mode: str) -> tuple:
+    """(reference autocast dtype, our autocast dtype) of a precision mode (None: fp32)."""
+    if mode == "default":
+        official = torch.float16 if DEVICE.type == "cuda" else None
+        return official, autocast_dtype("auto", DEVICE)
+    dtype = {"fp32": None, "bf16": torch.bfloat16}[mode]
+    return dtype, dtype
+
+
+def our_precision(mode: str) -> str:
+    """Our --precision value of a mode, as a name (for the Trainer and for labels)."""
+    return resolve_precision("auto", DEVICE) if mode == "default" else mode
+
+
+def autocast(dtype):
+    return torch.autocast(DEVICE.type, dtype=dtype, enabled=dtype is not None)
+
+
+def sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved_times(fns, rounds: int, warmup: int = 1) -> list[list[float]]:
+    """Wall times (s) of each fn over ``rounds`` rounds, calling them in turn each round, so
+    that load from other processes hits them alike."""
+    times = [[] for _ in fns]
+    for i in range(warmup + rounds):
+        for fn, ts in zip(fns, times):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            if i >= warmup:
+                ts.append(time.perf_counter() - t0)
+    return times
+
+
+def interleaved_medians(fns, rounds: int, warmup: int = 1) -> list[float]:
+    return [statistics.median(ts) for ts in interleaved_times(fns, rounds, warmup)]
