@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check in one script (no internet needed), the most important first so that a run
 # cut short still reports them; each step has its own time limit and the last one gets what is
-# left of ADDP_GPU_BUDGET_S (default 570 s), so the whole run stays inside one 600 s call:
+# left of ADDP_GPU_BUDGET_S (default 570 s), so the whole run takes under ten minutes:
 #   1. builds addp._C with the CUDA sources (pip, no build isolation, no deps);
 #   2. parity tests: Triton kernels on CUDA (tests/test_kernels_triton.py), the CUDA C++
 #      unmasking kernel (tests/test_ops_unmask.py), the CPU ops, the CUDA-graph sampler
@@ -17,16 +17,14 @@
 #      device-to-device copy bandwidth baseline (benchmarks/gpu_bench.py);
 #   6. end to end again with torch.compile (compilation makes it the slowest part).
 # The raw log and the pytest-benchmark JSON go to $ADDP_RESULTS_DIR (default
-# benchmarks/results/), written as the run goes. Usage: bash benchmarks/gpu_check.sh; on this
-# workplace's device machine: ADDP_RESULTS_DIR=$OUT bash benchmarks/gpu_check.sh (timeout 590 s),
-# then copy the files that come back into benchmarks/results/.
+# benchmarks/results/), written as the run goes. Usage: bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS="${ADDP_RESULTS_DIR:-benchmarks/results}"
 mkdir -p "$RESULTS"
 LOG="$RESULTS/gpu_check-$(date +%Y%m%d-%H%M%S).log"
 export PYTHONUNBUFFERED=1
-PY="${PYTHON:-python3}"  # the device image has python3 (holding torch), not always python
+PY="${PYTHON:-python3}"  # python3 is there on every Linux image; `python` not always
 exec > >(tee "$LOG") 2>&1
 status=0
 step() { echo; echo "=== $* ($(date +%T))"; }

@@ -76,13 +76,18 @@ def codebook_weighted_sum(logits: torch.Tensor, codebook: torch.Tensor, ids: Opt
         has_mask = mask is not None
         ids_c = ids.reshape(-1).contiguous() if has_mask else out
         mask_c = mask.reshape(-1).contiguous().view(torch.int8) if has_mask else out
+        # Tiles that ptxas fits in registers without spills on sm_80 and sm_90 for every dtype
+        # (benchmarks/results/triton_aot_resources.md): 32 logits per step, 32-row blocks for fp32
+        # codebooks (their 3-pass tf32 dot needs more registers), 8 warps for the larger tiles.
         BLOCK_D = min(max(triton.next_power_of_2(D), 16), 128)
-        BLOCK_K = min(max(triton.next_power_of_2(K), 16), 64)
-        BLOCK_R = 64 if N >= 64 else 16
+        BLOCK_K = min(max(triton.next_power_of_2(K), 16), 32)
+        rows = 32 if codebook.dtype == torch.float32 else 64
+        BLOCK_R = rows if N >= rows else 16
         grid = (triton.cdiv(N, BLOCK_R), triton.cdiv(D, BLOCK_D))
         _weighted_sum_kernel[grid](x, *x.stride(), codebook, *codebook.stride(), ids_c, mask_c, out,
                                    N, L, K, D, 1.0 / temperature, HAS_MASK=has_mask,
                                    PRECISION="tf32x3" if codebook.dtype == torch.float32 else "tf32",
                                    UPCAST=_INTERPRET and codebook.dtype == torch.bfloat16,
-                                   BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, num_warps=4)
+                                   BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D,
+                                   num_warps=4 if BLOCK_R * BLOCK_D <= 1024 else 8)
     return out.reshape(*lead, D)
