@@ -93,7 +93,7 @@ def test_compiler_rejects_a_dot_block_the_interpreter_accepts():
 
 def test_shared_memory_overrun_is_reported():
     """Blocks too large for the shared memory of an A100 compile but could never launch."""
-    launch = _with(_weighted_sum_launch(), BLOCK_R=256, BLOCK_K=256, BLOCK_D=256)
+    launch = _with(_weighted_sum_launch(), BLOCK_R=64, BLOCK_K=128, BLOCK_D=128, num_warps=8)
     kernel, _ = triton_aot.compile_launch(launch, "sm_80")
     problems = triton_aot.limit_problems("sm_80", 1, kernel.metadata.shared, kernel.metadata.num_warps)
     assert kernel.metadata.shared > triton_aot.TARGETS["sm_80"][1]
