@@ -14,7 +14,8 @@ start=$(date +%s)
 (cd "$scratch" && ADDP_BUILD_CUDA=1 ADDP_CUDA_ARCHS="${ADDP_CUDA_ARCHS:-9.0}" \
   python setup.py -q build_ext --inplace >build.log 2>&1) || { tail -40 "$scratch/build.log"; exit 1; }
 lib=$(ls "$scratch"/addp/_C*.so)
+symbols=$(nm -C "$lib")
 for kernel in sample_kernel select_kernel; do
-  nm -C "$lib" | grep -q "$kernel" || { echo "CUDA build: $kernel missing from $lib"; exit 1; }
+  grep -q "$kernel" <<<"$symbols" || { echo "CUDA build: $kernel missing from $lib"; exit 1; }
 done
 echo "CUDA build (nvcc $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'), arch ${ADDP_CUDA_ARCHS:-9.0}): ok in $(( $(date +%s) - start )) s"
