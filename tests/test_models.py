@@ -1,4 +1,6 @@
 """Behaviour of the three models: shapes, masking semantics, precision, registry."""
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -170,6 +172,8 @@ def test_xformers_falls_back_to_sdpa_with_one_log_line(caplog, monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_xformers)
     monkeypatch.setattr(layers, "_XFORMERS", {})
+    # the commands send the package's log to stderr and stop it there; caplog listens at the root
+    monkeypatch.setattr(logging.getLogger("addp"), "propagate", True)
     q = torch.randn(1, 2, 5, 8)
     with caplog.at_level("WARNING", logger="addp.layers"), layers.attention_backend("xformers"):
         a = layers.attention(q, q, q)

@@ -43,7 +43,7 @@ def test_pretraining_recipe_is_the_official_script(name, capsys):
     for key, value in {**PRETRAIN[name], **PRETRAIN_COMMON}.items():
         assert getattr(args, key) == value, key
     assert (args.batch_size, args.accum_steps) == (128, 1)
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err  # log lines go to stderr
     assert out.count("[recipe] ") == 1 and "pretrain_addp" in out
     # ImageNet: 1,281,167 images; a drop-last epoch of 4096 is 312 steps
     sched = train.schedule(args, 1_281_167, 32)
@@ -136,7 +136,7 @@ def test_epochs_periodic_evaluation_and_resume_across_an_epoch_boundary(tmp_path
     run = json.loads((tmp_path / "full" / "run.json").read_text())
     assert run["schedule"] == {"global_batch": 16, "dataset_images": 100, "epochs": 3.0, "steps": 18,
                                "warmup_epochs": 0.5, "warmup_steps": 3, "eval_every_epochs": 1.0, "eval_every": 6}
-    assert "3 epochs = 18 steps" in capsys.readouterr().out
+    assert "3 epochs = 18 steps" in capsys.readouterr().err
     evals = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
     evals = [e for e in evals if "val_top1" in e]
     assert [e["step"] for e in evals] == [6, 12, 18]
@@ -215,13 +215,13 @@ def test_a_root_holding_train_and_val_pretrains_on_train_only(tmp_path, capsys):
     image_tree(tmp_path, "train", 3)
     image_tree(tmp_path, "val", 2)
     args = train.parse_args(["--data-path", str(tmp_path)])
-    data = train.build_dataset(args, 32, DistInfo())
+    data = train.build_dataset(args, 32)
     assert len(data) == 6 and all("/train/" in path for path, _ in data.samples)
     assert data.classes == ["a", "b"]
-    out = capsys.readouterr().out.strip().splitlines()
+    out = capsys.readouterr().err.strip().splitlines()
     assert out == [f"[data] {tmp_path} holds train/: training reads {tmp_path / 'train'} only"]
-    flat = train.build_dataset(train.parse_args(["--data-path", str(tmp_path / "val")]), 32, DistInfo())
-    assert len(flat) == 4 and capsys.readouterr().out == ""
+    flat = train.build_dataset(train.parse_args(["--data-path", str(tmp_path / "val")]), 32)
+    assert len(flat) == 4 and capsys.readouterr().err == ""
 
 
 # -- switches -----------------------------------------------------------------------------------
