@@ -65,7 +65,7 @@ def run_command(command: str, parser: ArgumentParser, main: Callable[[argparse.N
     `interrupted` is what the Ctrl-C line says about the outputs; it may name parsed options
     as `{output_dir}`."""
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    _log_to_stderr()
+    log_to_stderr()
     args = None
     try:
         args = parser.parse_args(argv)
@@ -113,7 +113,7 @@ class _Stderr(logging.Handler):
         print(self.format(record), file=sys.stderr, flush=True)
 
 
-def _log_to_stderr() -> None:
+def log_to_stderr() -> None:
     """The package's log lines (INFO and up; warnings only on ranks > 0) go to stderr."""
     logger = logging.getLogger("addp")
     if not any(isinstance(h, _Stderr) for h in logger.handlers):

@@ -24,8 +24,8 @@ def pipe():
 
 def images(pipe, seed=0):
     """Two generated images (a (2, 3, 32, 32) tensor), the same for the same weights and seed."""
-    return pipe(num_images=2, num_inference_steps=3, generator=torch.Generator().manual_seed(seed), output_type="pt",
-                return_dict=False)
+    return pipe(num_images=2, num_inference_steps=3, generator=torch.Generator().manual_seed(seed),
+                output_type="pt").images
 
 
 def assert_same_weights(a, b):

@@ -62,6 +62,14 @@ def test_finetune_recipe_is_the_official_script(name):
     assert args.official_layout and args.batch_size == 128
 
 
+
+@pytest.fixture(autouse=True)
+def package_log_on_stderr():
+    """The package's log lines on stderr, as every command sets them up (these tests call the
+    commands' functions directly)."""
+    from addp.cli import log_to_stderr
+    log_to_stderr()
+
 def test_linear_probe_recipe_is_crop_and_flip_only():
     args = finetune.parse_args(["--recipe", "linear_probe_vit"])
     finetune.resolve_recipe(args, lambda text: None)
