@@ -139,6 +139,20 @@ def run_module(tmp_path_factory):
     return run
 
 
+def addp_small_with_visible_norms():
+    """A random `addp_vit_small` (eval) whose norms and patch bias are far from their init, so a
+    wrong mapping of those weights shows in any comparison of features."""
+    import addp
+    torch.manual_seed(0)
+    net = addp.create_model("addp_vit_small").eval()
+    with torch.no_grad():
+        for name in ("tokenizer_norm", "norm"):
+            getattr(net, name).weight.normal_(1, 0.2)
+            getattr(net, name).bias.normal_(0, 0.2)
+        net.patch_embed.proj.bias.normal_(0, 0.5)
+    return net
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """A tiny random ADDP network with its tokenizer, in our format (shared by the CLI tests)."""

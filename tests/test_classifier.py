@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import addp
+from conftest import addp_small_with_visible_norms
 from addp import classifier as C
 from addp.checkpoint import CheckpointError
 from addp.registry import AddpError
@@ -36,13 +37,7 @@ def test_layout_is_the_official_finetune_one(size):
 
 
 def small_pair(global_pool="avg", **kw):
-    torch.manual_seed(0)
-    net = addp.create_model("addp_vit_small").eval()
-    with torch.no_grad():  # non-trivial norms and patch bias, so a wrong mapping shows
-        for name in ("tokenizer_norm", "norm"):
-            getattr(net, name).weight.normal_(1, 0.2)
-            getattr(net, name).bias.normal_(0, 0.2)
-        net.patch_embed.proj.bias.normal_(0, 0.5)
+    net = addp_small_with_visible_norms()
     state = C.encoder_state_from_addp(net, global_pool=global_pool, **kw)
     cls = addp.create_model("vit_small_cls", global_pool=global_pool, **kw)
     return net, C.load_encoder_state(cls, state, "test").eval()

@@ -6,9 +6,6 @@ import sys
 import time
 
 import pytest
-import torch
-
-import addp
 
 pytestmark = pytest.mark.slow  # each test starts torchrun (about 40 s on two shared cores)
 
@@ -16,12 +13,8 @@ N, B = 10, 2  # five batches
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("gen") / "tiny.safetensors"
-    addp.save_checkpoint(path, {"addp": addp.create_model("addp_vit_small", depth=1, decoder_depth=1),
-                                "tokenizer": addp.create_model("vqgan_small")})
-    return path
+def ckpt(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 def command(ckpt, out, nproc, n=N):

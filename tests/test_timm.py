@@ -4,6 +4,7 @@ import timm
 import torch
 
 import addp
+from conftest import addp_small_with_visible_norms
 from addp import classifier as C
 from addp import timm_models
 from addp.registry import AddpError, preset_config
@@ -19,14 +20,7 @@ def normalised(x):
 
 @pytest.fixture(scope="module")
 def net():
-    torch.manual_seed(0)
-    net = addp.create_model("addp_vit_small").eval()
-    with torch.no_grad():  # non-trivial norms and patch bias, so a wrong mapping shows
-        for name in ("tokenizer_norm", "norm"):
-            getattr(net, name).weight.normal_(1, 0.2)
-            getattr(net, name).bias.normal_(0, 0.2)
-        net.patch_embed.proj.bias.normal_(0, 0.5)
-    return net
+    return addp_small_with_visible_norms()
 
 
 def ours(net, pool="avg", size=32):
