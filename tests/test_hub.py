@@ -168,7 +168,8 @@ def test_what_is_not_in_the_cache_is_one_line(hub_cache, repo, filename, expecte
     assert ("HF_HUB_OFFLINE is set" in msg) == ("not in the Hub cache" in msg)
 
 
-def test_missing_local_paths_are_not_looked_up(tmp_path):
+def test_missing_local_paths_are_not_looked_up(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths resolve where nothing is
     for missing in (tmp_path / "nope.safetensors", "ckpts/addp.pth", "../x"):
         with pytest.raises(CheckpointError, match="checkpoint not found") as e:
             addp.load_checkpoint(missing)
