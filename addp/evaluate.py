@@ -296,13 +296,29 @@ class Features:
         return first[self.reference_layer].shape[1]
 
     def __call__(self, dataset, batch_size: int) -> dict:
-        """Features of every image of ``dataset``, computed ``batch_size`` images at a time."""
-        from torch_fidelity.utils import get_featuresdict_from_dataset
-        try:
-            return get_featuresdict_from_dataset(dataset, self.extractor, batch_size, self.cuda,
-                                                 save_cpu_ram=True, verbose=False)
-        except ValueError as e:  # torch-fidelity's own checks (vassert)
-            raise AddpError(f"torch-fidelity: {str(e).splitlines()[0]}") from None
+        """Features of every image of ``dataset``, computed ``batch_size`` images at a time.
+
+        Each layer's features go into one array allocated at the first batch: per-batch pieces
+        kept until the end (torch-fidelity's ``get_featuresdict_from_dataset``) pin the heap
+        between the batches' transient buffers, and peak memory then grows with the number of
+        images far beyond the features themselves.
+        """
+        loader = torch.utils.data.DataLoader(dataset, batch_size=min(batch_size, len(dataset)), pin_memory=self.cuda)
+        out, start = None, 0
+        with torch.no_grad():
+            for batch in loader:
+                if self.cuda:
+                    batch = batch.cuda(non_blocking=True)
+                try:
+                    feats = self.extractor.convert_features_tuple_to_dict(self.extractor(batch))
+                except ValueError as e:  # torch-fidelity's own checks (vassert)
+                    raise AddpError(f"torch-fidelity: {str(e).splitlines()[0]}") from None
+                if out is None:
+                    out = {k: torch.empty((len(dataset), *v.shape[1:]), dtype=v.dtype) for k, v in feats.items()}
+                for k, v in feats.items():
+                    out[k][start:start + len(v)] = v
+                start += len(batch)
+        return out
 
 
 # --------------------------------------------------------------------------- reference statistics
@@ -452,18 +468,19 @@ def _log_reference(log, how: str, path, ref: ReferenceStats) -> None:
 @torch.no_grad()
 def mean_max_probability(model: nn.Module, images, batch_size: int = 256) -> dict:
     """Classifier confidence on uint8 images (a tensor or a dataset of (3, H, W)): mean max
-    softmax probability and the class histogram."""
+    softmax probability and the class histogram, accumulated batch by batch."""
     device = next(model.parameters()).device
-    probs = []
     size = model.config.image_size
+    total, counts = 0.0, None
     for chunk in torch.utils.data.DataLoader(images, batch_size=batch_size):
         x = chunk.to(device).float() / 255
         if tuple(x.shape[-2:]) != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-        probs.append(model(x).float().softmax(-1).cpu())
-    p = torch.cat(probs)
-    counts = torch.bincount(p.argmax(-1), minlength=p.shape[1])
-    return {"mean_max_prob": p.max(-1).values.mean().item(), "class_counts": counts.tolist()}
+        p = model(x).float().softmax(-1).cpu()
+        total += p.max(-1).values.double().sum().item()
+        batch_counts = torch.bincount(p.argmax(-1), minlength=p.shape[1])
+        counts = batch_counts if counts is None else counts + batch_counts
+    return {"mean_max_prob": total / len(images), "class_counts": counts.tolist()}
 
 
 def get_args_parser() -> ArgumentParser:

@@ -132,6 +132,20 @@ def test_metrics_match_torch_fidelity_on_the_same_images(folders, classifier_pat
         assert ours[k] == pytest.approx(float(v), rel=1e-6, abs=1e-9), k
 
 
+@pytest.mark.parametrize("batch_size", [1, 7, 64])
+def test_features_equal_torch_fidelity_loop(folders, classifier_path, batch_size):
+    """Our preallocated feature loop gives what torch-fidelity's per-batch loop gives,
+    partial last batch included."""
+    from torch_fidelity.utils import get_featuresdict_from_dataset
+    ds = E.open_images(str(folders[0]))
+    features = E.Features(("fid", "isc"), E.load_classifier(classifier_path))
+    ours = features(ds, batch_size)
+    theirs = get_featuresdict_from_dataset(ds, features.extractor, batch_size, False, True, False)
+    assert sorted(ours) == sorted(theirs) == ["features", "logits"]
+    for k in ours:
+        assert ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]), k
+
+
 def test_statistics_files_written_and_read(folders, classifier_path, tmp_path, capsys):
     a, _, b = folders
     stats = tmp_path / "ref_stats.npz"
