@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from . import ops
+from .frozen import compile_frozen
 
 MAPPINGS = ("weighted_sum", "argmax", "sample")
 CONDITIONS = ("next", "same")  # predictor input condition: reliable tokens of t+1 (paper) or of t
@@ -143,10 +144,10 @@ class DiffusionProcess(nn.Module):
 
     def compile(self, **options) -> "DiffusionProcess":
         """torch.compile the frozen networks' passes (their shapes are fixed by the batch size,
-        so they compile once)."""
-        self._encode = torch.compile(self.tokenizer.encode, **options)
-        self._predict = torch.compile(self.predictor.forward, **options)
-        self._decode = torch.compile(self.tokenizer.decode_embeddings, **options)
+        so they compile once; on CPUs with their weights frozen into the graphs, ``addp.frozen``)."""
+        self._encode = compile_frozen(self.tokenizer.encode, **options)
+        self._predict = compile_frozen(self.predictor.forward, **options)
+        self._decode = compile_frozen(self.tokenizer.decode_embeddings, **options)
         return self
 
     def train(self, mode: bool = True):

@@ -66,6 +66,7 @@ import torch
 import torch.nn as nn
 
 from . import ops
+from .frozen import compile_frozen, weights_version
 
 SCHEDULES = ("cosine", "linear")
 TEMPERATURE_SCHEDULES = ("annealed", "static")
@@ -371,8 +372,8 @@ class _CompiledNet(nn.Module):
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net, self.config = net, net.config
-        self.encoder = torch.compile(net.forward_encoder)
-        self.decoder = torch.compile(net.forward_decoder, dynamic=True)
+        self.encoder = compile_frozen(net.forward_encoder)
+        self.decoder = compile_frozen(net.forward_decoder, dynamic=True)
 
     def forward(self, x, ids, mask, num_reliable=None):
         return self.decoder(self.encoder(x), ids, mask, num_reliable)
@@ -384,7 +385,7 @@ class _CompiledTokenizer(nn.Module):
     def __init__(self, tokenizer: nn.Module):
         super().__init__()
         self.tokenizer = tokenizer
-        self.decode = torch.compile(tokenizer.decode_embeddings)
+        self.decode = compile_frozen(tokenizer.decode_embeddings)
 
     @property
     def codebook(self) -> torch.Tensor:
@@ -412,14 +413,32 @@ def _cache(net: nn.Module) -> dict:
 
 def compiled_models(net: nn.Module, tokenizer: nn.Module) -> tuple[nn.Module, nn.Module]:
     """(net, tokenizer) compiled (cached on the net): the ADDP pixel encoder, its token
-    decoder (dynamic shapes) and the tokenizer's decoder. Other networks are compiled whole."""
+    decoder (dynamic shapes) and the tokenizer's decoder. Other networks are compiled whole.
+    On CPUs the graphs are frozen (``addp.frozen``): when a weight of either network has changed
+    they are rebuilt, after ``torch.compiler.reset()``."""
     cache = _cache(net)
     key = ("compiled", id(tokenizer))
-    if key not in cache or cache[key][1].tokenizer is not tokenizer:
+    version = weights_version(net, tokenizer)
+    if key in cache and cache[key][1] != version and not next(net.parameters()).is_cuda:
+        # dynamo's guards do not look at weight values, so it would run the old frozen graphs
+        torch.compiler.reset()
+    if key not in cache or cache[key][0][1].tokenizer is not tokenizer or cache[key][1] != version:
         split = hasattr(net, "forward_encoder") and net.config.token_input != "encoder_decoder"
-        fast_net = _CompiledNet(net) if split else torch.compile(net)
-        cache[key] = (fast_net, _CompiledTokenizer(tokenizer))
-    return cache[key]
+        fast_net = _CompiledNet(net) if split else _CompiledWhole(net)
+        cache[key] = ((fast_net, _CompiledTokenizer(tokenizer)), version)
+    return cache[key][0]
+
+
+class _CompiledWhole(nn.Module):
+    """A network other than the split ADDP encoder/decoder, compiled whole."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net, self.config = net, net.config
+        self.run = compile_frozen(net)
+
+    def forward(self, *args, **kwargs):
+        return self.run(*args, **kwargs)
 
 
 class CudaGraphSampler:

@@ -4,7 +4,7 @@
 # decoder/encoder speed steps vs the plain decoder; the per-part breakdown of a generation and
 # a training step at the official layout; then the sampler and the training step vs the
 # reference loop (small presets and the official layout), in fp32 on both sides and at each
-# side's device default. Raw logs and pytest-benchmark JSON go to
+# side's device default (and, for training, ours in bf16). Raw logs and pytest-benchmark JSON go to
 # benchmarks/results/cpu_bench-<date>*. Usage: bash benchmarks/cpu_bench.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +21,9 @@ run python -m pytest -q -s -p no:cacheprovider benchmarks/test_bench_ops.py --be
 run python -m pytest -q -s -p no:cacheprovider benchmarks/test_bench_vq.py
 run python -m pytest -q -s -p no:cacheprovider benchmarks/test_bench_breakdown.py
 run env ADDP_BENCH_PRECISION=fp32,default python -m pytest -q -s -p no:cacheprovider benchmarks/test_bench_e2e.py \
-  --benchmark-json="${LOG%.log}-e2e.json"
+  -k generation --benchmark-json="${LOG%.log}-e2e-generation.json"
+# training's --precision auto is fp32 on a CPU: bf16-ours adds ours in bf16 vs the reference's default
+run env ADDP_BENCH_PRECISION=fp32,default,bf16-ours python -m pytest -q -s -p no:cacheprovider \
+  benchmarks/test_bench_e2e.py -k training --benchmark-json="${LOG%.log}-e2e-training.json"
 echo; echo "=== done, status $status, log $LOG"
 exit $status

@@ -12,7 +12,10 @@ Precision modes (``precisions()``):
   bf16      both sides under bf16 autocast
   default   each side at its default for the device: the reference at the official code's
             (fp32 on a CPU, where its torch.cuda.amp.autocast does nothing; fp16 autocast on a
-            GPU), ours at ``--precision auto`` (addp.precision.resolve_precision)
+            GPU), ours at ``--precision auto`` (addp.precision.resolve_precision; for training
+            that is fp32 on a CPU)
+  bf16-ours the reference at its default, ours under bf16 autocast (``--precision bf16``):
+            the training step on a CPU with native bf16, where training's ``auto`` stays fp32
 
 Environment: ADDP_BENCH_PRESET (comma list; default small,official on a CPU, base on a GPU),
 ADDP_BENCH_PRECISION (comma list; default fp32,default on a CPU, bf16 on a GPU),
@@ -70,18 +73,22 @@ def new_network(preset: str) -> torch.nn.Module:
     return addp.create_model(name, **kw).to(DEVICE)
 
 
-def amp_dtypes(mode: str) -> tuple:
+def amp_dtypes(mode: str, training: bool = False) -> tuple:
     """(reference autocast dtype, our autocast dtype) of a precision mode (None: fp32)."""
+    official = torch.float16 if DEVICE.type == "cuda" else None
     if mode == "default":
-        official = torch.float16 if DEVICE.type == "cuda" else None
-        return official, autocast_dtype("auto", DEVICE)
+        return official, autocast_dtype("auto", DEVICE, training)
+    if mode == "bf16-ours":
+        return official, torch.bfloat16
     dtype = {"fp32": None, "bf16": torch.bfloat16}[mode]
     return dtype, dtype
 
 
-def our_precision(mode: str) -> str:
+def our_precision(mode: str, training: bool = False) -> str:
     """Our --precision value of a mode, as a name (for the Trainer and for labels)."""
-    return resolve_precision("auto", DEVICE) if mode == "default" else mode
+    if mode == "default":
+        return resolve_precision("auto", DEVICE, training)
+    return "bf16" if mode == "bf16-ours" else mode
 
 
 def autocast(dtype):

@@ -128,8 +128,8 @@ def test_bench_training_step(benchmark, report_ratio, preset, compile, precision
     backward, clipping, AdamW), ours (Trainer.train_step) vs the reference TrainStep."""
     _, tok, pred = models(preset)
     B = P.batch_size(preset)
-    ref_amp, _ = P.amp_dtypes(precision)
-    ours_precision = P.our_precision(precision)
+    ref_amp, _ = P.amp_dtypes(precision, training=True)
+    ours_precision = P.our_precision(precision, training=True)
     torch.manual_seed(0)
     size = pred.config.seq_len ** 0.5 * tok.config.stride
     images = torch.rand(B, 3, int(size), int(size), device=DEVICE)

@@ -2,8 +2,10 @@
 NCHW, upsampled tensors built: reference_loop.vq_decode_grid) in the same run, at the
 official layout (MAGE's VQGAN architecture, 256 px, 16x16 tokens; ch=32 and batch 2 on a CPU,
 ch=128 and batch 64 on a GPU). ``python -m pytest -s benchmarks/test_bench_vq.py`` prints
-the table; ADDP_BENCH_COMPILE=1 adds torch.compile (inductor fuses GroupNorm + SiLU + the
-residual add) on a CPU, where compiling takes minutes.
+the table; ADDP_BENCH_COMPILE=1 adds torch.compile as the sampler and the trainer's frozen
+passes run it (inductor fuses GroupNorm + SiLU + the residual add; on a CPU the weights are
+frozen into the graph and packed for oneDNN, addp.frozen) on a CPU, where compiling takes
+minutes.
 
 Variants:
   plain                the reference decoder, fp32
@@ -13,7 +15,7 @@ Variants:
                        upsampled tensor) and interleaved: `upsample_conv` below
   plain bf16           the reference decoder under bf16 autocast
   channels-last bf16   addp's decoder under bf16 autocast
-  compiled [bf16]      torch.compile of addp's decoder
+  compiled [bf16]      addp.frozen.compile_frozen of addp's decoder (frozen weights on a CPU)
 """
 import os
 import statistics
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import addp
+from addp.frozen import compile_frozen
 
 sys.path.insert(0, str(Path(__file__).parent))
 import presets as P  # noqa: E402
@@ -118,9 +121,9 @@ def test_bench_vq(report_ratio, part):
         model, x = tok.encoder, images
     with torch.no_grad():
         if COMPILE:
-            compiled = torch.compile(model)
+            compiled, compiled_bf16 = compile_frozen(model), compile_frozen(model)
             variants["compiled"] = lambda: compiled(x)
-            variants["compiled bf16"] = _bf16(lambda: compiled(x))
+            variants["compiled bf16"] = _bf16(lambda: compiled_bf16(x))
         times = P.interleaved_times(list(variants.values()), ROUNDS)
     _report(f"VQ {part}, MAGE layout ch={CH}, 256 px, B={BATCH}, {P.DEVICE.type}, "
             f"{torch.get_num_threads()} threads ({ROUNDS} interleaved rounds)", list(variants), times, report_ratio)

@@ -135,6 +135,18 @@ def test_inputs_condition_on_t_plus_1_and_targets_on_t(frozen):
     assert s.num_reliable == 64 - int(s.mask[0].sum())
 
 
+def test_compiled_frozen_passes_give_the_eager_sample(frozen):
+    """--compile's frozen passes (weights frozen into the graphs on CPUs) give the eager sample;
+    the tokens, masks and noise are the same, the pixels and targets within float rounding."""
+    proc, images, eager = _sample(frozen, seed=5)
+    proc.compile()
+    g, ng = torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)
+    fast = proc(images, g, ng)
+    assert torch.equal(fast.ids, eager.ids) and torch.equal(fast.mask, eager.mask)
+    assert torch.allclose(fast.x_t, eager.x_t, atol=1e-4)
+    assert torch.allclose(fast.target, eager.target, atol=1e-5)
+
+
 def test_argmax_mapping_decodes_the_argmax_tokens(frozen):
     tok, pred = frozen
     proc, images, s = _sample(frozen, mapping="argmax")

@@ -270,6 +270,27 @@ def test_compiled_parts_give_the_eager_images(models):
     assert copy.deepcopy(net)._addp_sampler_cache == {}
 
 
+def test_compiled_parts_follow_weights_changed_in_place(models):
+    """On CPUs the compiled graphs hold the weights as constants (freezing): changing a weight
+    in place must rebuild them, not sample with the old weights."""
+    import copy
+    net, tok = (copy.deepcopy(m) for m in models)
+    config = S.SamplerConfig(steps=2, temperature=1.0)
+    S.generate(net, tok, 2, config, generator=torch.Generator().manual_seed(4), compile=True)
+    with torch.no_grad():
+        for p in tok.decoder.conv_out.parameters():
+            p.mul_(-1.0)
+        net.load_state_dict({k: v * 1.01 for k, v in net.state_dict().items()})
+    eager = S.generate(net, tok, 2, config, generator=torch.Generator().manual_seed(4))
+    fast = S.generate(net, tok, 2, config, generator=torch.Generator().manual_seed(4), compile=True)
+    assert torch.allclose(fast, eager, atol=1e-4)
+    # a second network of the same shapes gets graphs of its own weights
+    other_net, other_tok = models
+    eager = S.generate(other_net, other_tok, 2, config, generator=torch.Generator().manual_seed(4))
+    fast = S.generate(other_net, other_tok, 2, config, generator=torch.Generator().manual_seed(4), compile=True)
+    assert torch.allclose(fast, eager, atol=1e-4)
+
+
 # --------------------------------------------------------------------------- the schedule object
 def old_start_step(num_tokens, unreliable, steps, schedule):
     """The start step as the inpainting code computed it: the last s whose m(s/T) masks at
