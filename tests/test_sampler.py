@@ -284,11 +284,15 @@ def test_compiled_parts_follow_weights_changed_in_place(models):
     eager = S.generate(net, tok, 2, config, generator=torch.Generator().manual_seed(4))
     fast = S.generate(net, tok, 2, config, generator=torch.Generator().manual_seed(4), compile=True)
     assert torch.allclose(fast, eager, atol=1e-4)
-    # a second network of the same shapes gets graphs of its own weights
-    other_net, other_tok = models
-    eager = S.generate(other_net, other_tok, 2, config, generator=torch.Generator().manual_seed(4))
-    fast = S.generate(other_net, other_tok, 2, config, generator=torch.Generator().manual_seed(4), compile=True)
-    assert torch.allclose(fast, eager, atol=1e-4)
+    # networks of the same shapes, other weights, compiled one after the other: each gets graphs
+    # of its own weights
+    for shift in (0.25, -0.25):
+        other_net, other_tok = (copy.deepcopy(m) for m in models)
+        with torch.no_grad():
+            other_tok.decoder.conv_out.bias.add_(shift)
+        eager = S.generate(other_net, other_tok, 2, config, generator=torch.Generator().manual_seed(4))
+        fast = S.generate(other_net, other_tok, 2, config, generator=torch.Generator().manual_seed(4), compile=True)
+        assert torch.allclose(fast, eager, atol=1e-4)
 
 
 # --------------------------------------------------------------------------- the schedule object
