@@ -14,6 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 
+from . import ops
+
 log = logging.getLogger(__name__)
 
 ATTENTION_BACKENDS = ("sdpa", "xformers", "math")
@@ -28,23 +30,64 @@ ATTENTION_BACKEND = os.environ.get("ADDP_ATTENTION", "sdpa")
 _XFORMERS: dict = {}  # device type -> xformers.ops module, or None when it cannot run there
 
 
-def set_attention_backend(name: str) -> str:
-    """Choose the attention implementation for every Attention module; returns the old one."""
-    global ATTENTION_BACKEND
-    if name not in ATTENTION_BACKENDS:
-        raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {name!r}")
-    old, ATTENTION_BACKEND = ATTENTION_BACKEND, name
-    return old
+def _process_choice(variable: str, choices: tuple, what: str):
+    """(setter, context manager) of the module-level choice ``variable`` among ``choices``."""
+    def choose(name: str) -> str:
+        if name not in choices:
+            raise ValueError(f"{what} backend must be one of {choices}, got {name!r}")
+        old = globals()[variable]
+        globals()[variable] = name
+        return old
+
+    @contextlib.contextmanager
+    def chosen(name: str):
+        old = choose(name)
+        try:
+            yield
+        finally:
+            choose(old)
+
+    choose.__doc__ = f"Choose the {what} implementation of every module (one of {choices}); returns the old one."
+    chosen.__doc__ = f"``with ...({choices[-1]!r}): ...`` runs the block with another {what} backend."
+    return choose, chosen
 
 
-@contextlib.contextmanager
-def attention_backend(name: str):
-    """``with attention_backend("math"): ...`` runs the block with another attention backend."""
-    old = set_attention_backend(name)
-    try:
-        yield
-    finally:
-        set_attention_backend(old)
+set_attention_backend, attention_backend = _process_choice("ATTENTION_BACKEND", ATTENTION_BACKENDS, "attention")
+
+
+DROPOUT_BACKENDS = ("philox", "torch")
+# The dropout of every Dropout module and of the attention probabilities:
+#   philox  addp.ops.dropout on CPU tensors when addp._C is loaded: the mask from a counter-based
+#           generator, computed by all threads (torch's CPU dropout draws it element by element
+#           from one sequential generator); torch's dropout elsewhere (its CUDA kernel is a
+#           fused Philox kernel already)
+#   torch   torch's dropout everywhere, as the official code
+# Both drop with the same probability; the masks differ. Default from ADDP_DROPOUT (else
+# "philox"); change it with set_dropout_backend().
+DROPOUT_BACKEND = os.environ.get("ADDP_DROPOUT", "philox")
+
+
+set_dropout_backend, dropout_backend = _process_choice("DROPOUT_BACKEND", DROPOUT_BACKENDS, "dropout")
+
+
+def _philox_dropout(x: torch.Tensor) -> bool:
+    return DROPOUT_BACKEND == "philox" and x.device.type == "cpu" and ops.has_compiled_ops()
+
+
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """Dropout with the process-wide backend (``DROPOUT_BACKEND``)."""
+    if not training or p == 0:
+        return x
+    if DROPOUT_BACKEND not in DROPOUT_BACKENDS:
+        raise ValueError(f"ADDP_DROPOUT={DROPOUT_BACKEND!r} is not one of {DROPOUT_BACKENDS}")
+    return ops.dropout(x, p) if _philox_dropout(x) else F.dropout(x, p, True)
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` (same arguments and attributes) running ``dropout`` above."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
 
 
 def xformers_ops(device: torch.device):
@@ -79,6 +122,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
                                                   p=dropout_p)
             return out.transpose(1, 2)
         backend = "sdpa"
+    if backend == "sdpa" and dropout_p > 0 and _philox_dropout(q):
+        backend = "math"  # torch's CPU attention draws its dropout mask with torch's dropout
     if backend == "sdpa" and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
         # torch's CPU flash kernel is slow in bf16/fp16 (2.6x the fp32 time, forward + backward
         # of addp_vit_small, batch 32, 2 cores); in fp32 it beats the math path (3x forward)
@@ -88,7 +133,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
     if backend == "math":
         scores = (q.float() @ k.float().transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, N, N)
-        weights = F.dropout(scores.softmax(dim=-1), p=dropout_p)
+        weights = dropout(scores.softmax(dim=-1), dropout_p)
         return (weights @ v.float()).to(v.dtype)
     raise ValueError(f"ADDP_ATTENTION={backend!r} is not one of {ATTENTION_BACKENDS}")
 
@@ -103,7 +148,7 @@ class Attention(nn.Module):
         self.attn_drop = attn_drop
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
+        self.proj_drop = Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
@@ -125,6 +170,7 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+        self.mlp.drop1, self.mlp.drop2 = Dropout(drop), Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x)))

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import Block, MlmHead, init_transformer_weights
+from .layers import Block, Dropout, MlmHead, init_transformer_weights
 from .errors import AddpError
 from .registry import check_config, register_model_class, register_preset
 
@@ -130,7 +130,7 @@ class ADDP(nn.Module):
             self.cls_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim))
             self.pos_embed = nn.Parameter(torch.zeros(1, n + 1, c.embed_dim))
             self.tokenizer_norm = nn.LayerNorm(c.embed_dim, eps=1e-6)
-            self.tokenizer_dropout = nn.Dropout(0.1)
+            self.tokenizer_dropout = Dropout(0.1)
             dpr = torch.linspace(0, c.drop_path, c.depth).tolist()
             self.blocks = nn.ModuleList(
                 Block(c.embed_dim, c.num_heads, c.mlp_ratio, drop=c.dropout, attn_drop=c.dropout, drop_path=p)

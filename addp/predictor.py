@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .layers import Block, MlmHead, init_transformer_weights
+from .layers import Block, Dropout, MlmHead, init_transformer_weights
 from .errors import AddpError
 from .registry import check_config, register_model_class, register_preset
 
@@ -65,7 +65,7 @@ class TokenEmbedding(nn.Module):
         self.word_embeddings = nn.Embedding(vocab_size, dim)
         self.position_embeddings = nn.Embedding(max_positions, dim)
         self.LayerNorm = nn.LayerNorm(dim, eps=1e-6)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         nn.init.normal_(self.word_embeddings.weight, std=0.02)
         nn.init.normal_(self.position_embeddings.weight, std=0.02)
 

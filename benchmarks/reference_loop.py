@@ -4,6 +4,7 @@ modeling/encoders/models_addp.py), on our modules and weights.
 
 What makes it the official loop, kept on purpose:
   * attention in fp32 with the N x N matrix materialised (``attention_backend("math")``);
+  * torch's dropout (``dropout_backend("torch")``);
   * the full B x L x K probability tensor materialised, sampled with
     ``torch.distributions.Categorical``, gathered, and multiplied by the codebook;
   * Gumbel noise for the choice of positions drawn with NumPy on the host and copied over;
@@ -31,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from addp.diffusion import DiffusionConfig, MaskSchedule
-from addp.layers import attention_backend
+from addp.layers import attention_backend, dropout_backend
 
 
 def _sync(device: torch.device) -> None:
@@ -185,7 +186,7 @@ class TrainStep:
         device = images.device
         codebook = self.tokenizer.codebook
         # as engine_pretrain: the whole forward, frozen passes included, under autocast
-        with torch.no_grad(), attention_backend("math"), _autocast(device, self.amp_dtype):
+        with torch.no_grad(), attention_backend("math"), dropout_backend("torch"), _autocast(device, self.amp_dtype):
             z0 = vq_encode(self.tokenizer, images)
             mask_t, mask_next = _random_masking(self.schedule, images.shape[0], device)
             p_in = F.softmax(self.predictor(z0, mask_next.bool()).float(), dim=-1)  # the predictor, twice
@@ -193,7 +194,7 @@ class TrainStep:
             soft = torch.einsum("bln,nd->bld", p_in, codebook)
             z_t = torch.where(mask_t.bool().unsqueeze(-1), soft, codebook[z0])
             x_t = vq_decode(self.tokenizer, z_t).float()
-        with attention_backend("math"), _autocast(device, self.amp_dtype):
+        with attention_backend("math"), dropout_backend("torch"), _autocast(device, self.amp_dtype):
             logits = _forward(self.net, x_t, z0, mask_t.bool())  # (B, L, V)
         V = logits.shape[-1]
         padded = torch.cat([target, target.new_zeros(*target.shape[:2], V - target.shape[-1])], dim=-1)

@@ -1,4 +1,5 @@
-"""Compiled CPU codebook weighted sum vs the plain-PyTorch reference (pytest benchmarks/).
+"""Compiled CPU ops vs their plain-PyTorch references (pytest benchmarks/): codebook weighted sum,
+Gumbel top-k unmasking, soft-target cross entropy, and dropout (vs torch's dropout).
 
 The reference is timed in the same run, interleaved with the compiled op (one call each per
 round), so that load from other processes on the machine hits both alike.
@@ -107,6 +108,28 @@ def test_bench_soft_target_cross_entropy_cpu(benchmark, report_ratio):
     benchmark.pedantic(run("cpu"), rounds=20, iterations=3, warmup_rounds=1)
     ref_s, op_s = _interleaved_medians([run("reference"), run("cpu")], (), rounds=30)
     _report(benchmark, report_ratio, "soft_target_cross_entropy fwd+bwd cpu", ref_s, op_s)
+
+
+# --------------------------------------------------------------------------- dropout
+@pytest.mark.skipif(not has_compiled_ops(), reason="addp._C is not built")
+@pytest.mark.parametrize("shape,dtype", [((2, 4, 385, 385), torch.float32), ((2, 257, 768), torch.bfloat16)],
+                         ids=["attention_probs_fp32", "mlp_hidden_bf16"])
+def test_bench_dropout_cpu(benchmark, report_ratio, shape, dtype):
+    """Forward + backward, p = 0.1, vs torch's dropout (what runs without the kernel), on the
+    official layout's shapes at CPU widths: the ADDP decoder's attention probabilities (batch 2,
+    4 heads, 385 slots) and an MLP hidden layer under bf16."""
+    from addp.ops import dropout
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype).requires_grad_(True)
+    grad = torch.ones_like(x)
+
+    def run(fn):
+        return lambda: torch.autograd.grad(fn(x), x, grad)
+
+    theirs, ours = run(lambda t: torch.nn.functional.dropout(t, 0.1, True)), run(lambda t: dropout(t, 0.1))
+    benchmark.group = f"dropout fwd+bwd {tuple(shape)} {dtype}"
+    benchmark.pedantic(ours, rounds=20, iterations=3, warmup_rounds=1)
+    ref_s, op_s = _interleaved_medians([theirs, ours], (), rounds=30)
+    _report(benchmark, report_ratio, f"dropout fwd+bwd cpu vs torch, {tuple(shape)} {dtype}", ref_s, op_s)
 
 
 MIN_RATIO = 0.9  # fail when the compiled op is more than 10% slower than the reference

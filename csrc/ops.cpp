@@ -20,12 +20,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_target_cross_entropy_cpu(
 at::Tensor soft_target_cross_entropy_backward_cpu(const at::Tensor& grad, const at::Tensor& logits,
                                                  const at::Tensor& target, const at::Tensor& mask,
                                                  const at::Tensor& lse, const at::Tensor& qsum, double smoothing);
+std::tuple<at::Tensor, at::Tensor> dropout_cpu(const at::Tensor& x, double p, const at::Tensor& seed);
+at::Tensor dropout_backward_cpu(const at::Tensor& grad, const at::Tensor& keep, double p);
 
 TORCH_LIBRARY_IMPL(addp, CPU, m) {
   m.impl("codebook_weighted_sum", &codebook_weighted_sum_cpu);
   m.impl("gumbel_topk_unmask", &gumbel_topk_unmask_cpu);
   m.impl("soft_target_cross_entropy", &soft_target_cross_entropy_cpu);
   m.impl("soft_target_cross_entropy_backward", &soft_target_cross_entropy_backward_cpu);
+  m.impl("dropout", &dropout_cpu);
+  m.impl("dropout_backward", &dropout_backward_cpu);
 }
 
 }  // namespace addp
