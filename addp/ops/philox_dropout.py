@@ -11,6 +11,7 @@ element from one sequential generator, which costs more than the layer it drops 
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -76,14 +77,12 @@ def philox4x32_10(counter: tuple, key: tuple[int, int]) -> tuple[torch.Tensor, .
 
 def keep_mask_reference(shape, p: float, seed: int, device=None) -> torch.Tensor:
     """The kept elements of a tensor of ``shape`` (bool), as the module docstring defines them."""
-    n = 1
-    for s in shape:
-        n *= s
+    if p >= 1:
+        return torch.zeros(shape, dtype=torch.bool, device=device)
+    n = math.prod(shape)
     seed &= (1 << 64) - 1
     block = torch.arange((n + 3) // 4, dtype=torch.int64, device=device)
     words = torch.stack(philox4x32_10((block & _LOW32, block >> 32, 0, 0), (seed & _LOW32, seed >> 32)), dim=1)
-    if p >= 1:
-        return torch.zeros(shape, dtype=torch.bool, device=device)
     threshold = min(int(p * 2 ** 32), _LOW32)
     return (words.reshape(-1)[:n] >= threshold).reshape(shape)
 
