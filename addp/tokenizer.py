@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import ops
 from .errors import AddpError
 from .registry import check_config, register_model_class, register_preset
 
@@ -62,13 +63,23 @@ def _norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels, eps=1e-6)
 
 
+def _norm_silu(norm: nn.GroupNorm, x: torch.Tensor, fuse_fp32: bool) -> torch.Tensor:
+    """silu(norm(x)); as one op (``addp.ops.group_norm_silu``, fused on CPUs when no gradient is
+    needed) for bf16/fp16 inputs, and for float32 ones where ``fuse_fp32``: the decoder. The
+    encoder's float32 blocks measured no faster fused (docs/speed.md)."""
+    if x.dtype == torch.float32 and not fuse_fp32:
+        return F.silu(norm(x))
+    return ops.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps)
+
+
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
 class ResBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, groups: int):
+    def __init__(self, in_ch: int, out_ch: int, groups: int, fuse_fp32: bool = False):
         super().__init__()
+        self.fuse_fp32 = fuse_fp32
         self.norm1 = _norm(in_ch, groups)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False)
         self.norm2 = _norm(out_ch, groups)
@@ -77,8 +88,8 @@ class ResBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(out_ch, out_ch, 1, bias=False) if in_ch != out_ch else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(_norm_silu(self.norm1, x, self.fuse_fp32))
+        h = self.conv2(_norm_silu(self.norm2, h, self.fuse_fp32))
         skip = x if self.nin_shortcut is None else self.nin_shortcut(h)
         return skip + h
 
@@ -126,7 +137,7 @@ class Encoder(nn.Module):
             if level != len(self.down) - 1:
                 h = F.avg_pool2d(h, 2)
         h = self.mid.block_2(self.mid.block_1(h))
-        return self.conv_out(F.silu(self.norm_out(h))).contiguous()
+        return self.conv_out(_norm_silu(self.norm_out, h, fuse_fp32=False)).contiguous()
 
 
 class Decoder(nn.Module):
@@ -135,13 +146,13 @@ class Decoder(nn.Module):
         ch_in = c.ch * c.ch_mult[-1]
         self.conv_in = nn.Conv2d(c.embed_dim, ch_in, 3, padding=1)
         self.mid = nn.Module()
-        self.mid.block_1 = ResBlock(ch_in, ch_in, c.norm_groups)
-        self.mid.block_2 = ResBlock(ch_in, ch_in, c.norm_groups)
+        self.mid.block_1 = ResBlock(ch_in, ch_in, c.norm_groups, fuse_fp32=True)
+        self.mid.block_2 = ResBlock(ch_in, ch_in, c.norm_groups, fuse_fp32=True)
         levels = []
         for level in reversed(range(len(c.ch_mult))):
             blocks = []
             for _ in range(c.num_res_blocks):
-                blocks.append(ResBlock(ch_in, c.ch * c.ch_mult[level], c.norm_groups))
+                blocks.append(ResBlock(ch_in, c.ch * c.ch_mult[level], c.norm_groups, fuse_fp32=True))
                 ch_in = c.ch * c.ch_mult[level]
             up = _Level(blocks)
             if level != 0:
@@ -158,7 +169,7 @@ class Decoder(nn.Module):
                 h = block(h)
             if hasattr(up, "upsample"):
                 h = up.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h))).contiguous()
+        return self.conv_out(_norm_silu(self.norm_out, h, fuse_fp32=True)).contiguous()
 
 
 class Quantizer(nn.Module):

@@ -22,6 +22,8 @@ at::Tensor soft_target_cross_entropy_backward_cpu(const at::Tensor& grad, const 
                                                  const at::Tensor& lse, const at::Tensor& qsum, double smoothing);
 std::tuple<at::Tensor, at::Tensor> dropout_cpu(const at::Tensor& x, double p, const at::Tensor& seed);
 at::Tensor dropout_backward_cpu(const at::Tensor& grad, const at::Tensor& keep, double p);
+at::Tensor group_norm_silu_cpu(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                               const std::optional<at::Tensor>& bias, int64_t groups, double eps);
 
 TORCH_LIBRARY_IMPL(addp, CPU, m) {
   m.impl("codebook_weighted_sum", &codebook_weighted_sum_cpu);
@@ -30,6 +32,7 @@ TORCH_LIBRARY_IMPL(addp, CPU, m) {
   m.impl("soft_target_cross_entropy_backward", &soft_target_cross_entropy_backward_cpu);
   m.impl("dropout", &dropout_cpu);
   m.impl("dropout_backward", &dropout_backward_cpu);
+  m.impl("group_norm_silu", &group_norm_silu_cpu);
 }
 
 }  // namespace addp
