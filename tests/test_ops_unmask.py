@@ -200,4 +200,5 @@ def test_auto_prefers_triton_on_cuda(monkeypatch):
     (the dispatcher's CUDA kernel; asking which runs needs no GPU)."""
     monkeypatch.delenv("ADDP_OPS_BACKEND", raising=False)
     assert ops.backends("cuda") == {"codebook_weighted_sum": "triton", "gumbel_topk_unmask": "triton",
-                                    "soft_target_cross_entropy": "triton", "dropout": "reference"}
+                                    "soft_target_cross_entropy": "triton", "dropout": "reference",
+                                    "group_norm_silu": "reference"}
