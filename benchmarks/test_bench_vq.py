@@ -16,6 +16,8 @@ Variants:
   plain bf16           the reference decoder under bf16 autocast
   channels-last bf16   addp's decoder under bf16 autocast
   compiled [bf16]      addp.frozen.compile_frozen of addp's decoder (frozen weights on a CPU)
+  ..., torch GN+SiLU   the same with torch's GroupNorm then SiLU in place of the fused
+                       addp.ops.group_norm_silu (compiled: inductor fuses the two itself)
 """
 import os
 import statistics
@@ -27,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import addp
+import addp.tokenizer as T
 from addp.frozen import compile_frozen
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -87,6 +90,21 @@ def _bf16(fn):
     return run
 
 
+def _torch_norm_silu(norm, x, fuse_fp32):
+    return F.silu(norm(x))
+
+
+def _unfused(fn):
+    """fn run with the tokenizer's GroupNorm + SiLU as torch's two ops."""
+    def run():
+        fused, T._norm_silu = T._norm_silu, _torch_norm_silu
+        try:
+            return fn()
+        finally:
+            T._norm_silu = fused
+    return run
+
+
 def _report(title, variants, times, report_ratio):
     base = statistics.median(times[0])
     print(f"\n{title}")
@@ -113,17 +131,24 @@ def test_bench_vq(report_ratio, part):
                     "plain bf16": _bf16(lambda: R.vq_decode_grid(tok.decoder, z)),
                     "channels-last bf16": _bf16(lambda: tok.decoder(z))}
         model, x = tok.decoder, z
+        variants["channels-last, torch GN+SiLU"] = _unfused(lambda: tok.decoder(z))
+        variants["channels-last bf16, torch GN+SiLU"] = _bf16(_unfused(lambda: tok.decoder(z)))
     else:
         variants = {"plain": lambda: R.vq_encode_latents(tok.encoder, images),
                     "channels-last": lambda: tok.encoder(images),
                     "plain bf16": _bf16(lambda: R.vq_encode_latents(tok.encoder, images)),
                     "channels-last bf16": _bf16(lambda: tok.encoder(images))}
         model, x = tok.encoder, images
+        variants["channels-last bf16, torch GN+SiLU"] = _bf16(_unfused(lambda: tok.encoder(images)))
     with torch.no_grad():
         if COMPILE:
             compiled, compiled_bf16 = compile_frozen(model), compile_frozen(model)
             variants["compiled"] = lambda: compiled(x)
             variants["compiled bf16"] = _bf16(lambda: compiled_bf16(x))
+            unfused, unfused_bf16 = compile_frozen(model), compile_frozen(model)
+            if part == "decoder":  # the encoder's fp32 blocks run torch's ops already
+                variants["compiled, torch GN+SiLU"] = _unfused(lambda: unfused(x))
+            variants["compiled bf16, torch GN+SiLU"] = _bf16(_unfused(lambda: unfused_bf16(x)))
         times = P.interleaved_times(list(variants.values()), ROUNDS)
     _report(f"VQ {part}, MAGE layout ch={CH}, 256 px, B={BATCH}, {P.DEVICE.type}, "
             f"{torch.get_num_threads()} threads ({ROUNDS} interleaved rounds)", list(variants), times, report_ratio)
