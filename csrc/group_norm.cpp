@@ -82,6 +82,24 @@ template <class T> struct Job {
 
 enum class Pass { sums, apply };
 
+// Sums of channels [c, c + NV * W) over pixels [p0, p1): rows read front to back, NV vectors
+// of sums held in registers.
+template <class V, class VU, int NV, class T>
+ADDP_SIMD_INLINE void nhwc_sums_block(const T* x, int64_t C, int64_t c, int64_t p0, int64_t p1, const float* k,
+                                      float* a1, float* a2) {
+  constexpr int W = lanes<V>();
+  V kc[NV], v1[NV], v2[NV];
+  for (int i = 0; i < NV; ++i) kc[i] = loadu<V>(k + c + i * W), v1[i] = V{}, v2[i] = V{};
+  for (int64_t p = p0; p < p1; ++p) {
+    const T* row = x + p * C + c;
+    for (int i = 0; i < NV; ++i) {
+      V d = load_f<V, VU>(row + i * W) - kc[i];
+      v1[i] += d, v2[i] += d * d;
+    }
+  }
+  for (int i = 0; i < NV; ++i) storeu<V>(a1 + c + i * W, v1[i]), storeu<V>(a2 + c + i * W, v2[i]);
+}
+
 template <class V, class VI, class VU, class T>
 ADDP_SIMD_INLINE void nhwc_sums(const Job<T>& j, int64_t unit) {
   constexpr int W = lanes<V>();
@@ -92,20 +110,38 @@ ADDP_SIMD_INLINE void nhwc_sums(const Job<T>& j, int64_t unit) {
   const float* k = j.k + n * C;
   const T* x = j.x + (n * j.HW) * C;
   int64_t c = 0;
-  for (; c + W <= C; c += W) {  // W channels at a time, their sums in registers
-    const V kc = loadu<V>(k + c);
-    V v1{}, v2{};
-    for (int64_t p = p0; p < p1; ++p) {
-      V d = load_f<V, VU>(x + p * C + c) - kc;
-      v1 += d, v2 += d * d;
+  for (; c + W <= C; c += 4 * W) {  // up to 4 vectors of channels at a time, their sums in registers
+    switch (std::min<int64_t>(4, (C - c) / W)) {
+      case 4: nhwc_sums_block<V, VU, 4>(x, C, c, p0, p1, k, a1, a2); break;
+      case 3: nhwc_sums_block<V, VU, 3>(x, C, c, p0, p1, k, a1, a2); break;
+      case 2: nhwc_sums_block<V, VU, 2>(x, C, c, p0, p1, k, a1, a2); break;
+      default: nhwc_sums_block<V, VU, 1>(x, C, c, p0, p1, k, a1, a2); break;
     }
-    storeu<V>(a1 + c, v1), storeu<V>(a2 + c, v2);
   }
-  for (; c < C; ++c)
+  for (c = C / W * W; c < C; ++c)
     for (int64_t p = p0; p < p1; ++p) {
       float d = static_cast<float>(x[p * C + c]) - k[c];
       a1[c] += d, a2[c] += d * d;
     }
+}
+
+// Channels [c, c + NV * W) of pixels r0 <= r < r1 (all of sample n): their scale, shift and
+// k held in registers.
+template <class V, class VI, class VU, int NV, class T>
+ADDP_SIMD_INLINE void nhwc_apply_block(const Job<T>& j, int64_t n, int64_t c, int64_t r0, int64_t r1) {
+  constexpr int W = lanes<V>();
+  const int64_t C = j.C;
+  V a[NV], b[NV], k[NV];
+  for (int i = 0; i < NV; ++i) {
+    const int64_t at = n * C + c + i * W;
+    a[i] = loadu<V>(j.scale + at), b[i] = loadu<V>(j.shift + at), k[i] = loadu<V>(j.k + at);
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* in = j.x + r * C + c;
+    T* out = j.y + r * C + c;
+    for (int i = 0; i < NV; ++i)
+      store_f<V, VU>(out + i * W, silu<V, VI>((load_f<V, VU>(in + i * W) - k[i]) * a[i] + b[i]));
+  }
 }
 
 // Pixels r0 <= r < r1 of sample n.
@@ -113,17 +149,18 @@ template <class V, class VI, class VU, class T>
 ADDP_SIMD_INLINE void nhwc_apply(const Job<T>& j, int64_t n, int64_t r0, int64_t r1) {
   constexpr int W = lanes<V>();
   const int64_t C = j.C;
-  const float *a = j.scale + n * C, *b = j.shift + n * C, *k = j.k + n * C;
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* in = j.x + r * C;
-    T* out = j.y + r * C;
-    int64_t c = 0;
-    for (; c + W <= C; c += W) {
-      const V d = load_f<V, VU>(in + c) - loadu<V>(k + c);
-      store_f<V, VU>(out + c, silu<V, VI>(d * loadu<V>(a + c) + loadu<V>(b + c)));
+  for (int64_t c = 0; c + W <= C; c += 4 * W) {
+    switch (std::min<int64_t>(4, (C - c) / W)) {
+      case 4: nhwc_apply_block<V, VI, VU, 4>(j, n, c, r0, r1); break;
+      case 3: nhwc_apply_block<V, VI, VU, 3>(j, n, c, r0, r1); break;
+      case 2: nhwc_apply_block<V, VI, VU, 2>(j, n, c, r0, r1); break;
+      default: nhwc_apply_block<V, VI, VU, 1>(j, n, c, r0, r1); break;
     }
-    for (; c < C; ++c) out[c] = static_cast<T>(silu_scalar((static_cast<float>(in[c]) - k[c]) * a[c] + b[c]));
   }
+  const float *a = j.scale + n * C, *b = j.shift + n * C, *k = j.k + n * C;
+  for (int64_t c = C / W * W; c < C; ++c)
+    for (int64_t r = r0; r < r1; ++r)
+      j.y[r * C + c] = static_cast<T>(silu_scalar((static_cast<float>(j.x[r * C + c]) - k[c]) * a[c] + b[c]));
 }
 
 template <class V, class VI, class VU, class T>
