@@ -44,7 +44,8 @@ __all__ = [
 ]
 
 # op (torch.ops.addp.<op>, also the public function's name) -> its CUDA C++ op for backend="cuda", if any
-_OPS = {module.OP: getattr(module, "CUDA_OP", None) for module in (weighted_sum, gumbel_topk, soft_ce, philox_dropout, norm_silu)}
+_OPS = {module.OP: getattr(module, "CUDA_OP", None)
+        for module in (weighted_sum, gumbel_topk, soft_ce, philox_dropout, norm_silu)}
 _dispatch.record_routes(_OPS)
 
 
