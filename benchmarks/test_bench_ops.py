@@ -159,6 +159,39 @@ def test_bench_group_norm_silu_cpu(benchmark, report_ratio, dtype, against):
     _report(benchmark, report_ratio, f"group_norm_silu cpu vs torch {against}, {tuple(x.shape)} {dtype}", ref_s, op_s)
 
 
+@pytest.mark.skipif(not has_compiled_ops(), reason="addp._C is not built")
+@pytest.mark.skipif(not torch.cpu.get_capabilities().get("avx512_bf16"), reason="the CPU has no AVX512-BF16")
+def test_bench_group_norm_silu_bf16_rounding(benchmark, report_ratio, monkeypatch):
+    """The bf16 kernel rounding its outputs with AVX512-BF16's conversion instruction vs the
+    same AVX-512 kernel rounding with integer vector steps (ADDP_CPU_ISA=avx512, read per
+    call); one thread, the size of the 128 px level (batch 2, 32 channels, channels-last)."""
+    from addp.ops import group_norm_silu
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 32, 128, 128, generator=g).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(32, generator=g), torch.randn(32, generator=g)
+
+    def with_isa(cap):
+        def run(t):
+            if cap:
+                monkeypatch.setenv("ADDP_CPU_ISA", cap)
+            else:
+                monkeypatch.delenv("ADDP_CPU_ISA", raising=False)
+            return group_norm_silu(t, w, b, 32, 1e-6)
+        return run
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(with_isa("avx512")(x), with_isa(None)(x))
+        benchmark.group = f"group_norm_silu bf16 rounding {tuple(x.shape)}"
+        benchmark.pedantic(with_isa(None), args=(x,), rounds=20, iterations=3, warmup_rounds=1)
+        ref_s, op_s = _interleaved_medians([with_isa("avx512"), with_isa(None)], (x,), rounds=100)
+        _report(benchmark, report_ratio, f"group_norm_silu bf16, AVX512-BF16 rounding vs integer rounding, "
+                f"{tuple(x.shape)}", ref_s, op_s)
+    finally:
+        torch.set_num_threads(threads)
+
+
 MIN_RATIO = 0.9  # fail when the compiled op is more than 10% slower than the reference
 
 

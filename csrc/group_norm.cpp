@@ -34,6 +34,10 @@ constexpr int64_t kChunk = 256;  // pixels (or elements) summed in float32 befor
 template <class V, class VU, class T> ADDP_SIMD_INLINE V load_f(const T* p) {
   if constexpr (std::is_same_v<T, float>) {
     return loadu<V>(p);
+  } else if constexpr (sizeof(V) == 64) {  // one widening load (the vector code takes two)
+    VU u;
+    asm("vpmovzxwd %1, %0" : "=v"(u) : "m"(*reinterpret_cast<const uint16_t(*)[16]>(p)));
+    return (V)(u << 16);
   } else {
     typedef uint16_t U __attribute__((vector_size(sizeof(V) / 2)));
     U u;
@@ -43,9 +47,17 @@ template <class V, class VU, class T> ADDP_SIMD_INLINE V load_f(const T* p) {
 }
 
 // Store V lanes to p, rounded to T's precision (bfloat16: to nearest even, NaN kept a NaN).
-template <class V, class VU, class T> ADDP_SIMD_INLINE void store_f(T* p, V v) {
+// NB (native bfloat16): the AVX512-BF16 instruction rounds, one instruction for the integer
+// steps below with the same rounding, except that results under float32's smallest normal
+// (1.2e-38) become zeros. It is written as assembly: no compiler flag is needed for it.
+template <class V, class VU, bool NB, class T> ADDP_SIMD_INLINE void store_f(T* p, V v) {
   if constexpr (std::is_same_v<T, float>) {
     storeu<V>(p, v);
+  } else if constexpr (NB && sizeof(V) == 64) {
+    typedef uint16_t U __attribute__((vector_size(32)));
+    U u;
+    asm("vcvtneps2bf16 %1, %0" : "=v"(u) : "v"(v));
+    std::memcpy(p, &u, sizeof(U));
   } else {
     typedef uint16_t U __attribute__((vector_size(sizeof(V) / 2)));
     VU bits = (VU)v;
@@ -127,7 +139,7 @@ ADDP_SIMD_INLINE void nhwc_sums(const Job<T>& j, int64_t unit) {
 
 // Channels [c, c + NV * W) of pixels r0 <= r < r1 (all of sample n): their scale, shift and
 // k held in registers.
-template <class V, class VI, class VU, int NV, class T>
+template <class V, class VI, class VU, bool NB, int NV, class T>
 ADDP_SIMD_INLINE void nhwc_apply_block(const Job<T>& j, int64_t n, int64_t c, int64_t r0, int64_t r1) {
   constexpr int W = lanes<V>();
   const int64_t C = j.C;
@@ -140,21 +152,21 @@ ADDP_SIMD_INLINE void nhwc_apply_block(const Job<T>& j, int64_t n, int64_t c, in
     const T* in = j.x + r * C + c;
     T* out = j.y + r * C + c;
     for (int i = 0; i < NV; ++i)
-      store_f<V, VU>(out + i * W, silu<V, VI>((load_f<V, VU>(in + i * W) - k[i]) * a[i] + b[i]));
+      store_f<V, VU, NB>(out + i * W, silu<V, VI>((load_f<V, VU>(in + i * W) - k[i]) * a[i] + b[i]));
   }
 }
 
 // Pixels r0 <= r < r1 of sample n.
-template <class V, class VI, class VU, class T>
+template <class V, class VI, class VU, bool NB, class T>
 ADDP_SIMD_INLINE void nhwc_apply(const Job<T>& j, int64_t n, int64_t r0, int64_t r1) {
   constexpr int W = lanes<V>();
   const int64_t C = j.C;
   for (int64_t c = 0; c + W <= C; c += 4 * W) {
     switch (std::min<int64_t>(4, (C - c) / W)) {
-      case 4: nhwc_apply_block<V, VI, VU, 4>(j, n, c, r0, r1); break;
-      case 3: nhwc_apply_block<V, VI, VU, 3>(j, n, c, r0, r1); break;
-      case 2: nhwc_apply_block<V, VI, VU, 2>(j, n, c, r0, r1); break;
-      default: nhwc_apply_block<V, VI, VU, 1>(j, n, c, r0, r1); break;
+      case 4: nhwc_apply_block<V, VI, VU, NB, 4>(j, n, c, r0, r1); break;
+      case 3: nhwc_apply_block<V, VI, VU, NB, 3>(j, n, c, r0, r1); break;
+      case 2: nhwc_apply_block<V, VI, VU, NB, 2>(j, n, c, r0, r1); break;
+      default: nhwc_apply_block<V, VI, VU, NB, 1>(j, n, c, r0, r1); break;
     }
   }
   const float *a = j.scale + n * C, *b = j.shift + n * C, *k = j.k + n * C;
@@ -188,7 +200,7 @@ ADDP_SIMD_INLINE void nchw_sums(const Job<T>& j, int64_t r) {
   j.s1[r] = t1, j.s2[r] = t2;
 }
 
-template <class V, class VI, class VU, class T>
+template <class V, class VI, class VU, bool NB, class T>
 ADDP_SIMD_INLINE void nchw_apply(const Job<T>& j, int64_t r) {
   constexpr int W = lanes<V>();
   const float sa = j.scale[r], sb = j.shift[r], sk = j.k[r];
@@ -196,16 +208,16 @@ ADDP_SIMD_INLINE void nchw_apply(const Job<T>& j, int64_t r) {
   const T* in = j.x + r * j.HW;
   T* out = j.y + r * j.HW;
   int64_t p = 0;
-  for (; p + W <= j.HW; p += W) store_f<V, VU>(out + p, silu<V, VI>((load_f<V, VU>(in + p) - k) * a + b));
+  for (; p + W <= j.HW; p += W) store_f<V, VU, NB>(out + p, silu<V, VI>((load_f<V, VU>(in + p) - k) * a + b));
   for (; p < j.HW; ++p) out[p] = static_cast<T>(silu_scalar((static_cast<float>(in[p]) - sk) * sa + sb));
 }
 
-template <class V, class VI, class VU, class T>
+template <class V, class VI, class VU, bool NB, class T>
 ADDP_SIMD_INLINE void work(const Job<T>& j, Pass pass, int64_t begin, int64_t end) {
   if (j.channels_last && pass == Pass::apply) {  // pixel rows, split where a sample ends
     for (int64_t r = begin; r < end;) {
       const int64_t n = r / j.HW, stop = std::min(end, (n + 1) * j.HW);
-      nhwc_apply<V, VI, VU>(j, n, r, stop);
+      nhwc_apply<V, VI, VU, NB>(j, n, r, stop);
       r = stop;
     }
     return;
@@ -214,7 +226,7 @@ ADDP_SIMD_INLINE void work(const Job<T>& j, Pass pass, int64_t begin, int64_t en
     if (j.channels_last) {
       nhwc_sums<V, VI, VU>(j, u);
     } else {
-      pass == Pass::sums ? nchw_sums<V, VI, VU>(j, u) : nchw_apply<V, VI, VU>(j, u);
+      pass == Pass::sums ? nchw_sums<V, VI, VU>(j, u) : nchw_apply<V, VI, VU, NB>(j, u);
     }
   }
 }
@@ -226,23 +238,29 @@ typedef uint32_t vu16 __attribute__((vector_size(64)));
 // The same loops per ISA: the templates above inline into each (their vectors then compile
 // to that ISA's registers); parallel_for runs outside them.
 template <class T> void work_generic(const Job<T>& j, Pass pass, int64_t b, int64_t e) {
-  work<vf4, vi4, vu4>(j, pass, b, e);
+  work<vf4, vi4, vu4, false>(j, pass, b, e);
 }
 #ifdef ADDP_SIMD_X86
 template <class T> __attribute__((target("avx2,fma"))) void work_avx2(const Job<T>& j, Pass pass, int64_t b, int64_t e) {
-  work<vf8, vi8, vu8>(j, pass, b, e);
+  work<vf8, vi8, vu8, false>(j, pass, b, e);
 }
 template <class T>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) void work_avx512(const Job<T>& j, Pass pass, int64_t b,
                                                                                int64_t e) {
-  work<vf16, vi16, vu16>(j, pass, b, e);
+  work<vf16, vi16, vu16, false>(j, pass, b, e);
+}
+template <class T>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) void work_avx512_bf16(const Job<T>& j, Pass pass,
+                                                                                    int64_t b, int64_t e) {
+  work<vf16, vi16, vu16, true>(j, pass, b, e);
 }
 #endif
 
 template <class T> auto pick_work() -> void (*)(const Job<T>&, Pass, int64_t, int64_t) {
   switch (cpu_isa()) {
 #ifdef ADDP_SIMD_X86
-    case Isa::avx512: return work_avx512<T>;
+    case Isa::avx512:
+      return std::is_same_v<T, c10::BFloat16> && cpu_has_avx512_bf16() ? work_avx512_bf16<T> : work_avx512<T>;
     case Isa::avx2: return work_avx2<T>;
 #endif
     default: return work_generic<T>;

@@ -43,6 +43,17 @@ inline Isa cpu_isa() {
   return Isa::generic;
 }
 
+// Whether the AVX512-BF16 instructions may run: on AVX-512 CPUs that have them, unless
+// ADDP_CPU_ISA is set (ADDP_CPU_ISA=avx512 runs AVX-512 without them).
+inline bool cpu_has_avx512_bf16() {
+  const char* env = std::getenv("ADDP_CPU_ISA");
+#ifdef ADDP_SIMD_X86
+  return cpu_isa() == Isa::avx512 && !env && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
 template <class V> constexpr int lanes() { return sizeof(V) / sizeof(float); }
 template <class V> ADDP_SIMD_INLINE V loadu(const float* p) { V v; std::memcpy(&v, p, sizeof(V)); return v; }
 template <class V> ADDP_SIMD_INLINE void storeu(float* p, V v) { std::memcpy(p, &v, sizeof(V)); }
