@@ -118,6 +118,30 @@ def test_backward(dtype):
 
 
 @needs_c
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_backward_equals_the_kernel(dtype):
+    """Under torch.compile the backward is plain ops (fused by inductor): the same gradient,
+    bit for bit, as the eager backward kernel, from the same mask."""
+    def f(x, w, seed):  # the ops around the dropout are exact (a power of two, a product)
+        return (torch.ops.addp.dropout(x * 2, 0.3, seed)[0] * w).sum()
+
+    g = torch.Generator().manual_seed(5)
+    x, w = (torch.randn(4, 33, 17, generator=g).to(dtype) for _ in range(2))
+    seed = torch.tensor(123)
+    grads, kernel_calls = [], []
+    for fn in (f, torch.compile(f, fullgraph=True)):
+        xi = x.clone().requires_grad_(True)
+        loss = fn(xi, w, seed)
+        with torch.profiler.profile() as prof:
+            loss.backward()
+        grads.append(xi.grad)
+        kernel_calls.append(sum(e.name == "addp::dropout_backward" for e in prof.events()))
+    assert kernel_calls == [1, 0]
+    assert grads[0].count_nonzero() < grads[0].numel() * 0.8  # dropped elements get no gradient
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
+@needs_c
 def test_gradcheck_float64():
     x = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
     seed = torch.tensor(77)

@@ -2,7 +2,8 @@
 
 Two ops: ``addp::dropout(x, p, seed) -> (out, keep)`` and its backward
 ``addp::dropout_backward(grad, keep, p) -> dx``, tied by ``torch.library.register_autograd``;
-CPU kernels in csrc/dropout.cpp. Element i (row-major) is kept when word i % 4 of
+CPU kernels in csrc/dropout.cpp. A backward that torch.compile traces computes dx with plain
+ops instead, which inductor fuses into the kernels around it. Element i (row-major) is kept when word i % 4 of
 Philox4x32-10 at counter i // 4 under the key ``seed`` is at least floor(p * 2^32): every
 element's draw is independent of the others, so the kernel splits a tensor over threads and
 vector lanes and still gives the same mask. torch's CPU dropout draws its mask element by
@@ -47,6 +48,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad, _grad_keep):
     (keep,) = ctx.saved_tensors
+    if torch.compiler.is_compiling():  # a compiled backward: plain ops, which inductor fuses
+        return _kept_scaled(grad, keep, ctx.p), None, None
     return torch.ops.addp.dropout_backward(grad, keep, ctx.p), None, None
 
 
@@ -87,13 +90,18 @@ def keep_mask_reference(shape, p: float, seed: int, device=None) -> torch.Tensor
     return (words.reshape(-1)[:n] >= threshold).reshape(shape)
 
 
-def dropout_reference(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """Definition: ``where(keep, x / (1 - p), 0)`` with ``keep = keep_mask_reference``, the
-    product computed in float32 (float64 for float64 inputs) and rounded to x's dtype."""
-    keep = keep_mask_reference(x.shape, p, seed, x.device)
+def _kept_scaled(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+    """``where(keep, x / (1 - p), 0)``, the product in float32 (float64 for float64 x), rounded
+    to x's dtype."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     scale = 0.0 if p >= 1 else 1.0 / (1.0 - p)
     return torch.where(keep, x.to(acc) * scale, 0).to(x.dtype)
+
+
+def dropout_reference(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """Definition: ``where(keep, x / (1 - p), 0)`` with ``keep = keep_mask_reference``, the
+    product computed in float32 (float64 for float64 inputs) and rounded to x's dtype."""
+    return _kept_scaled(x, keep_mask_reference(x.shape, p, seed, x.device), p)
 
 
 def draw_seed(generator: Optional[torch.Generator] = None) -> torch.Tensor:
