@@ -2,13 +2,13 @@
 
 Two ops: ``addp::dropout(x, p, seed) -> (out, keep)`` and its backward
 ``addp::dropout_backward(grad, keep, p) -> dx``, tied by ``torch.library.register_autograd``;
-CPU kernels in csrc/dropout.cpp. A backward that torch.compile traces computes dx with plain
-ops instead, which inductor fuses into the kernels around it. Element i (row-major) is kept when word i % 4 of
-Philox4x32-10 at counter i // 4 under the key ``seed`` is at least floor(p * 2^32): every
-element's draw is independent of the others, so the kernel splits a tensor over threads and
-vector lanes and still gives the same mask. torch's CPU dropout draws its mask element by
-element from one sequential generator, which costs more than the layer it drops on a CPU
-(the ADDP network's attention matrices).
+CPU kernels in csrc/dropout.cpp; a backward that torch.compile traces computes dx with plain
+ops instead, which inductor fuses into the kernels around it. Element i (row-major) is kept
+when word i % 4 of Philox4x32-10 at counter i // 4 under the key ``seed`` is at least
+floor(p * 2^32): every element's draw is independent of the others, so the kernel splits a
+tensor over threads and vector lanes and still gives the same mask. torch's CPU dropout draws
+its mask element by element from one sequential generator, which costs more than the layer it
+drops on a CPU (the ADDP network's attention matrices).
 """
 from __future__ import annotations
 
