@@ -7,10 +7,11 @@ from .predictor import MAGEPredictor, PredictorConfig
 from .errors import AddpError
 from .registry import create_model, list_models
 from .tokenizer import VQConfig, VQTokenizer
+from .tuning import tune_for_device
 
 __version__ = "0.1.0"
 __all__ = [
     "ADDP", "ADDPConfig", "AddpError", "CheckpointError", "MAGEPredictor", "PredictorConfig",
     "VQConfig", "VQTokenizer", "create_model", "list_models", "load_checkpoint",
-    "load_components", "save_checkpoint", "save_pretrained",
+    "load_components", "save_checkpoint", "save_pretrained", "tune_for_device",
 ]

@@ -7,6 +7,8 @@ import contextlib
 
 import torch
 
+from .tuning import tune_for_device
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -43,16 +45,10 @@ def autocast_dtype(precision: str, device: torch.device, training: bool = False)
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def enable_autotuning(device: torch.device) -> None:
-    """Let cuDNN pick the fastest convolution algorithms for the shapes it meets (GPUs)."""
-    if torch.device(device).type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-
 def autocast(precision: str, device: torch.device):
-    """A context running the networks at `precision` on `device` (a no-op for fp32); on GPUs
-    it also switches on cuDNN autotuning."""
-    enable_autotuning(device)
+    """A context running the networks at `precision` on `device` (a no-op for fp32); it also
+    applies the device's speed settings (``addp.tuning``)."""
+    tune_for_device(device)
     dtype = autocast_dtype(precision, device)
     if dtype is None:
         return contextlib.nullcontext()

@@ -34,9 +34,10 @@ from .data import with_worker_causes
 from .distributed import DistInfo, all_reduce_mean, barrier
 from .errors import AddpError
 from .files import atomic_write, finite_or_none
-from .precision import PRECISIONS, autocast_dtype, enable_autotuning
+from .precision import PRECISIONS, autocast_dtype
 from .registry import check_config
 from .run_folder import describe_differences
+from .tuning import tune_for_device
 
 CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "ema", "step", "skipped", "losses", "rng", "identity")
 
@@ -117,7 +118,7 @@ class Trainer:
                                            warmup_t=warm, warmup_lr_init=self.lr * 1e-3 if warm else self.lr,
                                            warmup_prefix=True, t_in_epochs=False)
         self.amp_dtype = autocast_dtype(config.precision, dist.device, training=True)
-        enable_autotuning(dist.device)
+        tune_for_device(dist.device)
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=self.amp_dtype == torch.float16)
         self.ema = ModelEmaV3(self.model, decay=config.ema_decay) if config.ema_decay > 0 else None
         self.generator = torch.Generator().manual_seed(config.seed * 1000 + dist.rank)

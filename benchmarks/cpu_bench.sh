@@ -2,9 +2,9 @@
 # The CPU benchmarks in one run (long: the official 256 px layout runs 20-step generations at
 # batch 2; run with nothing else on the machine): the fused ops vs their references; the VQ
 # decoder/encoder speed steps vs the plain decoder; the per-part breakdown of a generation and
-# a training step at the official layout; then the sampler and the training step vs the
-# reference loop (small presets and the official layout), in fp32 on both sides and at each
-# side's device default (and, for training, ours in bf16). Raw logs and pytest-benchmark JSON go to
+# a training step at the official layout; the CPU malloc settings vs glibc's defaults; then the
+# sampler and the training step vs the reference loop (small presets and the official layout),
+# in fp32 on both sides and at each side's device default (and, for training, ours in bf16). Raw logs and pytest-benchmark JSON go to
 # benchmarks/results/cpu_bench-<date>*. Usage: bash benchmarks/cpu_bench.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +20,7 @@ python -c "import torch; print('torch', torch.__version__, 'threads', torch.get_
 run python -m pytest -q -s -p no:cacheprovider benchmarks/test_bench_ops.py --benchmark-json="${LOG%.log}-ops.json"
 run python -m pytest -q -s -p no:cacheprovider benchmarks/test_bench_vq.py
 run python -m pytest -q -s -p no:cacheprovider benchmarks/test_bench_breakdown.py
+run python -m pytest -q -s -p no:cacheprovider benchmarks/test_bench_allocator.py
 run env ADDP_BENCH_PRECISION=fp32,default python -m pytest -q -s -p no:cacheprovider benchmarks/test_bench_e2e.py \
   -k generation --benchmark-json="${LOG%.log}-e2e-generation.json"
 # training's --precision auto is fp32 on a CPU: bf16-ours adds ours in bf16 vs the reference's default

@@ -30,10 +30,11 @@ import time
 import torch
 
 import addp
-from addp.precision import autocast_dtype, enable_autotuning, resolve_precision
+from addp.precision import autocast_dtype, resolve_precision
+from addp.tuning import tune_for_device
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-enable_autotuning(DEVICE)  # cuDNN autotuning, as the CLIs and the official training scripts
+tune_for_device(DEVICE)  # as the CLIs: cuDNN autotuning (as the official scripts), CPU malloc settings
 
 _VIT_192 = dict(embed_dim=192, num_heads=3, decoder_embed_dim=192, decoder_num_heads=4)
 PRESETS = {

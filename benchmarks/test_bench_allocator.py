@@ -1,0 +1,106 @@
+"""The CPU malloc settings (``addp.tuning.keep_freed_memory``) against glibc's defaults, at the
+official layout: a generation step (our default precision for the device) and a training step
+(``Trainer.train_step``, our default: fp32 on a CPU), each time in its own process (malloc's
+settings belong to a process), the two settings alternating process by process. Prints ms and
+page faults per step and each process's peak resident memory with
+``python -m pytest -s benchmarks/test_bench_allocator.py``; ADDP_BENCH_ROUNDS sets the processes
+per setting (default 3).
+
+Run as a script (``python benchmarks/test_bench_allocator.py generation|training``) it is one
+such process: it prints one JSON line.
+"""
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import presets as P  # noqa: E402
+
+ROUNDS = int(os.environ.get("ADDP_BENCH_ROUNDS", 3))
+STEPS = {"generation": 8, "training": 4}
+
+
+def _generation(preset: str) -> tuple:
+    from addp.precision import autocast
+    from addp.sampler import SamplerConfig, sample_batch
+    net, tok, _ = P.build(preset)
+    config = SamplerConfig(steps=STEPS["generation"])
+    with torch.no_grad(), autocast("auto", P.DEVICE):
+        sample_batch(net, tok, P.batch_size(preset), config)  # warm-up
+        return _timed(lambda: sample_batch(net, tok, P.batch_size(preset), config), STEPS["generation"])
+
+
+def _training(preset: str) -> tuple:
+    from addp.distributed import DistInfo
+    from addp.stages import ADDPStage
+    from addp.trainer import TrainConfig, Trainer
+    _, tok, pred = P.build(preset)
+    B = P.batch_size(preset)
+    size = tok.config.stride * int(pred.config.seq_len ** 0.5)
+    images = torch.rand(B, 3, size, size, device=P.DEVICE)
+    trainer = Trainer(ADDPStage(P.new_network(preset), tok, pred), TrainConfig(steps=10 ** 6, batch_size=B),
+                      Path(tempfile.mkdtemp()), DistInfo(device=P.DEVICE), {})
+    batches = iter(lambda: (images, torch.zeros(B, dtype=torch.long), 0), None)
+    trainer.train_step(batches)  # warm-up
+    return _timed(lambda: [trainer.train_step(batches) for _ in range(STEPS["training"])], STEPS["training"])
+
+
+def _timed(fn, steps: int) -> tuple:
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    t0 = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - t0
+    return seconds / steps, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
+
+
+def _worker(kind: str, system: bool) -> dict:
+    env = {**os.environ, "ADDP_MALLOC": "system" if system else "auto"}
+    out = subprocess.run([sys.executable, __file__, kind], env=env, capture_output=True, text=True, timeout=900)
+    if out.returncode:
+        pytest.fail(f"the {kind} worker failed: {out.stderr.strip().splitlines()[-1:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(P.DEVICE.type != "cpu", reason="the malloc settings are CPU-only")
+@pytest.mark.parametrize("kind", ["generation", "training"])
+def test_bench_malloc_settings(report_ratio, kind):
+    from addp.tuning import _glibc
+    if _glibc() is None:
+        pytest.skip("the malloc settings apply to glibc only")
+    preset = P.presets()[-1]
+    runs = {True: [], False: []}
+    for _ in range(ROUNDS):
+        for system in (True, False):
+            runs[system].append(_worker(kind, system))
+    ms = {s: statistics.median(r["seconds"] for r in runs[s]) * 1e3 for s in runs}
+    faults = {s: statistics.median(r["faults"] for r in runs[s]) for s in runs}
+    peak = {s: statistics.median(r["peak_rss_mib"] for r in runs[s]) for s in runs}
+    print(f"\n{kind} step, {preset} layout, B={P.batch_size(preset)}, cpu, {torch.get_num_threads()} threads "
+          f"(median of {ROUNDS} processes per setting)")
+    print("| malloc | ms / step (range) | page faults / step | peak RSS MiB |\n|---|---|---|---|")
+    for system, label in ((True, "glibc defaults (ADDP_MALLOC=system)"), (False, "addp.tuning settings")):
+        spread = [r["seconds"] * 1e3 for r in runs[system]]
+        print(f"| {label} | {ms[system]:.1f} ({min(spread):.1f}-{max(spread):.1f}) | {faults[system]:,.0f} "
+              f"| {peak[system]:.0f} |")
+    report_ratio(f"{kind} step {preset}: malloc settings vs glibc defaults", ms[True] / ms[False],
+                 f"({ms[True]:.1f} vs {ms[False]:.1f} ms/step, page faults/step {faults[True]:,.0f} vs "
+                 f"{faults[False]:,.0f})")
+    assert faults[False] < faults[True], "the settings did not reduce page faults"
+
+
+if __name__ == "__main__":
+    from addp.tuning import tune_for_device
+    tune_for_device(P.DEVICE)
+    kind = sys.argv[1]
+    seconds, faults = (_generation if kind == "generation" else _training)(P.presets()[-1])
+    peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(json.dumps({"seconds": seconds, "faults": faults, "peak_rss_mib": peak_rss_mib}))
