@@ -23,9 +23,14 @@ ADDP_BENCH_BATCH, ADDP_BENCH_STEPS.
 """
 from __future__ import annotations
 
+import json
 import os
+import resource
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -118,3 +123,29 @@ def interleaved_times(fns, rounds: int, warmup: int = 1) -> list[list[float]]:
 
 def interleaved_medians(fns, rounds: int, warmup: int = 1) -> list[float]:
     return [statistics.median(ts) for ts in interleaved_times(fns, rounds, warmup)]
+
+
+# --------------------------------------------------------------------------- one process per run
+def timed_calls(fn, calls: int) -> dict:
+    """Run ``fn`` ``calls`` times: seconds and minor page faults per call, and this process's
+    peak resident memory (MiB)."""
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync()
+    seconds = time.perf_counter() - t0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {"seconds": seconds / calls, "faults": (usage.ru_minflt - faults) / calls,
+            "peak_rss_mib": usage.ru_maxrss / 1024}  # ru_maxrss is in KiB on Linux
+
+
+def run_process(script: str, *args: str, env: dict | None = None, timeout: float = 1800) -> dict:
+    """``python script *args`` (a benchmark run as one process) with ``env`` added to this
+    process's environment; returns the JSON object on its last stdout line."""
+    out = subprocess.run([sys.executable, script, *args], env={**os.environ, **(env or {})},
+                         capture_output=True, text=True, timeout=timeout)
+    if out.returncode:
+        raise RuntimeError(f"{Path(script).name} {' '.join(args)} failed: {out.stderr.strip().splitlines()[-1:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -11,12 +11,9 @@ such process: it prints one JSON line.
 """
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -29,17 +26,18 @@ ROUNDS = int(os.environ.get("ADDP_BENCH_ROUNDS", 3))
 STEPS = {"generation": 8, "training": 4}
 
 
-def _generation(preset: str) -> tuple:
+def _generation(preset: str) -> dict:
     from addp.precision import autocast
     from addp.sampler import SamplerConfig, sample_batch
     net, tok, _ = P.build(preset)
     config = SamplerConfig(steps=STEPS["generation"])
     with torch.no_grad(), autocast("auto", P.DEVICE):
         sample_batch(net, tok, P.batch_size(preset), config)  # warm-up
-        return _timed(lambda: sample_batch(net, tok, P.batch_size(preset), config), STEPS["generation"])
+        run = P.timed_calls(lambda: sample_batch(net, tok, P.batch_size(preset), config), 1)
+    return _per_step(run, STEPS["generation"])
 
 
-def _training(preset: str) -> tuple:
+def _training(preset: str) -> dict:
     from addp.distributed import DistInfo
     from addp.stages import ADDPStage
     from addp.trainer import TrainConfig, Trainer
@@ -51,23 +49,15 @@ def _training(preset: str) -> tuple:
                       Path(tempfile.mkdtemp()), DistInfo(device=P.DEVICE), {})
     batches = iter(lambda: (images, torch.zeros(B, dtype=torch.long), 0), None)
     trainer.train_step(batches)  # warm-up
-    return _timed(lambda: [trainer.train_step(batches) for _ in range(STEPS["training"])], STEPS["training"])
+    return P.timed_calls(lambda: trainer.train_step(batches), STEPS["training"])
 
 
-def _timed(fn, steps: int) -> tuple:
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    t0 = time.perf_counter()
-    fn()
-    seconds = time.perf_counter() - t0
-    return seconds / steps, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
+def _per_step(run: dict, steps: int) -> dict:
+    return {**run, "seconds": run["seconds"] / steps, "faults": run["faults"] / steps}
 
 
 def _worker(kind: str, system: bool) -> dict:
-    env = {**os.environ, "ADDP_MALLOC": "system" if system else "auto"}
-    out = subprocess.run([sys.executable, __file__, kind], env=env, capture_output=True, text=True, timeout=900)
-    if out.returncode:
-        pytest.fail(f"the {kind} worker failed: {out.stderr.strip().splitlines()[-1:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return P.run_process(__file__, kind, env={"ADDP_MALLOC": "system" if system else "auto"})
 
 
 @pytest.mark.skipif(P.DEVICE.type != "cpu", reason="the malloc settings are CPU-only")
@@ -98,9 +88,4 @@ def test_bench_malloc_settings(report_ratio, kind):
 
 
 if __name__ == "__main__":
-    from addp.tuning import tune_for_device
-    tune_for_device(P.DEVICE)
-    kind = sys.argv[1]
-    seconds, faults = (_generation if kind == "generation" else _training)(P.presets()[-1])
-    peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(json.dumps({"seconds": seconds, "faults": faults, "peak_rss_mib": peak_rss_mib}))
+    print(json.dumps((_generation if sys.argv[1] == "generation" else _training)(P.presets()[-1])))
