@@ -150,12 +150,20 @@ def test_mismatched_tokenizer_and_predictor_are_refused(tmp_path):
     assert out.returncode == 2 and "codebook has 128 entries" in out.stderr and "Traceback" not in out.stderr
 
 
+def _ctrl_c_as_from_a_terminal():
+    """In the child before exec: SIGINT at its default and unblocked, as a shell starts a
+    command. A child inherits an ignored or blocked SIGINT (in a full test session the pytest
+    process was seen passing one on, and the command then never saw the signal)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_ctrl_c_keeps_the_last_checkpoint(tmp_path):
     out_dir = tmp_path / "o"
     proc = subprocess.Popen([sys.executable, "-m", "addp.train", "--stage", "tokenizer", "--tokenizer-steps", "100000",
                              "--ckpt-every", "2", "--batch-size", "8", "--output-dir", str(out_dir)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=_ctrl_c_as_from_a_terminal)
     ckpt = out_dir / "tokenizer" / "checkpoint.pt"
     deadline = time.time() + 300
     while not ckpt.exists() and time.time() < deadline:
