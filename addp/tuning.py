@@ -18,7 +18,6 @@ or none, applies the settings). Nothing changes when another allocator is preloa
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import logging
 import os
@@ -66,14 +65,12 @@ def keep_freed_memory() -> bool:
 
 
 def _glibc():
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
+    """The process's C library when it is glibc (looked up in the loaded symbols), else None."""
     try:
-        libc = ctypes.CDLL(name)
+        libc = ctypes.CDLL(None)
     except OSError:
         return None
-    if not (hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt")):  # not glibc
+    if not (hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt")):
         return None
     libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     return libc
