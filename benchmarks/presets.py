@@ -29,6 +29,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -123,6 +124,21 @@ def interleaved_times(fns, rounds: int, warmup: int = 1) -> list[list[float]]:
 
 def interleaved_medians(fns, rounds: int, warmup: int = 1) -> list[float]:
     return [statistics.median(ts) for ts in interleaved_times(fns, rounds, warmup)]
+
+
+def trainer_and_batches(preset: str, tok, pred, precision: str = "auto", compile: bool = False):
+    """(Trainer of a fresh ADDP network of ``preset``, an endless iterator of one random image
+    batch) for timing ``trainer.train_step(batches)``."""
+    from addp.distributed import DistInfo
+    from addp.stages import ADDPStage
+    from addp.trainer import TrainConfig, Trainer
+    B = batch_size(preset)
+    size = tok.config.stride * int(pred.config.seq_len ** 0.5)
+    images = torch.rand(B, 3, size, size, device=DEVICE)
+    config = TrainConfig(steps=10 ** 6, batch_size=B, precision=precision, compile=compile)
+    trainer = Trainer(ADDPStage(new_network(preset), tok, pred), config, Path(tempfile.mkdtemp()),
+                      DistInfo(device=DEVICE), {})
+    return trainer, iter(lambda: (images, torch.zeros(B, dtype=torch.long), 0), None)
 
 
 # --------------------------------------------------------------------------- one process per run

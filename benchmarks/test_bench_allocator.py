@@ -13,7 +13,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -38,16 +37,8 @@ def _generation(preset: str) -> dict:
 
 
 def _training(preset: str) -> dict:
-    from addp.distributed import DistInfo
-    from addp.stages import ADDPStage
-    from addp.trainer import TrainConfig, Trainer
     _, tok, pred = P.build(preset)
-    B = P.batch_size(preset)
-    size = tok.config.stride * int(pred.config.seq_len ** 0.5)
-    images = torch.rand(B, 3, size, size, device=P.DEVICE)
-    trainer = Trainer(ADDPStage(P.new_network(preset), tok, pred), TrainConfig(steps=10 ** 6, batch_size=B),
-                      Path(tempfile.mkdtemp()), DistInfo(device=P.DEVICE), {})
-    batches = iter(lambda: (images, torch.zeros(B, dtype=torch.long), 0), None)
+    trainer, batches = P.trainer_and_batches(preset, tok, pred)
     trainer.train_step(batches)  # warm-up
     return P.timed_calls(lambda: trainer.train_step(batches), STEPS["training"])
 

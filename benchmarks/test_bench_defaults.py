@@ -17,7 +17,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -55,23 +54,15 @@ def _generation(side: str) -> dict:
 
 def _training(side: str) -> dict:
     import reference_loop as R
-    from addp.distributed import DistInfo
-    from addp.stages import ADDPStage
-    from addp.trainer import TrainConfig, Trainer
     _, tok, pred = P.build(PRESET)
-    B = P.batch_size(PRESET)
-    size = tok.config.stride * int(pred.config.seq_len ** 0.5)
-    images = torch.rand(B, 3, size, size)
     if side == "reference":
         step = R.TrainStep(P.new_network(PRESET), tok, pred)
+        images = torch.rand(P.batch_size(PRESET), 3, tok.config.image_size, tok.config.image_size)
 
         def run():
             step(images)
     else:
-        config = TrainConfig(steps=10 ** 6, batch_size=B, precision="bf16", compile=side == "ours-compiled")
-        trainer = Trainer(ADDPStage(P.new_network(PRESET), tok, pred), config, Path(tempfile.mkdtemp()),
-                          DistInfo(device=P.DEVICE), {})
-        batches = iter(lambda: (images, torch.zeros(B, dtype=torch.long), 0), None)
+        trainer, batches = P.trainer_and_batches(PRESET, tok, pred, "bf16", compile=side == "ours-compiled")
 
         def run():
             trainer.train_step(batches)
