@@ -76,14 +76,37 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
+class Conv3x3(nn.Conv2d):
+    """A 3x3, padding-1 ``nn.Conv2d`` (same parameters and state-dict keys) whose float32
+    inference runs ``ops.conv3x3`` (Winograd F(4x4, 3x3) on CPUs, docs/speed.md); the
+    transformed weight is kept between calls and rebuilt when the weight changes."""
+
+    def __init__(self, in_ch: int, out_ch: int, bias: bool = True):
+        super().__init__(in_ch, out_ch, 3, padding=1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not ops.winograd_conv.uses_kernel(x, self.weight):
+            return super().forward(x)
+        return ops.conv3x3(x, self.weight, self.bias, u=self._transformed_weight())
+
+    def _transformed_weight(self) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # frozen graphs fold it into a constant
+            return ops.winograd_weight(self.weight)
+        key = (self.weight.data_ptr(), self.weight._version)
+        cached = self.__dict__.get("_winograd")  # a plain attribute: not in the state dict
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_winograd"] = (key, ops.winograd_weight(self.weight))
+        return cached[1]
+
+
 class ResBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, groups: int, fuse_fp32: bool = False):
         super().__init__()
         self.fuse_fp32 = fuse_fp32
         self.norm1 = _norm(in_ch, groups)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False)
+        self.conv1 = Conv3x3(in_ch, out_ch, bias=False)
         self.norm2 = _norm(out_ch, groups)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False)
+        self.conv2 = Conv3x3(out_ch, out_ch, bias=False)
         # MAGE's checkpoint: the shortcut maps out_ch -> out_ch and is applied to h.
         self.nin_shortcut = nn.Conv2d(out_ch, out_ch, 1, bias=False) if in_ch != out_ch else None
 
@@ -105,7 +128,7 @@ class _Level(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv = Conv3x3(ch, ch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -144,7 +167,7 @@ class Decoder(nn.Module):
     def __init__(self, c: VQConfig):
         super().__init__()
         ch_in = c.ch * c.ch_mult[-1]
-        self.conv_in = nn.Conv2d(c.embed_dim, ch_in, 3, padding=1)
+        self.conv_in = Conv3x3(c.embed_dim, ch_in)
         self.mid = nn.Module()
         self.mid.block_1 = ResBlock(ch_in, ch_in, c.norm_groups, fuse_fp32=True)
         self.mid.block_2 = ResBlock(ch_in, ch_in, c.norm_groups, fuse_fp32=True)

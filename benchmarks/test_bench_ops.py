@@ -1,6 +1,7 @@
 """Compiled CPU ops vs their plain-PyTorch references (pytest benchmarks/): codebook weighted sum,
-Gumbel top-k unmasking, soft-target cross entropy, dropout (vs torch's dropout), and GroupNorm +
-SiLU (vs torch's eager GroupNorm then SiLU, and vs the same two compiled by inductor).
+Gumbel top-k unmasking, soft-target cross entropy, dropout (vs torch's dropout), GroupNorm +
+SiLU (vs torch's eager GroupNorm then SiLU, and vs the same two compiled by inductor), and the
+Winograd 3x3 convolution (vs torch's channels-last convolution, oneDNN's direct algorithm).
 
 The reference is timed in the same run, interleaved with the compiled op (one call each per
 round), so that load from other processes on the machine hits both alike.
@@ -190,6 +191,35 @@ def test_bench_group_norm_silu_bf16_rounding(benchmark, report_ratio, monkeypatc
                 f"{tuple(x.shape)}", ref_s, op_s)
     finally:
         torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------- Winograd 3x3 convolution
+@pytest.mark.skipif(not has_compiled_ops(), reason="addp._C is not built")
+@pytest.mark.parametrize("C,K,H", [(32, 32, 256), (64, 64, 64), (128, 128, 16), (128, 128, 256)],
+                         ids=["32ch_256px", "64ch_64px", "128ch_16px", "128ch_256px"])
+def test_bench_conv3x3_winograd_cpu(benchmark, report_ratio, C, K, H):
+    """The VQ decoder's convolutions, fp32, batch 2, channels-last: the levels of the MAGE
+    VQGAN at CPU width (ch=32: 32 channels at 256 px, 64 at 64 px, 128 at 16 px) and its
+    widest kernel-eligible level at full width (ch=128: 128 channels at 256 px). The transformed
+    weight is computed once, as the VQ layers keep it."""
+    from addp.ops import conv3x3, winograd_weight
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, C, H, H, generator=g).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(K, C, 3, 3, generator=g) / (3 * C ** 0.5)).contiguous(memory_format=torch.channels_last)
+    b, u = torch.randn(K, generator=g), winograd_weight(w)
+
+    def theirs(t):
+        return torch.nn.functional.conv2d(t, w, b, padding=1)
+
+    def ours(t):
+        return conv3x3(t, w, b, u=u)
+
+    rounds = 5 if H * H * C >= 128 * 256 * 256 else 30
+    with torch.no_grad():
+        benchmark.group = f"conv3x3 {tuple(x.shape)} -> {K} fp32"
+        benchmark.pedantic(ours, args=(x,), rounds=rounds, iterations=1, warmup_rounds=1)
+        ref_s, op_s = _interleaved_medians([theirs, ours], (x,), rounds=rounds)
+    _report(benchmark, report_ratio, f"conv3x3 winograd cpu vs torch (oneDNN), {tuple(x.shape)} -> {K}", ref_s, op_s)
 
 
 MIN_RATIO = 0.9  # fail when the compiled op is more than 10% slower than the reference

@@ -9,11 +9,14 @@ minutes.
 
 Variants:
   plain                the reference decoder, fp32
-  channels-last        addp's decoder (channels-last inside), fp32
+  channels-last        addp's decoder (channels-last inside), fp32: its 3x3 convolutions of
+                       up to 128 channels by Winograd F(4x4, 3x3) (addp.ops.conv3x3) on a CPU
+  ..., direct convs    the same with every convolution torch's (oneDNN's direct algorithm)
   + folded upsample    channels-last, each nearest-2x upsample + 3x3 conv computed as four
                        2x2 convs of the low-resolution input (4/9 of the multiply-adds, no
                        upsampled tensor) and interleaved: `upsample_conv` below
-  plain bf16           the reference decoder under bf16 autocast
+  plain bf16           the reference decoder under bf16 autocast (the bf16 variants run where
+                       bf16 is native: addp.precision.native_bf16)
   channels-last bf16   addp's decoder under bf16 autocast
   compiled [bf16]      addp.frozen.compile_frozen of addp's decoder (frozen weights on a CPU)
   ..., torch GN+SiLU   the same with torch's GroupNorm then SiLU in place of the fused
@@ -30,7 +33,9 @@ import torch.nn.functional as F
 
 import addp
 import addp.tokenizer as T
+from addp.ops import winograd_conv
 from addp.frozen import compile_frozen
+from addp.precision import native_bf16
 
 sys.path.insert(0, str(Path(__file__).parent))
 import presets as P  # noqa: E402
@@ -39,6 +44,7 @@ import reference_loop as R  # noqa: E402
 ON_GPU = P.DEVICE.type == "cuda"
 CH, BATCH = (128, 64) if ON_GPU else (32, 2)
 ROUNDS = int(os.environ.get("ADDP_BENCH_ROUNDS", 5))
+BF16 = native_bf16(P.DEVICE)  # the bf16 variants where bf16 is native (elsewhere auto is fp32)
 COMPILE = ON_GPU or os.environ.get("ADDP_BENCH_COMPILE") == "1"
 
 
@@ -105,6 +111,17 @@ def _unfused(fn):
     return run
 
 
+def _direct(fn):
+    """fn run with every VQ convolution torch's own (no Winograd kernel)."""
+    def run():
+        widest, winograd_conv.MAX_CHANNELS = winograd_conv.MAX_CHANNELS, 0
+        try:
+            return fn()
+        finally:
+            winograd_conv.MAX_CHANNELS = widest
+    return run
+
+
 def _report(title, variants, times, report_ratio):
     base = statistics.median(times[0])
     print(f"\n{title}")
@@ -125,30 +142,36 @@ def test_bench_vq(report_ratio, part):
     z = torch.randn(BATCH, tok.config.embed_dim, grid, grid, device=P.DEVICE)
     images = torch.rand(BATCH, 3, tok.config.image_size, tok.config.image_size, device=P.DEVICE)
     if part == "decoder":
+        model, x = tok.decoder, z
         variants = {"plain": lambda: R.vq_decode_grid(tok.decoder, z),
                     "channels-last": lambda: tok.decoder(z),
+                    "channels-last, direct convs": _direct(lambda: tok.decoder(z)),
                     "channels-last + folded upsample": lambda: folded_decode(tok.decoder, z),
-                    "plain bf16": _bf16(lambda: R.vq_decode_grid(tok.decoder, z)),
-                    "channels-last bf16": _bf16(lambda: tok.decoder(z))}
-        model, x = tok.decoder, z
-        variants["channels-last, torch GN+SiLU"] = _unfused(lambda: tok.decoder(z))
-        variants["channels-last bf16, torch GN+SiLU"] = _bf16(_unfused(lambda: tok.decoder(z)))
+                    "channels-last, torch GN+SiLU": _unfused(lambda: tok.decoder(z))}
+        if BF16:
+            variants.update({"plain bf16": _bf16(lambda: R.vq_decode_grid(tok.decoder, z)),
+                             "channels-last bf16": _bf16(lambda: tok.decoder(z)),
+                             "channels-last bf16, torch GN+SiLU": _bf16(_unfused(lambda: tok.decoder(z)))})
     else:
+        model, x = tok.encoder, images
         variants = {"plain": lambda: R.vq_encode_latents(tok.encoder, images),
                     "channels-last": lambda: tok.encoder(images),
-                    "plain bf16": _bf16(lambda: R.vq_encode_latents(tok.encoder, images)),
-                    "channels-last bf16": _bf16(lambda: tok.encoder(images))}
-        model, x = tok.encoder, images
-        variants["channels-last bf16, torch GN+SiLU"] = _bf16(_unfused(lambda: tok.encoder(images)))
+                    "channels-last, direct convs": _direct(lambda: tok.encoder(images))}
+        if BF16:
+            variants.update({"plain bf16": _bf16(lambda: R.vq_encode_latents(tok.encoder, images)),
+                             "channels-last bf16": _bf16(lambda: tok.encoder(images)),
+                             "channels-last bf16, torch GN+SiLU": _bf16(_unfused(lambda: tok.encoder(images)))})
     with torch.no_grad():
         if COMPILE:
-            compiled, compiled_bf16 = compile_frozen(model), compile_frozen(model)
+            compiled, direct, unfused = compile_frozen(model), compile_frozen(model), compile_frozen(model)
             variants["compiled"] = lambda: compiled(x)
-            variants["compiled bf16"] = _bf16(lambda: compiled_bf16(x))
-            unfused, unfused_bf16 = compile_frozen(model), compile_frozen(model)
+            variants["compiled, direct convs"] = _direct(lambda: direct(x))
             if part == "decoder":  # the encoder's fp32 blocks run torch's ops already
                 variants["compiled, torch GN+SiLU"] = _unfused(lambda: unfused(x))
-            variants["compiled bf16, torch GN+SiLU"] = _bf16(_unfused(lambda: unfused_bf16(x)))
+            if BF16:
+                compiled_bf16, unfused_bf16 = compile_frozen(model), compile_frozen(model)
+                variants["compiled bf16"] = _bf16(lambda: compiled_bf16(x))
+                variants["compiled bf16, torch GN+SiLU"] = _bf16(_unfused(lambda: unfused_bf16(x)))
         times = P.interleaved_times(list(variants.values()), ROUNDS)
     _report(f"VQ {part}, MAGE layout ch={CH}, 256 px, B={BATCH}, {P.DEVICE.type}, "
             f"{torch.get_num_threads()} threads ({ROUNDS} interleaved rounds)", list(variants), times, report_ratio)

@@ -5,6 +5,7 @@
     soft_target_cross_entropy    soft_ce.py        the training loss, forward and backward
     dropout                      philox_dropout.py dropout with a counter-based (Philox) mask
     group_norm_silu              norm_silu.py      silu(group_norm(x)), the VQ blocks' pre-activation
+    conv3x3_winograd             winograd_conv.py  3x3 convolution by Winograd F(4x4, 3x3), the VQ blocks' convs
 
 Each is a ``torch.library`` op (``torch.ops.addp.*``) with a fake, so ``torch.compile`` and
 CUDA graph capture see one opaque op with static shapes, and a plain-PyTorch reference (its
@@ -24,7 +25,7 @@ from typing import Optional, Union
 
 import torch
 
-from . import _dispatch, gumbel_topk, norm_silu, philox_dropout, soft_ce, weighted_sum
+from . import _dispatch, gumbel_topk, norm_silu, philox_dropout, soft_ce, weighted_sum, winograd_conv
 from ._dispatch import BACKEND_ENV, BACKENDS
 from .gumbel_topk import (
     gumbel, gumbel_topk_unmask, gumbel_topk_unmask_reference, lowest_k_mask_reference, nucleus_keep,
@@ -33,6 +34,7 @@ from .norm_silu import group_norm_silu, group_norm_silu_reference
 from .philox_dropout import dropout, dropout_reference
 from .soft_ce import soft_target_cross_entropy, soft_target_cross_entropy_reference
 from .weighted_sum import codebook_weighted_sum, codebook_weighted_sum_reference
+from .winograd_conv import conv3x3, conv3x3_reference, winograd_weight
 
 _dispatch.load_compiled()  # after the schemas above: its C++ kernels register under them
 
@@ -41,11 +43,12 @@ __all__ = [
     "dropout_reference", "group_norm_silu", "group_norm_silu_reference", "gumbel",
     "gumbel_topk_unmask", "gumbel_topk_unmask_reference", "has_compiled_ops", "lowest_k_mask_reference",
     "nucleus_keep", "soft_target_cross_entropy", "soft_target_cross_entropy_reference",
+    "conv3x3", "conv3x3_reference", "winograd_weight",
 ]
 
 # op (torch.ops.addp.<op>, also the public function's name) -> its CUDA C++ op for backend="cuda", if any
 _OPS = {module.OP: getattr(module, "CUDA_OP", None)
-        for module in (weighted_sum, gumbel_topk, soft_ce, philox_dropout, norm_silu)}
+        for module in (weighted_sum, gumbel_topk, soft_ce, philox_dropout, norm_silu, winograd_conv)}
 _dispatch.record_routes(_OPS)
 
 
