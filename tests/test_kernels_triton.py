@@ -113,6 +113,7 @@ def test_opcheck_triton_ops():
     routes = ops.backends(DEVICE)
     assert routes.pop("dropout") == "reference"  # a CPU kernel only: GPUs run torch's dropout
     assert routes.pop("group_norm_silu") == "reference"  # a CPU kernel only: GPUs run torch's ops
+    assert routes.pop("conv3x3_winograd") == "reference"  # a CPU kernel only: GPUs run cuDNN's convolution
     assert set(routes.values()) == {"triton"}
     lg, cb = rand(2, 3, 16), rand(16, 8, seed=1)
     ids = torch.randint(0, 16, (2, 3), device=DEVICE)

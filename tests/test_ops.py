@@ -155,7 +155,7 @@ def test_backends_follow_the_override(monkeypatch):
     monkeypatch.delenv("ADDP_OPS_BACKEND", raising=False)
     expected = "cpu" if has_compiled_ops() else "reference"
     expected_names = ["codebook_weighted_sum", "gumbel_topk_unmask", "soft_target_cross_entropy", "dropout",
-                      "group_norm_silu"]
+                      "group_norm_silu", "conv3x3_winograd"]
     assert ops.backends("cpu") == {name: expected for name in expected_names}
     monkeypatch.setenv("ADDP_OPS_BACKEND", "reference")
     assert set(ops.backends("cpu").values()) == {"reference"}

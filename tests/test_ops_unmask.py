@@ -201,4 +201,4 @@ def test_auto_prefers_triton_on_cuda(monkeypatch):
     monkeypatch.delenv("ADDP_OPS_BACKEND", raising=False)
     assert ops.backends("cuda") == {"codebook_weighted_sum": "triton", "gumbel_topk_unmask": "triton",
                                     "soft_target_cross_entropy": "triton", "dropout": "reference",
-                                    "group_norm_silu": "reference"}
+                                    "group_norm_silu": "reference", "conv3x3_winograd": "reference"}
