@@ -6,8 +6,9 @@ the encoder's input conv and every residual-block conv without bias, and residua
 that change width apply their 1x1 shortcut to the block's *output* (not its input).
 
 Speed: the encoder and decoder run channels-last inside, whatever the layout of their input
-(oneDNN and cuDNN convolutions, GroupNorm and nearest upsampling all have NHWC kernels; the
-measurements are in docs/speed.md), and return contiguous tensors.
+(oneDNN and cuDNN convolutions, GroupNorm and nearest upsampling all have NHWC kernels), and
+return contiguous tensors. On CPUs their float32 3x3 convolutions of up to 128 channels run by
+Winograd's F(4x4, 3x3) (``Conv3x3``, ``addp.ops.conv3x3``). Measurements: docs/speed.md.
 """
 from __future__ import annotations
 
