@@ -88,7 +88,7 @@ class Conv3x3(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not ops.winograd_conv.uses_kernel(x, self.weight):
             return super().forward(x)
-        return ops.conv3x3(x, self.weight, self.bias, u=self._transformed_weight())
+        return torch.ops.addp.conv3x3_winograd(x, self._transformed_weight(), self.bias)
 
     def _transformed_weight(self) -> torch.Tensor:
         if torch.compiler.is_compiling():  # frozen graphs fold it into a constant
