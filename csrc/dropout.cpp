@@ -150,9 +150,9 @@ ADDP_SIMD_INLINE void dropout_blocks(const T* x, T* out, bool* keep, const Args&
   for (int64_t b = b0; b < b1; b += kGroup) {
     for (int64_t j = 0; j < kGroup; j += 8) philox8(static_cast<uint64_t>(b + j), a.seed, words + 4 * j);
     const int64_t first = 4 * b, count = std::min<int64_t>(4 * std::min<int64_t>(kGroup, b1 - b), a.n - first);
-    const T* xs = x + first;
-    T* os = out + first;
-    bool* ks = keep + first;
+    const T* __restrict xs = x + first;
+    T* __restrict os = out + first;
+    bool* __restrict ks = keep + first;
     for (int64_t r = 0; r < count; ++r) {
       const bool k = words[r] >= threshold;
       ks[r] = k;
@@ -197,13 +197,44 @@ void dropout_run(const T* x, T* out, bool* keep, const Args& a) {
   at::parallel_for(0, (a.n + 3) / 4, 4096, [&](int64_t b0, int64_t b1) { blocks_fn(x, out, keep, a, philox8, b0, b1); });
 }
 
+// dx[i0, i1) = keep ? grad * scale : 0; compiled once per ISA like the forward's masking loop.
+// The mask is read as bytes: GCC vectorises no loads of bool.
+template <class T>
+ADDP_SIMD_INLINE void backward_range(const T* __restrict grad, const bool* keep_bool, T* __restrict dx, Acc<T> scale,
+                                     int64_t i0, int64_t i1) {
+  const uint8_t* __restrict keep = reinterpret_cast<const uint8_t*>(keep_bool);
+  for (int64_t i = i0; i < i1; ++i) dx[i] = narrow<T>(kept_or_zero(widen(grad[i]) * scale, keep[i] != 0));
+}
+
+template <class T>
+void backward_range_generic(const T* g, const bool* k, T* dx, Acc<T> s, int64_t i0, int64_t i1) {
+  backward_range(g, k, dx, s, i0, i1);
+}
+#ifdef ADDP_SIMD_X86
+template <class T>
+__attribute__((target("avx2,fma"))) void backward_range_avx2(const T* g, const bool* k, T* dx, Acc<T> s, int64_t i0,
+                                                             int64_t i1) {
+  backward_range(g, k, dx, s, i0, i1);
+}
+template <class T>
+__attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma"))) void backward_range_avx512(
+    const T* g, const bool* k, T* dx, Acc<T> s, int64_t i0, int64_t i1) {
+  backward_range(g, k, dx, s, i0, i1);
+}
+#endif
+
 template <class T>
 void backward_run(const T* grad, const bool* keep, T* dx, int64_t n, double scale_d) {
   const Acc<T> scale = static_cast<Acc<T>>(scale_d);
-  at::parallel_for(0, n, 32768, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i)
-      dx[i] = narrow<T>(kept_or_zero(widen(grad[i]) * scale, keep[i]));
-  });
+  auto range_fn = backward_range_generic<T>;
+#ifdef ADDP_SIMD_X86
+  switch (simd::cpu_isa()) {
+    case simd::Isa::avx512: range_fn = backward_range_avx512<T>; break;
+    case simd::Isa::avx2: range_fn = backward_range_avx2<T>; break;
+    default: break;
+  }
+#endif
+  at::parallel_for(0, n, 32768, [&](int64_t i0, int64_t i1) { range_fn(grad, keep, dx, scale, i0, i1); });
 }
 
 uint16_t* bits(const at::Tensor& bf16) { return reinterpret_cast<uint16_t*>(bf16.data_ptr<c10::BFloat16>()); }
