@@ -64,12 +64,9 @@ def _norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels, eps=1e-6)
 
 
-def _norm_silu(norm: nn.GroupNorm, x: torch.Tensor, fuse_fp32: bool) -> torch.Tensor:
-    """silu(norm(x)); as one op (``addp.ops.group_norm_silu``, fused on CPUs when no gradient is
-    needed) for bf16/fp16 inputs, and for float32 ones where ``fuse_fp32``: the decoder. The
-    encoder's float32 blocks measured no faster fused (docs/speed.md)."""
-    if x.dtype == torch.float32 and not fuse_fp32:
-        return F.silu(norm(x))
+def _norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """silu(norm(x)) as one op: ``addp.ops.group_norm_silu``, fused on CPUs when no gradient is
+    needed."""
     return ops.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps)
 
 
@@ -80,15 +77,17 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
 class Conv3x3(nn.Conv2d):
     """A 3x3, padding-1 ``nn.Conv2d`` (same parameters and state-dict keys) whose float32
     inference runs ``ops.conv3x3`` (Winograd F(4x4, 3x3) on CPUs, docs/speed.md); the
-    transformed weight is kept between calls and rebuilt when the weight changes."""
+    transformed weight is kept between calls and rebuilt when the weight changes. ``forward``
+    takes an optional ``residual`` added to the output (by the kernel as it writes it)."""
 
     def __init__(self, in_ch: int, out_ch: int, bias: bool = True):
         super().__init__(in_ch, out_ch, 3, padding=1, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not ops.winograd_conv.uses_kernel(x, self.weight):
-            return super().forward(x)
-        return torch.ops.addp.conv3x3_winograd(x, self._transformed_weight(), self.bias)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if not ops.winograd_conv.uses_kernel(x, self.weight, residual=residual):
+            y = super().forward(x)
+            return y if residual is None else y + residual
+        return torch.ops.addp.conv3x3_winograd(x, self._transformed_weight(), self.bias, residual)
 
     def _transformed_weight(self) -> torch.Tensor:
         if torch.compiler.is_compiling():  # frozen graphs fold it into a constant
@@ -101,9 +100,8 @@ class Conv3x3(nn.Conv2d):
 
 
 class ResBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, groups: int, fuse_fp32: bool = False):
+    def __init__(self, in_ch: int, out_ch: int, groups: int):
         super().__init__()
-        self.fuse_fp32 = fuse_fp32
         self.norm1 = _norm(in_ch, groups)
         self.conv1 = Conv3x3(in_ch, out_ch, bias=False)
         self.norm2 = _norm(out_ch, groups)
@@ -112,10 +110,11 @@ class ResBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(out_ch, out_ch, 1, bias=False) if in_ch != out_ch else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(_norm_silu(self.norm1, x, self.fuse_fp32))
-        h = self.conv2(_norm_silu(self.norm2, h, self.fuse_fp32))
-        skip = x if self.nin_shortcut is None else self.nin_shortcut(h)
-        return skip + h
+        h = self.conv1(_norm_silu(self.norm1, x))
+        if self.nin_shortcut is None:
+            return self.conv2(_norm_silu(self.norm2, h), residual=x)
+        h = self.conv2(_norm_silu(self.norm2, h))
+        return self.nin_shortcut(h) + h
 
 
 class _Level(nn.Module):
@@ -161,7 +160,7 @@ class Encoder(nn.Module):
             if level != len(self.down) - 1:
                 h = F.avg_pool2d(h, 2)
         h = self.mid.block_2(self.mid.block_1(h))
-        return self.conv_out(_norm_silu(self.norm_out, h, fuse_fp32=False)).contiguous()
+        return self.conv_out(_norm_silu(self.norm_out, h)).contiguous()
 
 
 class Decoder(nn.Module):
@@ -170,13 +169,13 @@ class Decoder(nn.Module):
         ch_in = c.ch * c.ch_mult[-1]
         self.conv_in = Conv3x3(c.embed_dim, ch_in)
         self.mid = nn.Module()
-        self.mid.block_1 = ResBlock(ch_in, ch_in, c.norm_groups, fuse_fp32=True)
-        self.mid.block_2 = ResBlock(ch_in, ch_in, c.norm_groups, fuse_fp32=True)
+        self.mid.block_1 = ResBlock(ch_in, ch_in, c.norm_groups)
+        self.mid.block_2 = ResBlock(ch_in, ch_in, c.norm_groups)
         levels = []
         for level in reversed(range(len(c.ch_mult))):
             blocks = []
             for _ in range(c.num_res_blocks):
-                blocks.append(ResBlock(ch_in, c.ch * c.ch_mult[level], c.norm_groups, fuse_fp32=True))
+                blocks.append(ResBlock(ch_in, c.ch * c.ch_mult[level], c.norm_groups))
                 ch_in = c.ch * c.ch_mult[level]
             up = _Level(blocks)
             if level != 0:
@@ -193,7 +192,7 @@ class Decoder(nn.Module):
                 h = block(h)
             if hasattr(up, "upsample"):
                 h = up.upsample(h)
-        return self.conv_out(_norm_silu(self.norm_out, h, fuse_fp32=True)).contiguous()
+        return self.conv_out(_norm_silu(self.norm_out, h)).contiguous()
 
 
 class Quantizer(nn.Module):

@@ -96,7 +96,7 @@ def _bf16(fn):
     return run
 
 
-def _torch_norm_silu(norm, x, fuse_fp32):
+def _torch_norm_silu(norm, x):
     return F.silu(norm(x))
 
 
@@ -156,7 +156,8 @@ def test_bench_vq(report_ratio, part):
         model, x = tok.encoder, images
         variants = {"plain": lambda: R.vq_encode_latents(tok.encoder, images),
                     "channels-last": lambda: tok.encoder(images),
-                    "channels-last, direct convs": _direct(lambda: tok.encoder(images))}
+                    "channels-last, direct convs": _direct(lambda: tok.encoder(images)),
+                    "channels-last, torch GN+SiLU": _unfused(lambda: tok.encoder(images))}
         if BF16:
             variants.update({"plain bf16": _bf16(lambda: R.vq_encode_latents(tok.encoder, images)),
                              "channels-last bf16": _bf16(lambda: tok.encoder(images)),
@@ -166,8 +167,7 @@ def test_bench_vq(report_ratio, part):
             compiled, direct, unfused = compile_frozen(model), compile_frozen(model), compile_frozen(model)
             variants["compiled"] = lambda: compiled(x)
             variants["compiled, direct convs"] = _direct(lambda: direct(x))
-            if part == "decoder":  # the encoder's fp32 blocks run torch's ops already
-                variants["compiled, torch GN+SiLU"] = _unfused(lambda: unfused(x))
+            variants["compiled, torch GN+SiLU"] = _unfused(lambda: unfused(x))
             if BF16:
                 compiled_bf16, unfused_bf16 = compile_frozen(model), compile_frozen(model)
                 variants["compiled bf16"] = _bf16(lambda: compiled_bf16(x))

@@ -24,7 +24,8 @@ std::tuple<at::Tensor, at::Tensor> dropout_cpu(const at::Tensor& x, double p, co
 at::Tensor dropout_backward_cpu(const at::Tensor& grad, const at::Tensor& keep, double p);
 at::Tensor group_norm_silu_cpu(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                const std::optional<at::Tensor>& bias, int64_t groups, double eps);
-at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& u, const std::optional<at::Tensor>& bias);
+at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& u, const std::optional<at::Tensor>& bias,
+                                const std::optional<at::Tensor>& residual);
 
 TORCH_LIBRARY_IMPL(addp, CPU, m) {
   m.impl("codebook_weighted_sum", &codebook_weighted_sum_cpu);

@@ -4,13 +4,14 @@
 // Neural Networks", 2016): 36 multiplications per 4x4 output tile and channel pair instead
 // of 144, for a few additions per element in the transforms.
 //
-//   y[tile] = A^T [ sum_c (B^T d_c B) * U_c ] A,   U = G g G^T (the weight, transformed once
-//   by the caller: u has shape (36, C, K), point-major, K contiguous).
+//   y[tile] = A^T [ sum_c (B^T d_c B) * U_c ] A (+ bias + residual),   U = G g G^T (the
+//   weight, transformed once by the caller: u has shape (36, C, K), point-major, K contiguous).
 //
 // The output tiles are taken in raster order in blocks of 24; one block at a time per thread:
 // its 6x6 input patches are transformed into 36 (tiles x C) matrices, multiplied by the 36
 // (C x K) weight matrices, and the 36 (tiles x K) products transformed back into 4x4 output
-// tiles, in per-thread buffers of 36 x 24 x (C + K) floats (216 KiB at 32 channels in and out).
+// tiles (the bias and a residual tensor added as they are written: the residual blocks of the
+// VQ networks save a pass over their output), in per-thread buffers of 36 x 24 x (C + K) floats (216 KiB at 32 channels in and out).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -31,6 +32,7 @@ struct Job {
   const float* x;     // (N, H, W, C)
   const float* u;     // (36, C, K)
   const float* bias;  // (K) or null
+  const float* res;   // (N, H, W, K) or null
   float* y;           // (N, H, W, K)
   int64_t N, H, W, C, K, TH, TW;
 };
@@ -145,7 +147,8 @@ template <class V> ADDP_SIMD_INLINE void multiply(const Job& j, int64_t nt, cons
   }
 }
 
-// 4x4 output tiles of tiles [t0, t0 + nt) from mb (36, nt, K), plus the bias, into y.
+// 4x4 output tiles of tiles [t0, t0 + nt) from mb (36, nt, K), plus the bias and the
+// residual, into y.
 template <class V> ADDP_SIMD_INLINE void transform_output(const Job& j, int64_t t0, int64_t nt, const float* mb) {
   constexpr int L = lanes<V>();
   const int64_t K = j.K;
@@ -165,8 +168,11 @@ template <class V> ADDP_SIMD_INLINE void transform_output(const Job& j, int64_t 
       for (int a = 0; a < rows; ++a) {
         V o[4];
         output_1d(h[a], o);
-        float* out = j.y + ((n * j.H + ty * 4 + a) * j.W + tx * 4) * K + kv;
-        for (int b = 0; b < cols; ++b) storeu<V>(out + b * K, o[b] + bias);
+        const int64_t at = ((n * j.H + ty * 4 + a) * j.W + tx * 4) * K + kv;
+        if (j.res)
+          for (int b = 0; b < cols; ++b) storeu<V>(j.y + at + b * K, o[b] + bias + loadu<V>(j.res + at + b * K));
+        else
+          for (int b = 0; b < cols; ++b) storeu<V>(j.y + at + b * K, o[b] + bias);
       }
     }
   }
@@ -198,7 +204,8 @@ void run_generic(const Job& j, int64_t b, int64_t e) { run_blocks<vf4>(j, b, e);
 
 }  // namespace
 
-at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& u, const std::optional<at::Tensor>& bias) {
+at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& u, const std::optional<at::Tensor>& bias,
+                                const std::optional<at::Tensor>& residual) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat, "conv3x3_winograd: x must be a float32 (N, C, H, W) "
               "tensor, got ", x.scalar_type(), " ", x.sizes());
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
@@ -215,9 +222,16 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& u, const 
                 bias->sizes());
     bc = bias->to(at::kFloat).contiguous();
   }
+  std::optional<at::Tensor> rc;
+  if (residual.has_value() && residual->defined()) {
+    TORCH_CHECK(residual->sizes() == y.sizes() && residual->scalar_type() == at::kFloat,
+                "conv3x3_winograd: residual must be a float32 tensor of the output's shape ", y.sizes(), ", got ",
+                residual->scalar_type(), " ", residual->sizes());
+    rc = residual->contiguous(at::MemoryFormat::ChannelsLast);
+  }
   if (y.numel() == 0) return y;
-  Job j{xc.data_ptr<float>(), uc.data_ptr<float>(), bc ? bc->data_ptr<float>() : nullptr, y.data_ptr<float>(),
-        N, H, W, C, K, (H + 3) / 4, (W + 3) / 4};
+  Job j{xc.data_ptr<float>(), uc.data_ptr<float>(), bc ? bc->data_ptr<float>() : nullptr,
+        rc ? rc->data_ptr<float>() : nullptr, y.data_ptr<float>(), N, H, W, C, K, (H + 3) / 4, (W + 3) / 4};
   void (*fn)(const Job&, int64_t, int64_t) = run_generic;
 #ifdef ADDP_SIMD_X86
   const int L = cpu_isa() == Isa::avx512 ? 16 : cpu_isa() == Isa::avx2 ? 8 : 4;

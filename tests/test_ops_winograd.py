@@ -47,6 +47,31 @@ def test_kernel_equals_the_float64_convolution(isa, monkeypatch):
 
 
 @needs_c
+def test_the_residual_is_added_as_the_output_is_written():
+    """conv + residual against the float64 sum, for residuals in either layout; the kernel's
+    sum equals its own convolution plus the residual added afterwards to the last bit."""
+    g = torch.Generator().manual_seed(12)
+    for i in range(6):
+        x, weight, bias = _random_case(g)
+        residual = torch.randn(x.shape[0], weight.shape[0], *x.shape[2:], generator=g)
+        if i % 2:
+            residual = residual.contiguous(memory_format=torch.channels_last)
+        u = ops.winograd_weight(weight)
+        out = torch.ops.addp.conv3x3_winograd(x, u, bias, residual)
+        exact = F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(), padding=1)
+        exact = exact + residual.double()
+        assert ((out.double() - exact).abs().max() / exact.abs().max()).item() <= TOL
+        torch.testing.assert_close(out, torch.ops.addp.conv3x3_winograd(x, u, bias) + residual, rtol=0, atol=0)
+
+
+@needs_c
+def test_a_residual_of_the_wrong_shape_is_refused():
+    x, w = torch.randn(1, 8, 5, 5), torch.randn(8, 8, 3, 3)
+    with pytest.raises(RuntimeError, match="residual must be a float32 tensor of the output's shape"):
+        torch.ops.addp.conv3x3_winograd(x, ops.winograd_weight(w), None, torch.randn(1, 8, 5, 4))
+
+
+@needs_c
 def test_the_vq_layer_shapes():
     """The widths and sizes of the official-layout benchmark's decoder (ch=32), a few rows."""
     g = torch.Generator().manual_seed(3)
@@ -61,8 +86,9 @@ def test_the_vq_layer_shapes():
 def test_opcheck():
     g = torch.Generator().manual_seed(6)
     x, w = torch.randn(2, 8, 7, 9, generator=g), torch.randn(12, 8, 3, 3, generator=g)
-    for bias in (None, torch.randn(12, generator=g)):
-        torch.library.opcheck(torch.ops.addp.conv3x3_winograd.default, (x, ops.winograd_weight(w), bias))
+    residual = torch.randn(2, 12, 7, 9, generator=g)
+    for bias, res in ((None, None), (torch.randn(12, generator=g), None), (None, residual)):
+        torch.library.opcheck(torch.ops.addp.conv3x3_winograd.default, (x, ops.winograd_weight(w), bias, res))
 
 
 @needs_c
@@ -109,11 +135,16 @@ def test_gradients_run_the_reference():
     g = torch.Generator().manual_seed(4)
     x = torch.randn(2, 8, 6, 6, generator=g, requires_grad=True)
     w = torch.randn(8, 8, 3, 3, generator=g, requires_grad=True)
-    ops.conv3x3(x, w).square().sum().backward()
-    x2, w2 = x.detach().requires_grad_(True), w.detach().requires_grad_(True)
-    F.conv2d(x2, w2, padding=1).square().sum().backward()
+    r = torch.randn(2, 8, 6, 6, generator=g, requires_grad=True)
+    ops.conv3x3(x, w, residual=r).square().sum().backward()
+    x2, w2, r2 = (t.detach().requires_grad_(True) for t in (x, w, r))
+    (F.conv2d(x2, w2, padding=1) + r2).square().sum().backward()
     torch.testing.assert_close(x.grad, x2.grad)
     torch.testing.assert_close(w.grad, w2.grad)
+    torch.testing.assert_close(r.grad, r2.grad)
+    assert not winograd_conv.kernel_applies(x.detach(), w.detach(), r)  # the residual alone needs one
+    with torch.no_grad():
+        assert winograd_conv.kernel_applies(x.detach(), w.detach(), r)
 
 
 @needs_c
