@@ -1,7 +1,7 @@
 """Each side at its own defaults on a CPU, each run in its own process: ours as the commands
 run it (``addp.tuning``'s malloc settings; generation at ``--precision auto``, bf16 where the
-CPU has it natively; the training step at ``--precision bf16``, as the ``bf16-ours`` mode of
-test_bench_e2e.py), against the official-style loop (benchmarks/reference_loop.py) as the
+CPU has it natively; the training step at ``--precision bf16`` where bf16 is native, as the
+``bf16-ours`` mode of test_bench_e2e.py, else at its ``auto``, fp32), against the official-style loop (benchmarks/reference_loop.py) as the
 official code runs on a CPU (glibc's malloc defaults, ``ADDP_MALLOC=system``; fp32, which its
 ``torch.cuda.amp.autocast`` leaves on a CPU). test_bench_e2e.py compares the two in one
 process, so under the same malloc settings; the process-wide settings of each side differ
@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from addp.precision import native_bf16
 
 sys.path.insert(0, str(Path(__file__).parent))
 import presets as P  # noqa: E402
@@ -62,7 +64,8 @@ def _training(side: str) -> dict:
         def run():
             step(images)
     else:
-        trainer, batches = P.trainer_and_batches(PRESET, tok, pred, "bf16", compile=side == "ours-compiled")
+        precision = "bf16" if native_bf16(P.DEVICE) else "auto"
+        trainer, batches = P.trainer_and_batches(PRESET, tok, pred, precision, compile=side == "ours-compiled")
 
         def run():
             trainer.train_step(batches)

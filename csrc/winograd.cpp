@@ -11,7 +11,8 @@
 // its 6x6 input patches are transformed into 36 (tiles x C) matrices, multiplied by the 36
 // (C x K) weight matrices, and the 36 (tiles x K) products transformed back into 4x4 output
 // tiles (the bias and a residual tensor added as they are written: the residual blocks of the
-// VQ networks save a pass over their output), in per-thread buffers of 36 x 24 x (C + K) floats (216 KiB at 32 channels in and out).
+// VQ networks save a pass over their output), in per-thread buffers of 36 x 24 x (C + K)
+// floats (216 KiB at 32 channels in and out).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
