@@ -78,16 +78,19 @@ class Conv3x3(nn.Conv2d):
     """A 3x3, padding-1 ``nn.Conv2d`` (same parameters and state-dict keys) whose float32
     inference runs ``ops.conv3x3`` (Winograd F(4x4, 3x3) on CPUs, docs/speed.md); the
     transformed weight is kept between calls and rebuilt when the weight changes. ``forward``
-    takes an optional ``residual`` added to the output (by the kernel as it writes it)."""
+    takes an optional ``residual`` added to the output (by the kernel as it writes it) and
+    ``upsample``: convolve x upsampled 2x by nearest neighbour (read in place by the kernel)."""
 
     def __init__(self, in_ch: int, out_ch: int, bias: bool = True):
         super().__init__(in_ch, out_ch, 3, padding=1, bias=bias)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, upsample: bool = False) -> torch.Tensor:
         if not ops.winograd_conv.uses_kernel(x, self.weight, residual=residual):
+            if upsample:
+                x = F.interpolate(x, scale_factor=2.0, mode="nearest")
             y = super().forward(x)
             return y if residual is None else y + residual
-        return torch.ops.addp.conv3x3_winograd(x, self._transformed_weight(), self.bias, residual)
+        return torch.ops.addp.conv3x3_winograd(x, self._transformed_weight(), self.bias, residual, upsample)
 
     def _transformed_weight(self) -> torch.Tensor:
         if torch.compiler.is_compiling():  # frozen graphs fold it into a constant
@@ -131,7 +134,7 @@ class Upsample(nn.Module):
         self.conv = Conv3x3(ch, ch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(x, upsample=True)
 
 
 class Encoder(nn.Module):

@@ -222,6 +222,34 @@ def test_bench_conv3x3_winograd_cpu(benchmark, report_ratio, C, K, H):
     _report(benchmark, report_ratio, f"conv3x3 winograd cpu vs torch (oneDNN), {tuple(x.shape)} -> {K}", ref_s, op_s)
 
 
+@pytest.mark.skipif(not has_compiled_ops(), reason="addp._C is not built")
+@pytest.mark.parametrize("against", ["oneDNN", "winograd"])
+def test_bench_upsample_conv3x3_cpu(benchmark, report_ratio, against):
+    """The decoder's upsampling layer at the ch=32 layout's 256 px level (32 channels, 128 ->
+    256 px, batch 2, fp32): the kernel reading the low-resolution input in place against the
+    nearest-upsampled tensor built by F.interpolate, then convolved by oneDNN or by the
+    kernel."""
+    from addp.ops import conv3x3, winograd_weight
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 32, 128, 128, generator=g).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(32, 32, 3, 3, generator=g) / 17).contiguous(memory_format=torch.channels_last)
+    b, u = torch.randn(32, generator=g), winograd_weight(w)
+
+    def theirs(t):
+        up = torch.nn.functional.interpolate(t, scale_factor=2.0, mode="nearest")
+        return torch.nn.functional.conv2d(up, w, b, padding=1) if against == "oneDNN" else conv3x3(up, w, b, u=u)
+
+    def ours(t):
+        return conv3x3(t, w, b, u=u, upsample=True)
+
+    with torch.no_grad():
+        benchmark.group = f"upsample + conv3x3 {tuple(x.shape)} fp32"
+        benchmark.pedantic(ours, args=(x,), rounds=30, iterations=1, warmup_rounds=1)
+        ref_s, op_s = _interleaved_medians([theirs, ours], (x,), rounds=30)
+    _report(benchmark, report_ratio, f"upsample + conv3x3 in place vs interpolate + {against}, {tuple(x.shape)}",
+            ref_s, op_s)
+
+
 MIN_RATIO = 0.9  # fail when the compiled op is more than 10% slower than the reference
 
 

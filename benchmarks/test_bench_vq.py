@@ -12,6 +12,9 @@ Variants:
   channels-last        addp's decoder (channels-last inside), fp32: its 3x3 convolutions of
                        up to 128 channels by Winograd F(4x4, 3x3) (addp.ops.conv3x3) on a CPU
   ..., direct convs    the same with every convolution torch's (oneDNN's direct algorithm)
+  ..., upsampled tensor built
+                       the same with each nearest-2x upsample built before its conv (the
+                       kernel otherwise reads the low-resolution input in place)
   + folded upsample    channels-last, each nearest-2x upsample + 3x3 conv computed as four
                        2x2 convs of the low-resolution input (4/9 of the multiply-adds, no
                        upsampled tensor) and interleaved: `upsample_conv` below
@@ -111,6 +114,18 @@ def _unfused(fn):
     return run
 
 
+def _built_upsample(fn):
+    """fn run with each decoder Upsample building the upsampled tensor before its conv."""
+    def run():
+        in_place = T.Upsample.forward
+        T.Upsample.forward = lambda self, x: self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        try:
+            return fn()
+        finally:
+            T.Upsample.forward = in_place
+    return run
+
+
 def _direct(fn):
     """fn run with every VQ convolution torch's own (no Winograd kernel)."""
     def run():
@@ -146,6 +161,7 @@ def test_bench_vq(report_ratio, part):
         variants = {"plain": lambda: R.vq_decode_grid(tok.decoder, z),
                     "channels-last": lambda: tok.decoder(z),
                     "channels-last, direct convs": _direct(lambda: tok.decoder(z)),
+                    "channels-last, upsampled tensor built": _built_upsample(lambda: tok.decoder(z)),
                     "channels-last + folded upsample": lambda: folded_decode(tok.decoder, z),
                     "channels-last, torch GN+SiLU": _unfused(lambda: tok.decoder(z))}
         if BF16:

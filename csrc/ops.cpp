@@ -25,7 +25,7 @@ at::Tensor dropout_backward_cpu(const at::Tensor& grad, const at::Tensor& keep, 
 at::Tensor group_norm_silu_cpu(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                const std::optional<at::Tensor>& bias, int64_t groups, double eps);
 at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& u, const std::optional<at::Tensor>& bias,
-                                const std::optional<at::Tensor>& residual);
+                                const std::optional<at::Tensor>& residual, bool upsample);
 
 TORCH_LIBRARY_IMPL(addp, CPU, m) {
   m.impl("codebook_weighted_sum", &codebook_weighted_sum_cpu);

@@ -12,7 +12,9 @@
 // (C x K) weight matrices, and the 36 (tiles x K) products transformed back into 4x4 output
 // tiles (the bias and a residual tensor added as they are written: the residual blocks of the
 // VQ networks save a pass over their output), in per-thread buffers of 36 x 24 x (C + K)
-// floats (216 KiB at 32 channels in and out).
+// floats (216 KiB at 32 channels in and out). With `upsample` the convolution's input is x
+// upsampled 2x by nearest neighbour, read from x in place (the VQ decoder's upsampling layers:
+// the upsampled tensor is never built).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -30,12 +32,13 @@ using namespace simd;
 constexpr int kPoints = 36;  // the 6x6 transformed tile
 
 struct Job {
-  const float* x;     // (N, H, W, C)
+  const float* x;     // (N, H >> up, W >> up, C)
   const float* u;     // (36, C, K)
   const float* bias;  // (K) or null
   const float* res;   // (N, H, W, K) or null
   float* y;           // (N, H, W, K)
   int64_t N, H, W, C, K, TH, TW;
+  int up;  // 1: the convolution's input is x upsampled 2x (nearest), read in place; else 0
 };
 
 // B^T applied to six vectors d0..d5 (a column or a row of the 6x6 input patch).
@@ -70,7 +73,7 @@ template <class V> ADDP_SIMD_INLINE void transform_input(const Job& j, int64_t t
     bool col_in[6];
     for (int a = 0; a < 6; ++a) {
       const int64_t r = r0 + a;
-      rows[a] = (r >= 0 && r < j.H) ? j.x + ((n * j.H + r) * j.W) * C : nullptr;
+      rows[a] = (r >= 0 && r < j.H) ? j.x + ((n * (j.H >> j.up) + (r >> j.up)) * (j.W >> j.up)) * C : nullptr;
       const int64_t c = c0 + a;
       col_in[a] = c >= 0 && c < j.W;
     }
@@ -79,7 +82,7 @@ template <class V> ADDP_SIMD_INLINE void transform_input(const Job& j, int64_t t
       for (int a = 0; a < 6; ++a) {
         V d[6];
         for (int b = 0; b < 6; ++b)
-          d[b] = (rows[a] && col_in[b]) ? loadu<V>(rows[a] + (c0 + b) * C + cv) : V{};
+          d[b] = (rows[a] && col_in[b]) ? loadu<V>(rows[a] + ((c0 + b) >> j.up) * C + cv) : V{};
         input_1d(d, w[a]);
       }
       for (int b = 0; b < 6; ++b) {
@@ -206,10 +209,11 @@ void run_generic(const Job& j, int64_t b, int64_t e) { run_blocks<vf4>(j, b, e);
 }  // namespace
 
 at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& u, const std::optional<at::Tensor>& bias,
-                                const std::optional<at::Tensor>& residual) {
+                                const std::optional<at::Tensor>& residual, bool upsample) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat, "conv3x3_winograd: x must be a float32 (N, C, H, W) "
               "tensor, got ", x.scalar_type(), " ", x.sizes());
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int up = upsample ? 1 : 0;
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2) << up, W = x.size(3) << up;
   TORCH_CHECK(u.dim() == 3 && u.size(0) == kPoints && u.size(1) == C && u.scalar_type() == at::kFloat,
               "conv3x3_winograd: the transformed weight must be float32 (36, ", C, ", K), got ", u.scalar_type(), " ",
               u.sizes());
@@ -232,7 +236,7 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& u, const 
   }
   if (y.numel() == 0) return y;
   Job j{xc.data_ptr<float>(), uc.data_ptr<float>(), bc ? bc->data_ptr<float>() : nullptr,
-        rc ? rc->data_ptr<float>() : nullptr, y.data_ptr<float>(), N, H, W, C, K, (H + 3) / 4, (W + 3) / 4};
+        rc ? rc->data_ptr<float>() : nullptr, y.data_ptr<float>(), N, H, W, C, K, (H + 3) / 4, (W + 3) / 4, up};
   void (*fn)(const Job&, int64_t, int64_t) = run_generic;
 #ifdef ADDP_SIMD_X86
   const int L = cpu_isa() == Isa::avx512 ? 16 : cpu_isa() == Isa::avx2 ? 8 : 4;

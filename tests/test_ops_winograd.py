@@ -65,6 +65,28 @@ def test_the_residual_is_added_as_the_output_is_written():
 
 
 @needs_c
+def test_the_upsampled_input_is_read_in_place():
+    """upsample=True against the float64 convolution of the nearest-upsampled input: odd and
+    even sizes (output sizes 2 mod 4 and 0 mod 4), both layouts, with and without a residual."""
+    g = torch.Generator().manual_seed(13)
+    for i in range(6):
+        x, weight, bias = _random_case(g)
+        if i % 2:
+            x = x.contiguous(memory_format=torch.channels_last)
+        up = F.interpolate(x.double(), scale_factor=2.0, mode="nearest")
+        residual = torch.randn(x.shape[0], weight.shape[0], *up.shape[2:], generator=g) if i % 3 == 0 else None
+        out = torch.ops.addp.conv3x3_winograd(x, ops.winograd_weight(weight), bias, residual, True)
+        exact = F.conv2d(up, weight.double(), None if bias is None else bias.double(), padding=1)
+        if residual is not None:
+            exact = exact + residual.double()
+        assert out.shape == exact.shape
+        assert ((out.double() - exact).abs().max() / exact.abs().max()).item() <= TOL, (tuple(x.shape), i)
+    x, w = torch.randn(1, 8, 3, 5, generator=g), torch.randn(8, 8, 3, 3, generator=g)
+    torch.testing.assert_close(ops.conv3x3(x, w, upsample=True, backend="reference"),
+                               F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), w, padding=1))
+
+
+@needs_c
 def test_a_residual_of_the_wrong_shape_is_refused():
     x, w = torch.randn(1, 8, 5, 5), torch.randn(8, 8, 3, 3)
     with pytest.raises(RuntimeError, match="residual must be a float32 tensor of the output's shape"):
@@ -89,6 +111,8 @@ def test_opcheck():
     residual = torch.randn(2, 12, 7, 9, generator=g)
     for bias, res in ((None, None), (torch.randn(12, generator=g), None), (None, residual)):
         torch.library.opcheck(torch.ops.addp.conv3x3_winograd.default, (x, ops.winograd_weight(w), bias, res))
+    torch.library.opcheck(torch.ops.addp.conv3x3_winograd.default,
+                          (x, ops.winograd_weight(w), None, torch.randn(2, 12, 14, 18, generator=g), True))
 
 
 @needs_c

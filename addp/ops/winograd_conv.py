@@ -1,8 +1,9 @@
 """3x3 convolution (stride 1, padding 1) by Winograd's F(4x4, 3x3): the VQ networks' convolutions.
 
-``addp::conv3x3_winograd(x, u, bias, residual) -> y`` with ``u = winograd_weight(weight)``:
-the same result as ``F.conv2d(x, weight, bias, padding=1) + residual`` (residual optional,
-added as the output is written) with 36 multiplications per 4x4 output tile
+``addp::conv3x3_winograd(x, u, bias, residual, upsample) -> y`` with
+``u = winograd_weight(weight)``: the same result as ``F.conv2d(x, weight, bias, padding=1) +
+residual`` (residual optional, added as the output is written; with ``upsample``, x is first
+upsampled 2x by nearest neighbour, which the kernel reads in place) with 36 multiplications per 4x4 output tile
 and channel pair instead of 144 (Lavin & Gray, 2016). The CPU kernel (csrc/winograd.cpp)
 takes float32 inputs with 4 to 128 channels in and out, multiples of 4 (wider layers' 36
 transformed weight matrices outgrow the caches the kernel blocks for), and returns
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from ._dispatch import LIB, choose
 
 OP = "conv3x3_winograd"
-LIB.define(f"{OP}(Tensor x, Tensor u, Tensor? bias, Tensor? residual=None) -> Tensor")
+LIB.define(f"{OP}(Tensor x, Tensor u, Tensor? bias, Tensor? residual=None, bool upsample=False) -> Tensor")
 
 # G of F(4x4, 3x3): the weight transform U = G g G^T (6x6 per channel pair).
 _G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
@@ -31,9 +32,10 @@ _G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
 
 
 @torch.library.register_fake(f"addp::{OP}", lib=LIB)
-def _fake(x, u, bias, residual=None):
+def _fake(x, u, bias, residual=None, upsample=False):
     N, _, H, W = x.shape
-    return x.new_empty((N, u.shape[2], H, W)).contiguous(memory_format=torch.channels_last)
+    scale = 2 if upsample else 1
+    return x.new_empty((N, u.shape[2], H * scale, W * scale)).contiguous(memory_format=torch.channels_last)
 
 
 def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -46,8 +48,11 @@ def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def conv3x3_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                      residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Definition: ``F.conv2d(x, weight, bias, padding=1)``, plus ``residual`` when given."""
+                      residual: Optional[torch.Tensor] = None, upsample: bool = False) -> torch.Tensor:
+    """Definition: ``F.conv2d(x, weight, bias, padding=1)``, plus ``residual`` when given; with
+    ``upsample``, of ``F.interpolate(x, scale_factor=2, mode="nearest")``."""
+    if upsample:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
     y = F.conv2d(x, weight, bias, padding=1)
     return y if residual is None else y + residual
 
@@ -78,17 +83,19 @@ def uses_kernel(x: torch.Tensor, weight: torch.Tensor, backend=None, residual: O
 
 
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-            u: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None, backend=None) -> torch.Tensor:
+            u: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None, upsample: bool = False,
+            backend=None) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=1) + residual`` for a (K, C, 3, 3) weight, by
     Winograd on CPUs.
 
     u: ``winograd_weight(weight)`` when the caller keeps it (the VQ layers do), else computed.
     residual: a tensor of the output's shape added to it (the kernel adds it as it writes the
     output), or None.
+    upsample: convolve x upsampled 2x by nearest neighbour (the kernel reads x in place).
     backend: "reference" | "cpu" | "auto"; None reads ADDP_OPS_BACKEND. Returns a channels-last
     tensor from the kernel, the reference's layout otherwise.
     """
     if not uses_kernel(x, weight, backend, residual):
-        return conv3x3_reference(x, weight, bias, residual)
-    return torch.ops.addp.conv3x3_winograd(x, winograd_weight(weight) if u is None else u, bias, residual)
+        return conv3x3_reference(x, weight, bias, residual, upsample)
+    return torch.ops.addp.conv3x3_winograd(x, winograd_weight(weight) if u is None else u, bias, residual, upsample)
 
