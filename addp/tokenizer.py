@@ -86,10 +86,7 @@ class Conv3x3(nn.Conv2d):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, upsample: bool = False) -> torch.Tensor:
         if not ops.winograd_conv.uses_kernel(x, self.weight, residual=residual):
-            if upsample:
-                x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-            y = super().forward(x)
-            return y if residual is None else y + residual
+            return ops.conv3x3_reference(x, self.weight, self.bias, residual, upsample)
         return torch.ops.addp.conv3x3_winograd(x, self._transformed_weight(), self.bias, residual, upsample)
 
     def _transformed_weight(self) -> torch.Tensor:
