@@ -67,11 +67,14 @@ __attribute__((target("avx2,fma"))) void philox8_avx2(uint64_t b, uint64_t seed,
       c1 = _mm256_and_si256(p1, low);
       c3 = _mm256_and_si256(p0, low);
     }
-    alignas(32) uint64_t w[4][4];
-    _mm256_store_si256((__m256i*)w[0], c0), _mm256_store_si256((__m256i*)w[1], c1);
-    _mm256_store_si256((__m256i*)w[2], c2), _mm256_store_si256((__m256i*)w[3], c3);
-    for (int j = 0; j < 4; ++j)
-      for (int k = 0; k < 4; ++k) words[16 * half + 4 * j + k] = static_cast<uint32_t>(w[k][j]);
+    // Transpose in registers: lane j of (c0 | c1 << 32) and of (c2 | c3 << 32) holds words
+    // 0-1 and 2-3 of counter j; the unpacks pair them up (counters 0, 2 and 1, 3) and the
+    // permutes put the four counters in order (a scalar scatter cost as much as the rounds).
+    const __m256i w01 = _mm256_or_si256(c0, _mm256_slli_epi64(c1, 32));
+    const __m256i w23 = _mm256_or_si256(c2, _mm256_slli_epi64(c3, 32));
+    const __m256i even = _mm256_unpacklo_epi64(w01, w23), odd = _mm256_unpackhi_epi64(w01, w23);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(words + 16 * half), _mm256_permute2x128_si256(even, odd, 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(words + 16 * half + 8), _mm256_permute2x128_si256(even, odd, 0x31));
   }
 }
 
