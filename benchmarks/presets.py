@@ -122,8 +122,11 @@ def interleaved_times(fns, rounds: int, warmup: int = 1) -> list[list[float]]:
     return times
 
 
-def interleaved_medians(fns, rounds: int, warmup: int = 1) -> list[float]:
-    return [statistics.median(ts) for ts in interleaved_times(fns, rounds, warmup)]
+def paired_ratio(ref_times: list[float], our_times: list[float]) -> str:
+    """Round-by-round ratios (reference / ours, each round's two runs adjacent in time, so a
+    load that drifts over the run hits both alike): "median (min-max) over n rounds"."""
+    ratios = sorted(r / o for r, o in zip(ref_times, our_times))
+    return f"{statistics.median(ratios):.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f}) over {len(ratios)} rounds"
 
 
 def trainer_and_batches(preset: str, tok, pred, precision: str = "auto", compile: bool = False):

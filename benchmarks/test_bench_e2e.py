@@ -10,12 +10,14 @@ them for the official layout on a CPU, where compiling the 256 px decoder takes 
 ADDP_BENCH_ROUNDS sets the number of interleaved rounds.
 
 Rounds of ours and of the reference are interleaved and the medians compared, so load from
-other processes hits both alike. Times are wall-clock with the device synchronised; on a GPU
+other processes hits both alike; the ratios of the rounds' adjacent pairs (median, min-max)
+are printed beside it. Times are wall-clock with the device synchronised; on a GPU
 the training step also reports model FLOPs (torch.utils.flop_counter) and MFU against the
 bf16 dense peak of the GPU (ADDP_PEAK_TFLOPS overrides the table below).
 """
 import dataclasses
 import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -96,10 +98,11 @@ def test_bench_generation(benchmark, report_ratio, preset, compile, precision):
     benchmark.pedantic(ours(), rounds=1 if preset == "official" else 3, iterations=1,
                        warmup_rounds=0 if preset == "official" else 1)
     fns = [reference, ours()] + ([ours(cuda_graph=False)] if DEVICE.type == "cuda" else [])
-    times = P.interleaved_medians(fns, ROUNDS[preset][0])
+    rounds = P.interleaved_times(fns, ROUNDS[preset][0])
+    times = [statistics.median(ts) for ts in rounds]
     ref_s, our_s = times[:2]
     detail = (f"(reference {B / ref_s:.2f} img/s, ours {B / our_s:.2f} img/s, B={B} T={T}, {label}, "
-              f"{DEVICE.type}, {torch.get_num_threads()} threads)")
+              f"{DEVICE.type}, {torch.get_num_threads()} threads; paired {P.paired_ratio(*rounds[:2])})")
     benchmark.extra_info.update(reference_img_s=B / ref_s, ours_img_s=B / our_s, speedup=ref_s / our_s)
     report_ratio(f"generation {preset} {precision} ({'compiled' if compile else 'eager'})", ref_s / our_s, detail)
     if DEVICE.type == "cuda":
@@ -151,9 +154,10 @@ def test_bench_training_step(benchmark, report_ratio, preset, compile, precision
     benchmark.group = f"training step {preset} B={B} {label} {DEVICE.type}"
     benchmark.pedantic(ours, rounds=2 if preset == "official" else 5, iterations=1,
                        warmup_rounds=0 if preset == "official" else 1)
-    ref_s, our_s = P.interleaved_medians([reference, ours], ROUNDS[preset][1])
+    rounds = P.interleaved_times([reference, ours], ROUNDS[preset][1])
+    ref_s, our_s = (statistics.median(ts) for ts in rounds)
     detail = (f"(reference {B / ref_s:.2f} img/s, ours {B / our_s:.2f} img/s, B={B}, {label}, "
-              f"{DEVICE.type}, {torch.get_num_threads()} threads)")
+              f"{DEVICE.type}, {torch.get_num_threads()} threads; paired {P.paired_ratio(*rounds)})")
     if DEVICE.type == "cuda":
         flops = _step_flops(trainer, batches, preset)
         peak = peak_flops()
