@@ -189,10 +189,11 @@ class MlmHead(nn.Module):
         self.ln = nn.LayerNorm(embed_dim)
         self.bias = nn.Parameter(torch.zeros(1, 1, vocab_size))
 
-    def forward(self, x: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
-        """x: (B, N, in_dim), word_embeddings: (V, embed_dim) -> logits (B, N, V)."""
+    def forward(self, x: torch.Tensor, word_embeddings: torch.Tensor, vocab: int | None = None) -> torch.Tensor:
+        """x: (B, N, in_dim), word_embeddings: (V, embed_dim) -> logits (B, N, V), or the first
+        `vocab` of them only (the others are not computed)."""
         h = self.ln(F.gelu(self.fc(x)))
-        return h @ word_embeddings.detach().to(h.dtype).t() + self.bias
+        return h @ word_embeddings.detach()[:vocab].to(h.dtype).t() + self.bias[..., :vocab]
 
 
 def init_transformer_weights(module: nn.Module) -> None:

@@ -100,14 +100,17 @@ class MAGEPredictor(nn.Module):
         self.apply(init_transformer_weights)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor | None = None,
-                num_kept: int | None = None) -> torch.Tensor:
+                num_kept: int | None = None, all_logits: bool = False) -> torch.Tensor:
         """Codebook logits at every position.
 
         ids:  (B, L) int64 token ids; values at masked positions are ignored.
         mask: (B, L) bool, True where the token is unreliable (replaced by the mask token).
         drop: optional (B, L) bool, positions removed from the encoder input (MAGE training;
               drop implies mask); every row drops the same number, `L - num_kept`.
-        returns (B, L, K) logits over the K codebook entries.
+        all_logits: return the logits of the whole vocabulary (B, L, V): codebook, class labels
+              and mask token, as MAGE's training loss reads them (its label smoothing spreads
+              over all V entries).
+        returns (B, L, K) logits over the K codebook entries (only those are computed).
         """
         c = self.config
         B, L = ids.shape
@@ -128,8 +131,9 @@ class MAGEPredictor(nn.Module):
         x = torch.where(slot_mask[..., None], pad, x) + self.decoder_pos_embed_learned
         for blk in self.decoder_blocks:
             x = blk(x)
-        logits = self.mlm_layer(self.decoder_norm(x), self.token_emb.word_embeddings.weight)
-        return logits[:, 1:, : c.codebook_size]  # (B, L, K)
+        # norm and head are per position: the class slot is left out
+        return self.mlm_layer(self.decoder_norm(x[:, 1:]), self.token_emb.word_embeddings.weight,
+                              vocab=None if all_logits else c.codebook_size)
 
 
 def _kept_positions(drop: torch.Tensor, num_kept: int | None) -> torch.Tensor:

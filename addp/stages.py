@@ -79,7 +79,8 @@ def truncated_normal(mu, std, low, high, generator) -> float:
 
 
 def _predictor_loss(pred, ids, mask, drop, num_kept):
-    return hard_target_cross_entropy(pred(ids, mask, drop, num_kept), ids, mask, smoothing=0.1)
+    # over the whole vocabulary, as MAGE: the smoothing's share goes to class and mask logits too
+    return hard_target_cross_entropy(pred(ids, mask, drop, num_kept, all_logits=True), ids, mask, smoothing=0.1)
 
 
 class PredictorStage(Stage):

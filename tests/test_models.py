@@ -87,6 +87,37 @@ def test_predictor_drop_keeps_shapes_and_ignores_dropped_ids(small):
     assert torch.allclose(out, pred(ids, mask, drop=drop))  # num_kept inferred
 
 
+def test_predictor_computes_only_the_codebook_logits_unless_asked(small):
+    pred = small["mage_vit_small"]
+    ids = torch.randint(0, 256, (2, 64))
+    mask = torch.rand(2, 64) < 0.6
+    full = pred(ids, mask, all_logits=True)
+    assert full.shape == (2, 64, pred.config.vocab_size)
+    assert torch.allclose(pred(ids, mask), full[..., :256], atol=1e-5)
+
+
+def test_predictor_training_loss_smooths_over_the_whole_vocabulary(small):
+    """MAGE's loss: label smoothing 0.1 spread over all V logits (codebook, class labels and
+    mask token), mean over the masked positions."""
+    from addp.stages import PredictorStage
+    tok, pred = small["vqgan_small"], small["mage_vit_small"]
+    stage = PredictorStage(pred, tok)
+    inputs = stage.prepare(torch.rand(2, 3, 32, 32), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        loss = stage.loss_module(**inputs)
+        logits = pred(inputs["ids"], inputs["mask"], inputs["drop"], inputs["num_kept"], all_logits=True)
+
+    def official(logits):
+        logp = logits.log_softmax(-1)
+        nll = -logp.gather(-1, inputs["ids"][..., None])[..., 0]
+        per_pos = 0.9 * nll + 0.1 * -logp.mean(-1)
+        m = inputs["mask"].float()
+        return (per_pos * m).sum() / m.sum()
+
+    assert torch.allclose(loss, official(logits), rtol=1e-5)
+    assert not torch.allclose(loss, official(logits[..., :256]), rtol=1e-3)  # codebook-only smoothing
+
+
 def _official_token_input(net, ids, mask):
     """The official decoder's reliable-token input, by boolean indexing."""
     B = ids.shape[0]
