@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+import torch.fx.experimental._config as fx_config
 import torch.nn as nn
 from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
@@ -306,9 +307,10 @@ class Trainer:
             with autocast:
                 inputs = self.stage.prepare(images, self.generator, labels.to(dev, non_blocking=True))
             sync = micro == cfg.accum_steps - 1 or not self.dist.enabled
-            with self._no_sync(sync), autocast:
-                loss = self.step_module(**inputs) / cfg.accum_steps
-            self.scaler.scale(loss).backward()
+            with self._compile_shapes():
+                with self._no_sync(sync), autocast:
+                    loss = self.step_module(**inputs) / cfg.accum_steps
+                self.scaler.scale(loss).backward()
             step_loss += loss.detach()
             images_seen += images.shape[0]
         if cfg.clip_grad:
@@ -320,6 +322,15 @@ class Trainer:
         if self.ema:
             self.ema.update(self.model, step=self.step)
         return step_loss, images_seen, skipped
+
+    def _compile_shapes(self):
+        """Under --compile: the count of reliable tokens changes from step to step; after its
+        first change the step compiles one graph for every count, but by default that graph
+        excludes the counts 0 and 1: each would compile again the first time a batch draws it,
+        in the middle of a run. Size-oblivious shape reasoning keeps them in the general graph."""
+        if not self.cfg.compile:
+            return contextlib.nullcontext()
+        return fx_config.patch(backed_size_oblivious=True)
 
     def _no_sync(self, sync: bool):
         module = getattr(self.step_module, "_orig_mod", self.step_module)

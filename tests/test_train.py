@@ -98,6 +98,42 @@ def test_compiled_step_matches_eager(target):
     assert torch.allclose(grad, stage.model.patch_embed.proj.weight.grad, rtol=1e-3, atol=1e-6)
 
 
+
+class _FixedMaskStage(ADDPStage):
+    """Steps whose masks keep a chosen number of tokens reliable (a draw of the schedule
+    reaches 0 or 1 only rarely)."""
+    reliable = 0
+
+    def prepare(self, images, generator, labels=None):
+        inputs = super().prepare(images, generator, labels)
+        B, L = inputs["ids"].shape
+        keep = torch.rand(B, L, generator=generator).argsort(1).argsort(1) < self.reliable
+        return {**inputs, "mask": ~keep, "num_reliable": self.reliable}
+
+
+def test_compiled_training_compiles_once_for_every_count_of_reliable_tokens(tmp_path):
+    torch.manual_seed(0)
+    tok, pred = addp.create_model("vqgan_small"), addp.create_model("mage_vit_small")
+    stage = _FixedMaskStage(addp.create_model("addp_vit_small", depth=1, decoder_depth=1), tok, pred,
+                            target="hard")
+    stage.model.eval()  # no dropout: the eager loss is the compiled step's
+    trainer = Trainer(stage, TrainConfig(steps=8, batch_size=4, compile=True), tmp_path, DistInfo(), {"test": 1})
+    images = DigitsDataset("train").images[:4]
+    torch._dynamo.reset()
+    graphs = []
+    for reliable in (9, 6, 0, 1, 2, 13):
+        stage.reliable = reliable
+        with torch.no_grad():
+            inputs = stage.prepare(images, torch.Generator().manual_seed(reliable))
+            eager = stage.loss_module(**inputs)
+        trainer.generator.manual_seed(reliable)
+        loss, _, _ = trainer.train_step(iter([(images, torch.zeros(4), 0)]))
+        assert torch.allclose(loss, eager, rtol=1e-4, atol=1e-5), reliable
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    # the second count compiles the graph of every count: 0 and 1 compile nothing more
+    assert graphs[1] > graphs[0] and graphs[1:] == [graphs[1]] * 5, graphs
+
+
 def _write_folder(root: Path, n_good=6, n_bad=2):
     for c in ("a", "b"):
         (root / c).mkdir(parents=True)
