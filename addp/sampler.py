@@ -367,7 +367,9 @@ def _recorder(out: GenerationOutput, callback: Optional[StepCallback]) -> StepCa
 class _CompiledNet(nn.Module):
     """An ADDP network with a compiled pixel encoder and a compiled token decoder; the
     decoder's sequence length changes with the number of reliable tokens at every step, so
-    it is compiled for dynamic shapes (one graph for all steps)."""
+    it is compiled for dynamic shapes: one graph for the counts 2 to L - 1, and graphs of
+    their own for 0, 1 and L (torch.compile's default). The schedule fixes the counts, so all of
+    them compile in the first batch."""
 
     def __init__(self, net: nn.Module):
         super().__init__()

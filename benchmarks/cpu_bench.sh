@@ -5,7 +5,8 @@
 # a training step at the official layout; the CPU malloc settings vs glibc's defaults; then the
 # sampler and the training step vs the reference loop (small presets and the official layout),
 # in fp32 on both sides and at each side's device default (and, for training, ours in bf16);
-# last, each side at its defaults in processes of its own (malloc settings included). Raw logs
+# each side at its defaults in processes of its own (malloc settings included); last, the
+# compile time of the trainer's --compile step over counts of reliable tokens. Raw logs
 # and pytest-benchmark JSON go to benchmarks/results/cpu_bench-<date>*.
 # Usage: bash benchmarks/cpu_bench.sh
 set -uo pipefail
@@ -29,5 +30,6 @@ run env ADDP_BENCH_PRECISION=fp32,default python -m pytest -q -s -p no:cacheprov
 run env ADDP_BENCH_PRECISION=fp32,default,bf16-ours python -m pytest -q -s -p no:cacheprovider \
   benchmarks/test_bench_e2e.py -k training --benchmark-json="${LOG%.log}-e2e-training.json"
 run python -m pytest -q -s -p no:cacheprovider benchmarks/test_bench_defaults.py
+run python -m pytest -q -s -p no:cacheprovider benchmarks/test_bench_compile.py
 echo; echo "=== done, status $status, log $LOG"
 exit $status
