@@ -98,7 +98,6 @@ def test_compiled_step_matches_eager(target):
     assert torch.allclose(grad, stage.model.patch_embed.proj.weight.grad, rtol=1e-3, atol=1e-6)
 
 
-
 class _FixedMaskStage(ADDPStage):
     """Steps whose masks keep a chosen number of tokens reliable (a draw of the schedule
     reaches 0 or 1 only rarely)."""
