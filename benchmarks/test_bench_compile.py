@@ -4,7 +4,7 @@ default shape reasoning, which keeps the counts 0 and 1 out of its dynamic graph
 each again the first time a step draws it.
 
 Each side runs in processes of its own with inductor's caches off (a cached graph would hide
-its compile), alternating, ADDP_BENCH_ROUNDS per side (default 1). The steps keep COUNTS of
+its compile), alternating, ADDP_BENCH_ROUNDS per side (default 1). The steps keep `counts(L)` of
 the L tokens reliable: the first compiles a graph for its shapes, the second the dynamic one,
 then 0 and 1, then a count seen before. Prints the seconds of every step and the ratio of the
 totals: ``python -m pytest -s benchmarks/test_bench_compile.py`` (the small preset; the
@@ -42,8 +42,9 @@ def _steps(preset: str, side: str) -> dict:
     trainer, batches = P.trainer_and_batches(preset, tok, pred, compile=True)
     stage = trainer.stage
     prepare = stage.prepare
+    steps = counts(pred.config.seq_len)
     seconds = []
-    for reliable in counts(pred.config.seq_len):
+    for reliable in steps:
         def keep_reliable(images, generator, labels=None, reliable=reliable):
             inputs = prepare(images, generator, labels)
             B, L = inputs["ids"].shape
@@ -54,7 +55,7 @@ def _steps(preset: str, side: str) -> dict:
         trainer.train_step(batches)
         P.sync()
         seconds.append(time.perf_counter() - start)
-    return {"seconds": seconds}
+    return {"counts": steps, "L": pred.config.seq_len, "seconds": seconds}
 
 
 def _params():
@@ -68,17 +69,18 @@ def test_bench_compiled_training_steps(report_ratio, preset):
     runs = {side: [] for side in SIDES}
     for _ in range(ROUNDS):
         for side in SIDES:
-            runs[side].append(P.run_process(__file__, preset, side, env=NO_CACHE, timeout=3600)["seconds"])
+            run = P.run_process(__file__, preset, side, env=NO_CACHE, timeout=3600)
+            runs[side].append(run["seconds"])
     steps = [list(map(statistics.median, zip(*rs))) for rs in runs.values()]
-    L = P.build(preset)[2].config.seq_len
+    L, reliable = run["L"], run["counts"]
     print(f"\ncompiled training steps, {preset} layout, B={P.batch_size(preset)}, {P.DEVICE.type}, "
           f"{torch.get_num_threads()} threads, inductor caches off (median of {ROUNDS} processes, s)")
     print("| reliable tokens | " + " | ".join(SIDES) + " |\n|---|---|---|")
-    for i, count in enumerate(counts(L)):
+    for i, count in enumerate(reliable):
         print(f"| {count} of {L} | " + " | ".join(f"{s[i]:.1f}" for s in steps) + " |")
     totals = [sum(s) for s in steps]
     print("| all steps | " + " | ".join(f"{t:.1f}" for t in totals) + " |")
-    report_ratio(f"compiled training steps {preset}, counts {counts(L)}", totals[0] / totals[1],
+    report_ratio(f"compiled training steps {preset}, counts {reliable}", totals[0] / totals[1],
                  f"(torch default {totals[0]:.1f} s, ours {totals[1]:.1f} s)")
     # 0 and 1 compile nothing new for ours
     assert max(steps[1][2:]) < steps[1][1], steps[1]
