@@ -11,7 +11,7 @@ import torch
 import addp
 from addp import ops
 from addp.cli import ArgumentParser, run_command
-from addp.data import load_digits
+from addp.training.data import load_digits
 
 log = logging.getLogger("addp.smoke")
 

@@ -23,10 +23,10 @@ from typing import Callable
 
 import torch
 
-from .distributed import cleanup
+from .runtime.distributed import cleanup
 from .errors import AddpError
-from .files import check_output_file, check_output_folder
-from .precision import PRECISIONS
+from .runs.files import check_output_file, check_output_folder
+from .runtime.precision import PRECISIONS
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -263,7 +263,7 @@ def add_sampler_args(parser: ArgumentParser, prefix: str = "", defaults=None) ->
     """The sampler settings, as flags named `--{prefix}NAME`; after parsing,
     `args.sampler_config` holds the `SamplerConfig`: the defaults (or the --protocol's
     settings) with every flag given on the command line applied over them."""
-    from .sampler import SAMPLER_PROTOCOLS, SCHEDULES, TEMPERATURE_SCHEDULES, SamplerConfig
+    from .sampling import SAMPLER_PROTOCOLS, SCHEDULES, TEMPERATURE_SCHEDULES, SamplerConfig
     defaults = defaults or SamplerConfig()
     group = parser.add_argument_group("sampler")
     flag = f"--{prefix}"
@@ -311,5 +311,5 @@ def sampler_summary(args) -> dict:
 
 def load_pipeline(args):
     """The ADDPPipeline of --checkpoint (and --tokenizer) on --device."""
-    from .pipeline import ADDPPipeline
+    from .sampling.pipeline import ADDPPipeline
     return ADDPPipeline.from_pretrained(args.checkpoint, tokenizer=args.tokenizer, device=args.device)

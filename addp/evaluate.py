@@ -40,10 +40,10 @@ from PIL import Image
 
 from .cli import ArgumentParser, device, existing_file, output_file, positive_int, run_command
 from .errors import AddpError
-from .files import atomic_write
-from .images import read_rgb
-from .npz_stream import NpzImageReader
-from .reference_stats import (ReferenceStats, cache_key, default_cache_dir, files_identity, is_stats_file,
+from .runs.files import atomic_write
+from .runs.images import read_rgb
+from .runs.npz_stream import NpzImageReader
+from .evaluation.reference_stats import (ReferenceStats, cache_key, default_cache_dir, files_identity, is_stats_file,
                               load_stats, save_stats)
 
 METRICS = ("fid", "isc", "kid", "prc")
@@ -151,7 +151,7 @@ def open_images(source, size=None, preprocess: str | None = None) -> torch.utils
     if isinstance(source, torch.Tensor):
         return ImagesDataset(source)
     if source == "digits":
-        from .data import load_digits
+        from .training.data import load_digits
         return ImagesDataset((load_digits("heldout")[0] * 255).round().to(torch.uint8))
     path = Path(source)
     if not path.exists():
@@ -245,8 +245,8 @@ def register_classifier(model: nn.Module) -> str:
 
 
 def load_classifier(path) -> nn.Module:
-    from . import classifier  # noqa: F401  (registers the classifier model kind)
-    from .checkpoint import load_checkpoint
+    from .models import classifier  # noqa: F401  (registers the classifier model kind)
+    from .models.checkpoint import load_checkpoint
     return load_checkpoint(path, "classifier").eval()
 
 

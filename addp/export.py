@@ -32,12 +32,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import CheckpointError, load_components
-from .classifier import (GLOBAL_POOLS, ClassifierConfig, CNNClassifier, build_classifier, encoder_state_from_addp,
+from .models.checkpoint import CheckpointError, load_components
+from .models.classifier import (GLOBAL_POOLS, ClassifierConfig, CNNClassifier, build_classifier, encoder_state_from_addp,
                          load_encoder_state, resample_pos_embed)
 from .cli import ArgumentParser, existing_path, output_file, positive_int, run_command
 from .errors import AddpError
-from .files import atomic_write
+from .runs.files import atomic_write
 
 FORMATS = ("timm", "torch-export", "onnx")
 CHECK_TOLERANCE = 1e-4  # largest |exported - eager| accepted before writing a program

@@ -30,22 +30,23 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import Lars, param_groups_layer_decay
 from torch.utils.data import DataLoader, Dataset
 
-from . import recipes, registry
-from .checkpoint import CheckpointError, load_components, save_checkpoint
-from .classifier import (GLOBAL_POOLS, CNNClassifier, ClassifierConfig, build_classifier,
+from .training import recipes
+from .models import registry
+from .models.checkpoint import CheckpointError, load_components, save_checkpoint
+from .models.classifier import (GLOBAL_POOLS, CNNClassifier, ClassifierConfig, build_classifier,
                          classifier_config_for, encoder_state_from_addp, load_encoder_state,
                          resample_pos_embed)
-from .data import DigitsDataset, ImageFolderDataset, _sample_seed, default_workers, make_loader
-from .distributed import init_distributed
-from .model import IMAGENET_MEAN, IMAGENET_STD
+from .training.data import DigitsDataset, ImageFolderDataset, _sample_seed, default_workers, make_loader
+from .runtime.distributed import init_distributed
+from .models.addp import IMAGENET_MEAN, IMAGENET_STD
 from .cli import (RESUMABLE, ArgumentParser, device, existing_file, existing_path, fraction, integer,
                   non_negative_float, non_negative_int, number, output_folder, positive_float, positive_int,
                   probability, random_seed, run_command)
 from .errors import AddpError
-from .files import atomic_write, remove_stale_temp_files, write_json
-from .precision import PRECISIONS
-from .run_folder import sha256_file
-from .trainer import Stage, TrainConfig, Trainer, identity_of
+from .runs.files import atomic_write, remove_stale_temp_files, write_json
+from .runtime.precision import PRECISIONS
+from .runs.records import sha256_file
+from .training.trainer import Stage, TrainConfig, Trainer, identity_of
 
 PROBE_OPTIMIZERS = ("lars", "sgd")
 log = logging.getLogger("addp.finetune")  # a fixed name: run as `python -m`, __name__ is "__main__"

@@ -27,14 +27,14 @@ from PIL import Image
 
 from .cli import (ArgumentParser, add_checkpoint_args, add_runtime_args, add_sampler_args, output_folder,
                   positive_int, run_command, sampler_options, sampler_summary)
-from .distributed import DistInfo, init_distributed
+from .runtime.distributed import DistInfo, init_distributed
 from .errors import AddpError
-from .files import atomic_write
-from .folder_lock import FolderLock
-from .npz_stream import NpzImageWriter
-from .pipeline import ADDPPipeline, to_uint8
-from .precision import autocast, resolve_precision
-from .registry import build_model
+from .runs.files import atomic_write
+from .runs.lock import FolderLock
+from .runs.npz_stream import NpzImageWriter
+from .sampling.pipeline import ADDPPipeline, to_uint8
+from .runtime.precision import autocast, resolve_precision
+from .models.registry import build_model
 
 GRID_IMAGES = 64
 RECORD = "generate.json"

@@ -23,9 +23,9 @@ from PIL import Image
 from .cli import (ArgumentParser, add_checkpoint_args, add_runtime_args, add_sampler_args, existing_file,
                   load_pipeline, number, output_file, run_command, sampler_options, sampler_summary)
 from .errors import AddpError
-from .files import atomic_write, check_output_file
-from .pipeline import mask_tensor, open_image, resize_images, to_uint8
-from .precision import autocast
+from .runs.files import atomic_write, check_output_file
+from .sampling.pipeline import mask_tensor, open_image, resize_images, to_uint8
+from .runtime.precision import autocast
 
 HOLE_GREY = 128  # how the hole is shown in the side-by-side's input panel
 GAP = 2  # pixels between the two panels of the side-by-side

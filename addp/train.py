@@ -19,23 +19,25 @@ from pathlib import Path
 
 import torch
 
-from . import ops, recipes, registry
-from .checkpoint import load_checkpoint, save_checkpoint
+from . import ops
+from .training import recipes
+from .models import registry
+from .models.checkpoint import load_checkpoint, save_checkpoint
 from .cli import (RESUMABLE, ArgumentParser, add_sampler_args, device, existing_file, fraction, integer,
                   non_negative_float, non_negative_int, number, output_folder, positive_float, positive_int,
                   random_seed, run_command)
-from .data import default_workers
-from .diffusion import CONDITIONS, MAPPINGS, MASKINGS, DiffusionConfig
-from .distributed import barrier, init_distributed
+from .training.data import default_workers
+from .training.diffusion import CONDITIONS, MAPPINGS, MASKINGS, DiffusionConfig
+from .runtime.distributed import barrier, init_distributed
 from .errors import AddpError
-from .files import atomic_write, write_json
-from .loss import TARGETS
-from .model import TOKEN_INPUTS, check_tokenizer_fits
-from .precision import PRECISIONS
-from .run_folder import check_inputs, clean_run_folder, compare_output, sha256_file, write_record
-from .sampler import SamplerConfig
-from .stages import ADDPStage, PredictorStage, TokenizerStage, masked_token_accuracy, reconstruction_psnr
-from .trainer import TrainConfig, Trainer, identity_of
+from .runs.files import atomic_write, write_json
+from .training.loss import TARGETS
+from .models.addp import TOKEN_INPUTS, check_tokenizer_fits
+from .runtime.precision import PRECISIONS
+from .runs.records import check_inputs, clean_run_folder, compare_output, sha256_file, write_record
+from .sampling import SamplerConfig
+from .training.stages import ADDPStage, PredictorStage, TokenizerStage, masked_token_accuracy, reconstruction_psnr
+from .training.trainer import TrainConfig, Trainer, identity_of
 
 STAGES = ("tokenizer", "predictor", "addp")
 log = logging.getLogger("addp.train")  # a fixed name: run as `python -m`, __name__ is "__main__"
@@ -151,7 +153,7 @@ def family_presets(model: str) -> tuple[str, str]:
 
 
 def build_dataset(args, image_size: int):
-    from .data import DigitsDataset, ImageFolderDataset, training_folder
+    from .training.data import DigitsDataset, ImageFolderDataset, training_folder
     if args.data_path:
         folder, line = training_folder(args.data_path)
         if line:
@@ -209,7 +211,7 @@ def stage_identity(args, name: str, model_config, inputs: dict, dist) -> dict:
 
 def run_stage(stage, args, dist, dataset, identity: dict) -> dict:
     """Train one stage in output/<stage>/ (resuming if a matching checkpoint is there)."""
-    from .data import make_loader
+    from .training.data import make_loader
     cfg = train_config(args, stage.name, args.schedule)
     out = Path(args.output_dir) / stage.name
     trainer = Trainer(stage, cfg, out, dist, identity)
@@ -367,7 +369,7 @@ def predictor_for(args, dist, dataset, tokenizer, tok_sha: str, diffusion, prese
 
 
 def heldout_images(args, net_config) -> torch.Tensor:
-    from .data import ImageFolderDataset, load_digits
+    from .training.data import ImageFolderDataset, load_digits
     if not args.data_path:
         return load_digits("heldout", net_config.image_size)[0]
     root = Path(args.data_path)
@@ -379,7 +381,7 @@ def heldout_images(args, net_config) -> torch.Tensor:
 def write_samples(net, tokenizer, n: int, path: Path, seed: int, config: SamplerConfig) -> Path:
     from torchvision.utils import save_image
 
-    from .sampler import generate
+    from .sampling import generate
     images = generate(net.to("cpu"), tokenizer.to("cpu"), n, config, generator=torch.Generator().manual_seed(seed))
     return atomic_write(path, lambda tmp: save_image(images, tmp, nrow=int(n ** 0.5), format="png"))
 

@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from . import sampler as S
+from . import sampling as S
 from .cli import (ArgumentParser, add_checkpoint_args, add_runtime_args, add_sampler_args, load_pipeline,
                   output_file, positive_int, run_command, sampler_summary)
-from .files import atomic_write
-from .pipeline import to_uint8
-from .precision import autocast
+from .runs.files import atomic_write
+from .sampling.pipeline import to_uint8
+from .runtime.precision import autocast
 
 MIN_TILE = 64  # default --scale: the smallest integer making a tile at least this many pixels
 MARGIN = 4  # around the figure

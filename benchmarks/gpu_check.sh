@@ -3,8 +3,8 @@
 # cut short still reports them; each step has its own time limit and the last one gets what is
 # left of ADDP_GPU_BUDGET_S (default 570 s), so the whole run takes under ten minutes:
 #   1. builds addp._C with the CUDA sources (pip, no build isolation, no deps);
-#   2. parity tests: Triton kernels on CUDA (tests/test_kernels_triton.py), the CUDA C++
-#      unmasking kernel (tests/test_ops_unmask.py), the CPU ops, the CUDA-graph sampler
+#   2. parity tests: Triton kernels on CUDA (tests/ops/test_kernels_triton.py), the CUDA C++
+#      unmasking kernel (tests/ops/test_ops_unmask.py), the CPU ops, the CUDA-graph sampler
 #      (graph replay == eager, bitwise) and the attention backends;
 #   3. end to end, eager, at the official layout (ADDP ViT-B/16 + MAGE VQGAN + MAGE ViT-B,
 #      256 px, 16x16 tokens), bf16 on both sides, batch 64, 20 steps: generation (CUDA graph vs
@@ -38,9 +38,9 @@ ADDP_BUILD_CUDA="${ADDP_BUILD_CUDA:-1}" timeout 150 "$PY" -m pip install --no-bu
 "$PY" -c "import addp.ops as o; print('compiled ops loaded:', o.has_compiled_ops())" || status=1
 
 step "parity tests (Triton and CUDA on the GPU, CPU kernels)"
-timeout 100 "$PY" -m pytest -q tests/test_kernels_triton.py tests/test_ops.py tests/test_ops_unmask.py \
-  tests/test_ops_loss.py || status=1
-timeout 60 "$PY" -m pytest -q -rs tests/test_cuda_graph.py tests/test_models.py -k "graph or attention" || status=1
+timeout 100 "$PY" -m pytest -q tests/ops/test_kernels_triton.py tests/ops/test_ops.py tests/ops/test_ops_unmask.py \
+  tests/ops/test_ops_loss.py || status=1
+timeout 60 "$PY" -m pytest -q -rs tests/sampling/test_cuda_graph.py tests/models/test_models.py -k "graph or attention" || status=1
 
 step "end to end, eager: ADDP ViT-B/16 256 px, bf16, B=64, T=20 vs the reference loop"
 ADDP_BENCH_PRESET=base ADDP_BENCH_PRECISION=bf16 timeout 120 "$PY" -m pytest -q -s benchmarks/test_bench_e2e.py -k "not compile" \

@@ -12,7 +12,7 @@ Precision modes (``precisions()``):
   bf16      both sides under bf16 autocast
   default   each side at its default for the device: the reference at the official code's
             (fp32 on a CPU, where its torch.cuda.amp.autocast does nothing; fp16 autocast on a
-            GPU), ours at ``--precision auto`` (addp.precision.resolve_precision; for training
+            GPU), ours at ``--precision auto`` (addp.runtime.precision.resolve_precision; for training
             that is fp32 on a CPU)
   bf16-ours the reference at its default, ours under bf16 autocast (``--precision bf16``):
             the training step on a CPU with native bf16, where training's ``auto`` stays fp32
@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 
 import addp
-from addp.precision import autocast_dtype, resolve_precision
-from addp.tuning import tune_for_device
+from addp.runtime.precision import autocast_dtype, resolve_precision
+from addp.runtime.tuning import tune_for_device
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 tune_for_device(DEVICE)  # as the CLIs: cuDNN autotuning (as the official scripts), CPU malloc settings
@@ -132,9 +132,9 @@ def paired_ratio(ref_times: list[float], our_times: list[float]) -> str:
 def trainer_and_batches(preset: str, tok, pred, precision: str = "auto", compile: bool = False):
     """(Trainer of a fresh ADDP network of ``preset``, an endless iterator of one random image
     batch) for timing ``trainer.train_step(batches)``."""
-    from addp.distributed import DistInfo
-    from addp.stages import ADDPStage
-    from addp.trainer import TrainConfig, Trainer
+    from addp.runtime.distributed import DistInfo
+    from addp.training.stages import ADDPStage
+    from addp.training.trainer import TrainConfig, Trainer
     B = batch_size(preset)
     size = tok.config.stride * int(pred.config.seq_len ** 0.5)
     images = torch.rand(B, 3, size, size, device=DEVICE)

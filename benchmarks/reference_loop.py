@@ -31,8 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from addp.diffusion import DiffusionConfig, MaskSchedule
-from addp.layers import attention_backend, dropout_backend
+from addp.training.diffusion import DiffusionConfig, MaskSchedule
+from addp.models.layers import attention_backend, dropout_backend
 
 
 def _sync(device: torch.device) -> None:

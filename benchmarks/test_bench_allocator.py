@@ -1,4 +1,4 @@
-"""The CPU malloc settings (``addp.tuning.keep_freed_memory``) against glibc's defaults, at the
+"""The CPU malloc settings (``addp.runtime.tuning.keep_freed_memory``) against glibc's defaults, at the
 official layout: a generation step (our default precision for the device) and a training step
 (``Trainer.train_step``, our default: fp32 on a CPU), each time in its own process (malloc's
 settings belong to a process), the two settings alternating process by process. Prints ms and
@@ -26,8 +26,8 @@ STEPS = {"generation": 8, "training": 4}
 
 
 def _generation(preset: str) -> dict:
-    from addp.precision import autocast
-    from addp.sampler import SamplerConfig, sample_batch
+    from addp.runtime.precision import autocast
+    from addp.sampling import SamplerConfig, sample_batch
     net, tok, _ = P.build(preset)
     config = SamplerConfig(steps=STEPS["generation"])
     with torch.no_grad(), autocast("auto", P.DEVICE):
@@ -54,7 +54,7 @@ def _worker(kind: str, system: bool) -> dict:
 @pytest.mark.skipif(P.DEVICE.type != "cpu", reason="the malloc settings are CPU-only")
 @pytest.mark.parametrize("kind", ["generation", "training"])
 def test_bench_malloc_settings(report_ratio, kind):
-    from addp.tuning import _glibc
+    from addp.runtime.tuning import _glibc
     if _glibc() is None:
         pytest.skip("the malloc settings apply to glibc only")
     preset = P.presets()[-1]
@@ -68,7 +68,7 @@ def test_bench_malloc_settings(report_ratio, kind):
     print(f"\n{kind} step, {preset} layout, B={P.batch_size(preset)}, cpu, {torch.get_num_threads()} threads "
           f"(median of {ROUNDS} processes per setting)")
     print("| malloc | ms / step (range) | page faults / step | peak RSS MiB |\n|---|---|---|---|")
-    for system, label in ((True, "glibc defaults (ADDP_MALLOC=system)"), (False, "addp.tuning settings")):
+    for system, label in ((True, "glibc defaults (ADDP_MALLOC=system)"), (False, "addp.runtime.tuning settings")):
         spread = [r["seconds"] * 1e3 for r in runs[system]]
         print(f"| {label} | {ms[system]:.1f} ({min(spread):.1f}-{max(spread):.1f}) | {faults[system]:,.0f} "
               f"| {peak[system]:.0f} |")

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from addp import ops
-from addp.stages import ADDPStage
+from addp.training.stages import ADDPStage
 
 sys.path.insert(0, str(Path(__file__).parent))
 import presets as P  # noqa: E402

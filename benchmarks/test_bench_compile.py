@@ -35,7 +35,7 @@ def counts(L: int) -> list[int]:
 
 
 def _steps(preset: str, side: str) -> dict:
-    from addp.trainer import Trainer
+    from addp.training.trainer import Trainer
     if side == "torch default":
         Trainer._compile_shapes = lambda self: contextlib.nullcontext()
     _, tok, pred = P.build(preset)

@@ -1,5 +1,5 @@
 """Each side at its own defaults on a CPU, each run in its own process: ours as the commands
-run it (``addp.tuning``'s malloc settings; generation at ``--precision auto``, bf16 where the
+run it (``addp.runtime.tuning``'s malloc settings; generation at ``--precision auto``, bf16 where the
 CPU has it natively; the training step at ``--precision bf16`` where bf16 is native, as the
 ``bf16-ours`` mode of test_bench_e2e.py, else at its ``auto``, fp32), against the official-style loop (benchmarks/reference_loop.py) as the
 official code runs on a CPU (glibc's malloc defaults, ``ADDP_MALLOC=system``; fp32, which its
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from addp.precision import native_bf16
+from addp.runtime.precision import native_bf16
 
 sys.path.insert(0, str(Path(__file__).parent))
 import presets as P  # noqa: E402
@@ -36,8 +36,8 @@ WARMUP = {"generation": 1, "training": 1, "training-compiled": 5}  # compiled: s
 
 def _generation(side: str) -> dict:
     import reference_loop as R
-    from addp import sampler as S
-    from addp.precision import autocast
+    from addp import sampling as S
+    from addp.runtime.precision import autocast
     net, tok, _ = P.build(PRESET)
     B = P.batch_size(PRESET)
     if side == "reference":

@@ -25,10 +25,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from addp import sampler as S
-from addp.distributed import DistInfo
-from addp.stages import ADDPStage
-from addp.trainer import Trainer, TrainConfig
+from addp import sampling as S
+from addp.runtime.distributed import DistInfo
+from addp.training.stages import ADDPStage
+from addp.training.trainer import Trainer, TrainConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
 import presets as P  # noqa: E402

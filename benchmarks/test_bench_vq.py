@@ -4,7 +4,7 @@ official layout (MAGE's VQGAN architecture, 256 px, 16x16 tokens; ch=32 and batc
 ch=128 and batch 64 on a GPU). ``python -m pytest -s benchmarks/test_bench_vq.py`` prints
 the table; ADDP_BENCH_COMPILE=1 adds torch.compile as the sampler and the trainer's frozen
 passes run it (inductor fuses GroupNorm + SiLU + the residual add; on a CPU the weights are
-frozen into the graph and packed for oneDNN, addp.frozen) on a CPU, where compiling takes
+frozen into the graph and packed for oneDNN, addp.runtime.frozen) on a CPU, where compiling takes
 minutes.
 
 Variants:
@@ -19,9 +19,9 @@ Variants:
                        2x2 convs of the low-resolution input (4/9 of the multiply-adds, no
                        upsampled tensor) and interleaved: `upsample_conv` below
   plain bf16           the reference decoder under bf16 autocast (the bf16 variants run where
-                       bf16 is native: addp.precision.native_bf16)
+                       bf16 is native: addp.runtime.precision.native_bf16)
   channels-last bf16   addp's decoder under bf16 autocast
-  compiled [bf16]      addp.frozen.compile_frozen of addp's decoder (frozen weights on a CPU)
+  compiled [bf16]      addp.runtime.frozen.compile_frozen of addp's decoder (frozen weights on a CPU)
   ..., torch GN+SiLU   the same with torch's GroupNorm then SiLU in place of the fused
                        addp.ops.group_norm_silu (compiled: inductor fuses the two itself)
 """
@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 
 import addp
-import addp.tokenizer as T
+import addp.models.tokenizer as T
 from addp.ops import winograd_conv
-from addp.frozen import compile_frozen
-from addp.precision import native_bf16
+from addp.runtime.frozen import compile_frozen
+from addp.runtime.precision import native_bf16
 
 sys.path.insert(0, str(Path(__file__).parent))
 import presets as P  # noqa: E402

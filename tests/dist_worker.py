@@ -6,10 +6,10 @@ from pathlib import Path
 import torch
 
 import addp
-from addp.data import DigitsDataset, StepBatchSampler, make_loader
-from addp.distributed import cleanup, init_distributed
-from addp.stages import ADDPStage
-from addp.trainer import TrainConfig, Trainer
+from addp.training.data import DigitsDataset, StepBatchSampler, make_loader
+from addp.runtime.distributed import cleanup, init_distributed
+from addp.training.stages import ADDPStage
+from addp.training.trainer import TrainConfig, Trainer
 
 out = Path(sys.argv[1])
 dist = init_distributed("cpu")

@@ -55,7 +55,7 @@ torch.library.register_autograd(f"addp::{OP}", _backward, setup_context=_setup_c
 
 
 def soft_target_cross_entropy_reference(logits, target, mask, smoothing=0.1):
-    """Definition (``addp.loss.soft_target_cross_entropy``): logits (B, L, V), target (B, L, K<=V)
+    """Definition (``addp.training.loss.soft_target_cross_entropy``): logits (B, L, V), target (B, L, K<=V)
     probabilities, mask (B, L) bool -> scalar
 
         mean over mask of  -(1 - eps) sum_k q_k log p_k - eps mean_v log p_v,  p = softmax(logits)

@@ -1,0 +1,1 @@
+"""Scoring generated images: FID / IS / KID / precision-recall and the reference statistics."""

@@ -1,0 +1,121 @@
+"""Where `from_pretrained` finds weights: a local file, a local folder, or a Hugging Face Hub repo.
+
+    resolve("addp.safetensors")                                 # a local file
+    resolve("out/pipe")                                          # a save_pretrained folder
+    resolve("Changyao/ADDP", filename="addp-vit-base-16.pth")    # one file of a Hub repo
+    resolve("org/addp-digits")                                   # a save_pretrained folder on the Hub
+    pipeline_models("Changyao/ADDP", filename="addp-vit-base-16.pth")   # (ADDP network, VQ tokenizer)
+
+Hub files go through huggingface_hub's own cache (`HF_HUB_CACHE` / `HF_HOME`), so
+`HF_HUB_OFFLINE=1` and a pre-filled cache work as they do for every Hub library. A file that
+is neither here nor on the Hub is one `CheckpointError` line naming the repo and the file.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch.nn as nn
+
+from .checkpoint import MODEL_INDEX, CheckpointError, load_checkpoint, load_components
+from .addp import check_tokenizer_fits
+
+# A Hub repo id: "name" or "owner/name" (letters, digits, "-", "_", "."); a local path that
+# does not exist but looks like one is looked up on the Hub.
+_REPO_ID = re.compile(r"^(?:\w[\w.-]*/)?\w[\w.-]*$")
+_WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
+# The files of a save_pretrained folder; a snapshot without `filename` fetches only these.
+_FOLDER_FILES = [MODEL_INDEX, "*/config.json", "*/model.safetensors"]
+
+
+def resolve(name_or_path: str | os.PathLike, filename: str | None = None, revision: str | None = None,
+            cache_dir: str | os.PathLike | None = None, local_files_only: bool = False) -> Path:
+    """The local file or folder that `name_or_path` (and `filename` inside it) names.
+
+    A local path wins over a Hub repo of the same name. For a Hub repo, `filename` picks one
+    file (e.g. the official ``addp-vit-base-16.pth``); without it the repo must hold a
+    save_pretrained folder (``model_index.json``). `revision` is a branch, tag or commit.
+    """
+    local = Path(name_or_path)
+    if local.exists():
+        if filename is None:
+            return local
+        if not local.is_dir():
+            raise CheckpointError(f"{local} is a file; filename={filename!r} needs a folder or a Hub repo")
+        if not (local / filename).exists():
+            raise CheckpointError(f"checkpoint not found: {local / filename}")
+        return local / filename
+    repo = str(name_or_path)
+    if repo.endswith(_WEIGHT_SUFFIXES) or not _REPO_ID.match(repo) or ".." in repo:
+        raise CheckpointError(f"checkpoint not found: {repo}")
+    return _from_hub(repo, filename, revision, cache_dir, local_files_only)
+
+
+def _from_hub(repo: str, filename, revision, cache_dir, local_files_only) -> Path:
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    what = f"{filename} from the Hub repo {repo}" if filename else f"the Hub repo {repo}"
+    at = f" at revision {revision}" if revision else ""
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # its warning on an unreachable Hub repeats what the error below says
+    try:
+        if filename is not None:
+            return Path(huggingface_hub.hf_hub_download(repo, filename, revision=revision, cache_dir=cache_dir,
+                                                        local_files_only=local_files_only))
+        folder = Path(huggingface_hub.snapshot_download(repo, revision=revision, cache_dir=cache_dir,
+                                                        allow_patterns=_FOLDER_FILES,
+                                                        local_files_only=local_files_only))
+    except errors.LocalEntryNotFoundError:
+        offline = " (HF_HUB_OFFLINE is set)" if huggingface_hub.constants.HF_HUB_OFFLINE else ""
+        raise CheckpointError(f"cannot get {what}{at}: it is not in the Hub cache and the Hub cannot be "
+                              f"reached{offline}") from None
+    except errors.RepositoryNotFoundError:
+        raise CheckpointError(f"cannot get {what}{at}: no such repo (or it is private), and no local path "
+                              f"of that name") from None
+    except errors.RevisionNotFoundError:
+        raise CheckpointError(f"cannot get {what}: no revision {revision}") from None
+    except errors.EntryNotFoundError:
+        raise CheckpointError(f"cannot get {what}{at}: the repo has no such file") from None
+    except (errors.HfHubHTTPError, errors.HFValidationError, OSError, ValueError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"cannot get {what}{at}: {reason}") from None
+    finally:
+        hub_log.setLevel(level)
+    if not (folder / MODEL_INDEX).exists():
+        raise CheckpointError(f"the Hub repo {repo}{at} holds no {MODEL_INDEX}; pass filename= to load one "
+                              "of its files (e.g. filename='addp-vit-base-16.pth')")
+    return folder
+
+
+def pipeline_models(name_or_path: str | os.PathLike, filename: str | None = None, revision: str | None = None,
+                    tokenizer: nn.Module | str | os.PathLike | None = None, **hub_kwargs) -> tuple[nn.Module, nn.Module]:
+    """The ADDP network and VQ tokenizer a generation pipeline needs (`ADDPPipeline.from_pretrained`).
+
+    name_or_path: what `resolve` takes, or a folder holding ``addp.safetensors`` (and
+        ``tokenizer.safetensors`` when the first has no tokenizer).
+    tokenizer: a VQTokenizer or anything `load_checkpoint` takes (e.g. the path of
+        ``vqgan_jax_strongaug.ckpt``); needed when the checkpoint holds no tokenizer.
+    """
+    source, local = name_or_path, Path(name_or_path)
+    if filename is None and local.is_dir() and not (local / MODEL_INDEX).exists():
+        source = local / "addp.safetensors"
+        if not source.exists():
+            raise CheckpointError(f"{local} holds neither {MODEL_INDEX} nor addp.safetensors")
+        if tokenizer is None and (local / "tokenizer.safetensors").exists():
+            tokenizer = local / "tokenizer.safetensors"
+    models = load_components(source, filename, revision, **hub_kwargs)
+    where = f"{source}/{filename}" if filename else str(source)
+    if "addp" not in models:
+        raise CheckpointError(f"{where} holds no ADDP network (it holds: {', '.join(models)})")
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_checkpoint(tokenizer, "tokenizer")
+    tokenizer = tokenizer if tokenizer is not None else models.get("tokenizer")
+    if tokenizer is None:
+        raise CheckpointError(f"{where} holds no VQ tokenizer; pass tokenizer=<a VQGAN checkpoint, "
+                              "e.g. vqgan_jax_strongaug.ckpt>")
+    check_tokenizer_fits(models["addp"].config, tokenizer.config)
+    return models["addp"], tokenizer

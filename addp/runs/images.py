@@ -1,0 +1,80 @@
+"""Reading image files: the one decoder behind training folders and single inputs.
+
+`open_image(path)` returns a fully loaded 8-bit PIL image (its mode as decoded for 8-bit
+files). Files that would make the reader unsafe or wrong are handled here once:
+- decompression bombs (more pixels than `PIL.Image.MAX_IMAGE_PIXELS`, about 89.5 M) are
+  refused before any pixel is decoded;
+- 16-bit integer (`I;16*`, `I`) and float (`F`) images are scaled to 8 bits from their own
+  range (65535 and 1.0), where `convert("RGB")` would clip them to white or black;
+- any other decoding failure (truncated, corrupt, not an image) becomes one `UnreadableImage`.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+from PIL import Image
+
+from ..errors import AddpError
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+class UnreadableImage(AddpError):
+    pass
+
+
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """The image at `path`, decoded and scaled to 8 bits per channel; raises `UnreadableImage`."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                scaled = to_8bit(im, path)
+                return im.copy() if scaled is im else scaled
+    except FileNotFoundError:
+        raise UnreadableImage(f"image not found: {path}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise UnreadableImage(f"{path} is refused as a possible decompression bomb ({_first_line(e)})") from None
+    except UnreadableImage:
+        raise
+    except Exception as e:  # PIL's plugins raise OSError, ValueError, SyntaxError, struct.error, ...
+        raise UnreadableImage(f"{path} is not a readable image ({_first_line(e)})") from None
+
+
+def to_8bit(im: Image.Image, source="image") -> Image.Image:
+    """`im` in 8 bits: high bit-depth grey images rescaled to a new "L" image, others returned as they are."""
+    if im.mode in SIXTEEN_BIT_MODES:
+        return _grey(np.asarray(im, dtype=np.float64) / 65535)
+    if im.mode == "I":
+        arr = np.asarray(im, dtype=np.int64)
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise UnreadableImage(f"{source}: 32-bit integer pixels outside 0..65535 have no known scale")
+        return _grey(arr / 65535)
+    if im.mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        if not np.isfinite(arr).all():
+            raise UnreadableImage(f"{source}: float pixels hold NaN or Inf")
+        return _grey(arr)  # float images are in [0, 1]; values outside are clipped
+    return im
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """An 8-bit RGB version of any PIL image (high bit-depth modes rescaled first)."""
+    im = to_8bit(im)
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def read_rgb(path: str | os.PathLike) -> Image.Image:
+    return to_rgb(open_image(path))
+
+
+def _grey(unit: np.ndarray) -> Image.Image:
+    return Image.fromarray((np.clip(unit, 0, 1) * 255).round().astype(np.uint8))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__

@@ -1,0 +1,116 @@
+"""torchrun, srun (SLURM) or single-process set-up: NCCL on GPUs, gloo on CPUs; rank 0 writes."""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..errors import AddpError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def _int_env(env, name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError:
+        raise AddpError(f"{name}={env[name]!r} in the environment is not an integer") from None
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: "gpu[03-05,9],cpu1" -> "gpu03"."""
+    head = re.match(r"([^,\[]*)(\[([^\]]*)\])?", nodelist.strip())
+    prefix, ranges = head.group(1), head.group(3)
+    if not prefix and not ranges:
+        raise AddpError(f"cannot read a host from the SLURM node list {nodelist!r}")
+    return prefix + (ranges.split(",")[0].split("-")[0] if ranges else "")
+
+
+def launch_env(env=None) -> tuple[int, int, int]:
+    """(rank, world size, local rank) of this process, from torchrun's environment (RANK,
+    WORLD_SIZE, LOCAL_RANK) or, without it, SLURM's (SLURM_PROCID, SLURM_NTASKS,
+    SLURM_LOCALID; rendezvous at MASTER_ADDR or the first node, MASTER_PORT or a port drawn
+    from the job id), which it exports for torch.distributed. A contradictory environment
+    is an AddpError."""
+    env = os.environ if env is None else env
+    slurm = "SLURM_PROCID" in env and ("SLURM_STEP_NUM_TASKS" in env or "SLURM_NTASKS" in env)
+    if "WORLD_SIZE" in env:
+        world = _int_env(env, "WORLD_SIZE")
+        rank = _int_env(env, "RANK") if "RANK" in env else 0
+        local = _int_env(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0
+        if slurm:  # torchrun inside srun: one torchrun agent per SLURM task
+            tasks = _int_env(env, "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS")
+            if world < tasks or world % tasks:
+                raise AddpError(f"torchrun's WORLD_SIZE={world} and SLURM's {tasks} tasks disagree "
+                                "(launch with srun alone, or one torchrun per SLURM task)")
+        source = "WORLD_SIZE"
+    elif slurm:
+        tasks_var = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS"
+        world, rank = _int_env(env, tasks_var), _int_env(env, "SLURM_PROCID")
+        local = _int_env(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
+        source = tasks_var
+        if world > 1:
+            if "MASTER_ADDR" not in env:
+                nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_NODELIST") or env.get("SLURM_JOB_NODELIST")
+                if not nodes:
+                    raise AddpError("SLURM gives no node list (SLURM_NODELIST) and MASTER_ADDR is not set")
+                env["MASTER_ADDR"] = first_host(nodes)
+            job = int(env["SLURM_JOB_ID"]) if env.get("SLURM_JOB_ID", "").isdigit() else 0
+            env.setdefault("MASTER_PORT", str(20000 + job % 20000))
+            env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
+    else:
+        return 0, 1, 0
+    if world < 1 or not 0 <= rank < world or local < 0:
+        raise AddpError(f"rank {rank} does not fit a world of {world} processes ({source}); "
+                        "the launch environment is contradictory")
+    return rank, world, local
+
+
+def init_distributed(device: str | None = None) -> DistInfo:
+    """Join the process group of a torchrun or srun launch (see `launch_env`); a single
+    process otherwise. NCCL on GPUs, gloo on CPUs."""
+    rank, world, local = launch_env()
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
+    return DistInfo(rank, world, local, dev)
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,351 @@
+"""`ADDPPipeline`: unconditional generation, inpainting, outpainting and uncropping.
+
+    pipe = ADDPPipeline.from_pretrained("addp.safetensors")       # ADDP network + VQ tokenizer
+    images = pipe(num_images=16, generator=torch.Generator().manual_seed(0)).images   # 16 PIL images
+    filled = pipe.inpaint(image, mask_image)                        # mask True / white = hole
+
+The call follows diffusers' pipelines (``num_inference_steps``, ``generator``, ``output_type``,
+``return_dict``, ``callback_on_step_end``, ``pipe.to(device, dtype)``); docs/generation.md
+describes it.
+
+Inpainting follows the paper (App. E): the hole is filled with the mean of the visible
+pixels and the image is encoded to tokens; tokens whose token cell touches the hole are
+unreliable, the others are kept as reliable tokens for the whole run. The alternating
+process starts at the schedule step whose mask ratio matches the unreliable fraction
+(``addp.sampling.Schedule.start_step``) and runs the sampler's loop (``addp.sampling.denoise``) to the
+end; the result is blended into the input by the pixel mask, so known pixels come back
+unchanged, bit for bit.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+from .accelerate import clear_cache
+from .config import Generators, SamplerConfig, sampler_config
+from .driver import generate
+from .schedule import Schedule
+from .step import StepCallback, check_generators, check_models, denoise, eval_mode
+from ..models import hub
+from ..models.checkpoint import save_pretrained
+from ..runs.images import open_image, to_8bit, to_rgb
+from ..errors import AddpError
+
+ImageLike = Union[Image.Image, torch.Tensor, str, os.PathLike]
+
+
+# --------------------------------------------------------------------------- image conversion
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [0, 1] -> B RGB PIL images (rounded to uint8)."""
+    arr = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(..., H, W) in [0, 1] -> uint8 in [0, 255], rounded to nearest."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def _image_tensor(image: ImageLike) -> tuple[torch.Tensor, bool]:
+    """An image (PIL, path, (3, H, W) or (B, 3, H, W) tensor in [0, 1]) -> ((B, 3, H, W) float, was_pil)."""
+    if isinstance(image, (str, os.PathLike)):
+        image = open_image(image)
+    if isinstance(image, Image.Image):
+        arr = np.asarray(to_rgb(image), dtype=np.uint8)
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1)[None].float() / 255, True
+    if not isinstance(image, torch.Tensor):
+        raise AddpError(f"image must be a PIL image, a path or a tensor, got {type(image).__name__}")
+    x = image[None] if image.dim() == 3 else image
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise AddpError(f"image tensor must be (3, H, W) or (B, 3, H, W), got {tuple(image.shape)}")
+    if x.dtype == torch.uint8:
+        return x.float() / 255, False
+    return x.float(), False
+
+
+def mask_tensor(mask) -> torch.Tensor:
+    """A mask (PIL, path, (H, W) / (1, H, W) / (B, 1, H, W) tensor) -> (1 or B, 1, H, W) bool, True = hole."""
+    if isinstance(mask, (str, os.PathLike)):
+        mask = open_image(mask)
+    if isinstance(mask, Image.Image):
+        m = torch.from_numpy(np.asarray(to_8bit(mask).convert("L"), dtype=np.uint8).copy()) >= 128
+    elif isinstance(mask, torch.Tensor):
+        m = mask if mask.dtype == torch.bool else mask.float() >= 0.5
+    else:
+        raise AddpError(f"mask must be a PIL image, a path or a tensor, got {type(mask).__name__}")
+    while m.dim() < 4:
+        m = m[None]
+    if m.shape[1] != 1:
+        raise AddpError(f"mask must have one channel, got shape {tuple(mask.shape)}")
+    return m
+
+
+def _like(out: torch.Tensor, image, was_pil: bool):
+    """(B, 3, H, W) in [0, 1] -> the kind of ``image``: PIL (a list when B > 1), or a tensor of
+    its rank and dtype (uint8 stays uint8)."""
+    if was_pil:
+        return to_pil(out)[0] if out.shape[0] == 1 else to_pil(out)
+    if image.dtype == torch.uint8:
+        out = to_uint8(out)
+    return out[0] if image.dim() == 3 else out
+
+
+def resize_images(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+# --------------------------------------------------------------------------- pipeline
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+@dataclass
+class ADDPPipelineOutput:
+    """What ``ADDPPipeline.__call__`` returns (diffusers' ``ImagePipelineOutput``).
+
+    images: N PIL images ("pil"), an (N, H, W, 3) float32 array in [0, 1] ("np"), or an
+        (N, 3, H, W) float tensor in [0, 1] on the model's device ("pt").
+    ``output[0]`` and ``output["images"]`` are ``output.images`` too.
+    """
+
+    images: Union[list[Image.Image], np.ndarray, torch.Tensor]
+
+    def to_tuple(self) -> tuple:
+        return (self.images,)
+
+    def __getitem__(self, key):
+        return self.to_tuple()[key] if isinstance(key, int) else getattr(self, key)
+
+
+def as_output_type(images: torch.Tensor, output_type: str):
+    """(N, 3, H, W) in [0, 1] -> the images as ``output_type`` ("pil" | "np" | "pt") gives them."""
+    if output_type == "pil":
+        return to_pil(images)
+    if output_type == "np":
+        return images.float().permute(0, 2, 3, 1).cpu().numpy()
+    return images.float()
+
+
+def _check_output_type(output_type: str) -> None:
+    if output_type not in OUTPUT_TYPES:
+        raise AddpError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+
+
+class ADDPPipeline:
+    """An ADDP network and its VQ tokenizer, ready to generate and edit images."""
+
+    def __init__(self, net: nn.Module, tokenizer: nn.Module):
+        check_models(net, tokenizer)
+        self.net, self.tokenizer = net.eval(), tokenizer.eval()
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_path, filename: Optional[str] = None, revision: Optional[str] = None,
+                        tokenizer=None, device=None, **hub_kwargs) -> "ADDPPipeline":
+        """Load from a save_pretrained folder, our .safetensors (addp + tokenizer), an official
+        addp-vit-*.pth, or a Hub repo id: ``from_pretrained("Changyao/ADDP",
+        filename="addp-vit-base-16.pth")`` (see `addp.models.hub.pipeline_models`).
+
+        tokenizer: a VQTokenizer or a VQGAN checkpoint (ours or vqgan_jax_strongaug.ckpt);
+            needed when the checkpoint holds no tokenizer.
+        device: where to run; default cuda when available, else cpu.
+        hub_kwargs: cache_dir, local_files_only (huggingface_hub's).
+        """
+        net, tok = hub.pipeline_models(name_or_path, filename, revision, tokenizer, **hub_kwargs)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return cls(net.to(device), tok.to(device))
+
+    def save_pretrained(self, folder) -> Path:
+        """Write ``folder/model_index.json``, ``folder/addp/`` and ``folder/tokenizer/`` (each a
+        ``config.json`` + ``model.safetensors``), atomically; `from_pretrained` reads it back."""
+        return save_pretrained(folder, {"addp": self.net, "tokenizer": self.tokenizer}, type(self).__name__)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.net.parameters()).dtype
+
+    @property
+    def image_size(self) -> int:
+        return self.net.config.image_size
+
+    def to(self, *args, device=None, dtype=None) -> "ADDPPipeline":
+        """Move and/or cast both networks: ``pipe.to("cuda")``, ``pipe.to("cuda", torch.bfloat16)``,
+        ``pipe.to(dtype=torch.bfloat16)``. Returns the pipeline."""
+        for arg in args:
+            if isinstance(arg, torch.dtype):
+                dtype = arg
+            else:
+                device = arg
+        for module in (self.net, self.tokenizer):
+            module.to(device=device, dtype=dtype)
+        clear_cache(self.net)  # compiled parts and CUDA graphs read the old parameters
+        return self
+
+    def _step_callback(self, callback_on_step_end) -> Optional[StepCallback]:
+        """diffusers' ``callback_on_step_end(pipe, step, timestep, callback_kwargs)`` as a sampler step callback."""
+        if callback_on_step_end is None:
+            return None
+        return lambda i, step, state: callback_on_step_end(self, i, step.timestep, state)
+
+    # -- unconditional generation ---------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, num_images: int = 16, num_inference_steps: Optional[int] = None,
+                 generator: Generators = None, output_type: str = "pil", return_dict: bool = True,
+                 callback_on_step_end: Optional[Callable] = None, *, protocol: Optional[str] = None,
+                 schedule: Optional[str] = None, temperature: Optional[float] = None,
+                 temperature_schedule: Optional[str] = None, top_p: Optional[float] = None,
+                 parity: Optional[bool] = None, batch_size: Optional[int] = None, progress: bool = False,
+                 cuda_graph: Optional[bool] = None, compile: bool = False):
+        """Generate ``num_images`` images.
+
+        Args:
+            num_inference_steps: denoising steps T (default 20, or the protocol's).
+            generator: a torch.Generator on any device (the noise is drawn there and moved to
+                the model's), a list of ``num_images`` of them (image i has the tokens, and
+                up to the float rounding of batched kernels the pixels, of
+                ``pipe(1, generator=generators[i])``), or None (torch's global RNG).
+            output_type: "pil" (a list of PIL images), "np" ((N, H, W, 3) float32 array) or
+                "pt" ((N, 3, H, W) float tensor on the model's device), values in [0, 1].
+            return_dict: True returns an ``ADDPPipelineOutput`` (``.images``), False the
+                tuple ``(images,)``.
+            callback_on_step_end: ``f(pipe, step, timestep, callback_kwargs)`` after every
+                step (step counts from 0, timestep counts down to 0 at the last step);
+                ``callback_kwargs`` holds the step's "image" (B, 3, H, W), "ids" (B, L) and
+                "mask" (B, L, True = unreliable); returning a dict replaces any of them for
+                the next step (a mask must keep its number of unreliable positions per row).
+            protocol: a named official setting of ``addp.sampling.SAMPLER_PROTOCOLS``
+                ("paper-steps20", "paper-steps256" = the paper's FID protocol).
+            schedule, temperature, temperature_schedule, top_p, parity: sampler options
+                (``addp.sampling.SamplerConfig``); those given replace the protocol's.
+            batch_size: images per forward pass (default: all at once); the callback sees
+                each batch's steps in turn.
+            progress, cuda_graph, compile: as ``addp.sampling.generate`` (on a GPU each batch
+                replays a captured CUDA graph unless a callback or a list of generators
+                needs the eager loop).
+        """
+        _check_output_type(output_type)
+        images = generate(self.net, self.tokenizer, num_images, generator=generator, batch_size=batch_size,
+                            progress=progress, cuda_graph=cuda_graph, compile=compile,
+                            callback=self._step_callback(callback_on_step_end), protocol=protocol,
+                            steps=num_inference_steps, schedule=schedule, temperature=temperature,
+                            temperature_schedule=temperature_schedule, top_p=top_p, parity=parity)
+        images = as_output_type(images, output_type)
+        return ADDPPipelineOutput(images) if return_dict else (images,)
+
+    # -- inpainting -----------------------------------------------------------------------
+    @torch.no_grad()
+    def inpaint(self, image: ImageLike, mask_image, num_inference_steps: Optional[int] = None,
+                generator: Generators = None, callback_on_step_end: Optional[Callable] = None, *,
+                protocol: Optional[str] = None, schedule: Optional[str] = None,
+                temperature: Optional[float] = None, temperature_schedule: Optional[str] = None,
+                top_p: Optional[float] = None, parity: Optional[bool] = None):
+        """Fill the hole of ``image`` (``mask_image`` True / white) and return the image, of the
+        same kind and size as the input (PIL for PIL or a path, a tensor for a tensor); pixels
+        outside the hole are returned unchanged.
+
+        Images of another size than the model's are resized to it for the model and the
+        result is resized back before blending. One mask for every image of a batch; a list
+        of generators holds one per image. The other arguments are those of ``__call__``.
+        """
+        config = sampler_config(protocol=protocol, steps=num_inference_steps, schedule=schedule,
+                                  temperature=temperature, temperature_schedule=temperature_schedule,
+                                  top_p=top_p, parity=parity)
+        x, was_pil = _image_tensor(image)
+        hole = mask_tensor(mask_image)
+        if tuple(hole.shape[-2:]) != tuple(x.shape[-2:]):
+            raise AddpError(f"mask size {tuple(hole.shape[-2:])} differs from image size {tuple(x.shape[-2:])}")
+        if hole.shape[0] not in (1, x.shape[0]) or (hole.shape[0] > 1 and not (hole == hole[:1]).all()):
+            raise AddpError("inpaint takes one mask for every image of a batch")
+        hole = hole[:1]
+        if not hole.any():
+            raise AddpError("the mask is all black: there is no hole to fill")
+        if hole.all():
+            raise AddpError("the mask is all white: no pixel is known (use the pipeline's __call__ to generate)")
+        check_generators(generator, x.shape[0])
+        filled = self._inpaint_model_size(x.to(self.device), hole.to(self.device), config, generator,
+                                          self._step_callback(callback_on_step_end))
+        out = torch.where(hole.to(self.device), filled, x.to(self.device))  # known pixels: the input, exactly
+        return _like(out, image, was_pil)
+
+    def _inpaint_model_size(self, x, hole, config, generator, callback) -> torch.Tensor:
+        """(B, 3, H, W), hole (1, 1, H, W) -> generated images (B, 3, H, W), not yet blended."""
+        size = (self.image_size, self.image_size)
+        H, W = x.shape[-2:]
+        xs = resize_images(x, size)
+        # resized: a model pixel is in the hole when it overlaps any hole pixel
+        holes = hole if (H, W) == size else F.adaptive_max_pool2d(hole.float(), size) > 0
+        images = self.fill(xs, holes.expand(x.shape[0], -1, -1, -1), config, generator, callback)
+        return resize_images(images.float(), (H, W))
+
+    def fill(self, x: torch.Tensor, hole: torch.Tensor, config: SamplerConfig = SamplerConfig(),
+             generator: Generators = None, callback: Optional[StepCallback] = None) -> torch.Tensor:
+        """The alternating process from a partly known image, at the model size.
+
+        x (B, 3, S, S) in [0, 1]; hole (B, 1, S, S) bool, the same in every row.
+        Returns the generated images (B, 3, S, S) (not blended). ``callback``: see ``addp.sampling.denoise``.
+        """
+        with eval_mode(self.net, self.tokenizer):
+            visible = (~hole).float()
+            mean = (x * visible).sum((2, 3), keepdim=True) / visible.sum((2, 3), keepdim=True).clamp_min(1)
+            x = torch.where(hole, mean.expand_as(x), x)  # (B, 3, S, S): the hole holds the visible mean
+            ids = self.tokenizer.encode(x.to(self.tokenizer.codebook.dtype))  # (B, L)
+            cell = self.image_size // self.net.config.grid_size
+            mask = F.max_pool2d(hole.float(), cell).flatten(1) > 0  # (B, L): token cells touching the hole
+            steps = Schedule(config, self.net.config.num_patches).plan(unreliable=int(mask[0].sum()))
+            x = self.tokenizer.decode_ids(ids).clamp(0, 1)  # (B, 3, S, S): the decoded starting image
+            x, _, _ = denoise(self.net, self.tokenizer, x, ids, mask, steps, config.top_p, generator, callback)
+        return x
+
+    # -- outpainting / uncropping ---------------------------------------------------------
+    @torch.no_grad()
+    def outpaint(self, image: ImageLike, left: int = 0, right: int = 0, top: int = 0, bottom: int = 0, **kwargs):
+        """Grow the canvas by the margins (pixels) and generate the new border.
+
+        The canvas is grown by the margins rounded up to the token stride, filled, and cropped
+        so the output is exactly (H + top + bottom, W + left + right). ``kwargs`` go to ``inpaint``.
+        """
+        margins = (left, right, top, bottom)
+        if any(not isinstance(m, int) or m < 0 for m in margins):
+            raise AddpError(f"margins must be integers >= 0, got left={left} right={right} top={top} bottom={bottom}")
+        if not any(margins):
+            raise AddpError("outpaint needs at least one margin > 0")
+        x, was_pil = _image_tensor(image)
+        stride = self.image_size // self.net.config.grid_size
+        l, r, t, b = (-(-m // stride) * stride for m in margins)
+        H, W = x.shape[-2:]
+        canvas = F.pad(x, (l, r, t, b), value=0.0)
+        hole = torch.ones(1, 1, H + t + b, W + l + r, dtype=torch.bool)
+        hole[..., t:t + H, l:l + W] = False
+        out = self.inpaint(canvas, hole, **kwargs)  # (B, 3, H', W')
+        return _like(out[..., t - top:t + H + bottom, l - left:l + W + right], image, was_pil)
+
+    @torch.no_grad()
+    def uncrop(self, image: ImageLike, scale: float = 2.0, **kwargs):
+        """Centre ``image`` in a canvas ``scale`` times larger, at the model size, and fill the
+        rest. Returns a model-size image (PIL for PIL input, else a tensor)."""
+        if not (isinstance(scale, (int, float)) and scale > 1):
+            raise AddpError(f"scale must be a number > 1, got {scale!r}")
+        x, was_pil = _image_tensor(image)
+        size = self.image_size
+        H, W = x.shape[-2:]
+        fit = size / scale / max(H, W)  # the image's longer side takes 1/scale of the canvas
+        h, w = max(1, round(H * fit)), max(1, round(W * fit))
+        t, l = (size - h) // 2, (size - w) // 2
+        canvas = torch.zeros(x.shape[0], 3, size, size)
+        canvas[..., t:t + h, l:l + w] = resize_images(x, (h, w))
+        hole = torch.ones(1, 1, size, size, dtype=torch.bool)
+        hole[..., t:t + h, l:l + w] = False
+        return _like(self.inpaint(canvas, hole, **kwargs), image, was_pil)
