@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import AddpError
 from ..runs.files import atomic_write
-from .registry import build_model, config_from_dict, preset_config
+from .registry import vit_size, build_model, config_from_dict, preset_config
 
 FORMAT_VERSION = "1"
 COMPONENTS = ("addp", "classifier", "predictor", "tokenizer")  # the first one present is "the" model
@@ -149,7 +149,7 @@ def official_config(kind: str, state: dict[str, torch.Tensor]):
         return preset_config("vqgan_mage", codebook_size=state["quantize.embedding.weight"].shape[0],
                              embed_dim=state["quantize.embedding.weight"].shape[1])
     width = state["blocks.0.norm1.weight"].shape[0]
-    size = "large" if width == 1024 else "base"
+    size = vit_size(width) or "base"
     if kind == "predictor":
         dec = state["decoder_embed.weight"].shape[0]
         return preset_config(f"mage_vit_{size}_patch16", embed_dim=width, depth=_count(state, "blocks."),

@@ -106,3 +106,12 @@ def config_from_dict(data: dict):
         raise AddpError(f"checkpoint config has unknown fields {', '.join(unknown)}")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
     return config_cls(**values)
+
+
+# the paper's ViT sizes by width (ViT-B/16: 768, ViT-L/16: 1024)
+VIT_SIZES = {768: "base", 1024: "large"}
+
+
+def vit_size(width: int) -> str | None:
+    """"base" or "large" for the paper's ViT widths, else None."""
+    return VIT_SIZES.get(width)

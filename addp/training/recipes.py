@@ -66,6 +66,17 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
 )}
 
 
+OFFICIAL_FINETUNE_RECIPES = {"base": "finetune_vit_base_100ep", "large": "finetune_vit_large_50ep"}
+
+
+def official_finetune(size: str | None) -> dict:
+    """The official fine-tuning layer decay, blr and warm-up of a ViT size ("base" / "large"); {} for others."""
+    if size not in OFFICIAL_FINETUNE_RECIPES:
+        return {}
+    settings = RECIPES[OFFICIAL_FINETUNE_RECIPES[size]].settings
+    return {k: float(settings[k]) if k == "warmup_epochs" else settings[k] for k in ("layer_decay", "blr", "warmup_epochs")}
+
+
 def names(command: str) -> list[str]:
     return sorted(n for n, r in RECIPES.items() if r.command == command)
 

@@ -30,7 +30,10 @@ def device_noise(device: torch.device, generator: torch.Generator, cache: dict) 
     return cache[dev].manual_seed(seed)
 
 
-class _Objective(nn.Module):
+class Objective(nn.Module):
+    """A model and its loss as one module: ``forward(**inputs)`` is ``fn(model, **inputs)``, what
+    the Trainer calls (and compiles) each step."""
+
     def __init__(self, model: nn.Module, fn):
         super().__init__()
         self.model, self.fn = model, fn
@@ -50,7 +53,7 @@ class TokenizerStage(Stage):
 
     def __init__(self, tokenizer: nn.Module):
         self.model = tokenizer
-        self.loss_module = _Objective(tokenizer, _tokenizer_loss)
+        self.loss_module = Objective(tokenizer, _tokenizer_loss)
 
     def prepare(self, images, generator, labels=None):
         return {"images": images}
@@ -88,7 +91,7 @@ class PredictorStage(Stage):
 
     def __init__(self, predictor: nn.Module, tokenizer: nn.Module, diffusion: DiffusionConfig = DiffusionConfig()):
         self.model, self.tokenizer, self.cfg = predictor, tokenizer.eval().requires_grad_(False), diffusion
-        self.loss_module = _Objective(predictor, _predictor_loss)
+        self.loss_module = Objective(predictor, _predictor_loss)
         self._generators: dict = {}
 
     @torch.no_grad()
@@ -136,7 +139,7 @@ class ADDPStage(Stage):
                  diffusion: DiffusionConfig = DiffusionConfig(), target: str = "soft"):
         self.model = net
         self.process = DiffusionProcess(tokenizer, predictor, diffusion)
-        self.loss_module = _Objective(net, lambda m, **kw: _addp_loss(m, kind=target, **kw))
+        self.loss_module = Objective(net, lambda m, **kw: _addp_loss(m, kind=target, **kw))
         self._generators: dict = {}
 
     def compile(self) -> None:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import addp
+from addp.training import finetune_data, finetuning
 from addp import finetune
 from addp.models.classifier import encoder_state_from_addp, load_encoder_state
 
@@ -29,7 +30,7 @@ def small_addp_file(tmp_path) -> Path:
 
 def test_layer_decay_groups_give_each_block_its_scale():
     model = addp.create_model("vit_small_cls")  # depth 4
-    groups = finetune.ClassifierStage(model, 10, layer_decay=0.5).param_groups(0.05)
+    groups = finetuning.ClassifierStage(model, 10, layer_decay=0.5).param_groups(0.05)
     scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
     decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
     depth = 4
@@ -47,7 +48,7 @@ def test_layer_decay_groups_give_each_block_its_scale():
 
 def test_mixup_cutmix_targets_sum_to_one_and_repeat_per_generator():
     model = addp.create_model("vit_small_cls")
-    stage = finetune.ClassifierStage(model, 10, mixup=0.8, cutmix=1.0, smoothing=0.1)
+    stage = finetuning.ClassifierStage(model, 10, mixup=0.8, cutmix=1.0, smoothing=0.1)
     images, labels = torch.rand(8, 3, 32, 32), torch.arange(8)
     np_state = np.random.get_state()[1].copy()
     a = stage.prepare(images, torch.Generator().manual_seed(3), labels=labels)
@@ -62,7 +63,7 @@ def test_mixup_cutmix_targets_sum_to_one_and_repeat_per_generator():
 
 def test_labels_per_class_takes_exactly_n_of_each():
     args = args_for(Path("/nonexistent"), "--labels-per-class", "3")
-    train, _, _ = finetune.build_datasets(args, 32)
+    train, _, _ = finetune_data.build_datasets(args, 32)
     labels = [int(train[i][1]) for i in range(len(train))]
     assert sorted(labels) == sorted(list(range(10)) * 3)
 
@@ -103,7 +104,7 @@ def test_official_layout_converts_and_finetunes_one_step():
                                "addp-vit-base-16.pth")
     assert model.pos_embed.shape == (1, 17, 768)
     assert torch.equal(model.blocks[11].attn.qkv.weight, state["blocks.11.attn.qkv.weight"])
-    stage = finetune.ClassifierStage(model, 10, mixup=0.8, cutmix=1.0)
+    stage = finetuning.ClassifierStage(model, 10, mixup=0.8, cutmix=1.0)
     optimizer = stage.make_optimizer(stage.param_groups(0.05), lr=1e-3)
     before = model.head.weight.clone()
     inputs = stage.prepare(torch.rand(4, 3, 64, 64), torch.Generator().manual_seed(0), labels=torch.arange(4))

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import addp
+from addp.training import finetune_data, finetuning
 from addp import finetune, train
 from addp.training import recipes
 from addp.training.diffusion import DiffusionConfig, DiffusionProcess
@@ -56,7 +57,7 @@ def test_pretraining_recipe_is_the_official_script(name, capsys):
 @pytest.mark.parametrize("name", sorted(FINETUNE))
 def test_finetune_recipe_is_the_official_script(name):
     args = finetune.parse_args(["--recipe", name])
-    finetune.resolve_recipe(args, lambda text: None)
+    finetuning.resolve_recipe(args, lambda text: None)
     recipes.split_global_batch(args, 8, args.explicit)
     for key, value in {**FINETUNE[name], **FINETUNE_COMMON}.items():
         assert getattr(args, key) == value, key
@@ -73,10 +74,10 @@ def package_log_on_stderr():
 
 def test_linear_probe_recipe_is_crop_and_flip_only():
     args = finetune.parse_args(["--recipe", "linear_probe_vit"])
-    finetune.resolve_recipe(args, lambda text: None)
+    finetuning.resolve_recipe(args, lambda text: None)
     assert args.linear_probe and args.probe_optimizer == "lars"
     assert (args.aa, args.reprob, args.mixup, args.cutmix) == ("", 0.0, 0.0, 0.0)
-    transform = finetune.SeededTimmTransform(32, args.aa, args.reprob, probe=True).transform
+    transform = finetune_data.SeededTimmTransform(32, args.aa, args.reprob, probe=True).transform
     kinds = [type(t).__name__ for t in transform.transforms]
     assert kinds[:2] == ["RandomResizedCropAndInterpolation", "RandomHorizontalFlip"]
     assert not any("Augment" in k or "Jitter" in k or "Erasing" in k for k in kinds)
@@ -106,7 +107,7 @@ def test_explicit_flags_win_over_the_recipe():
 def test_plain_vit_defaults_are_the_official_ones_and_the_demo_keeps_its_own():
     def resolved(model, *extra):
         args = finetune.parse_args(["--data-path", "/imagenet", *extra])
-        finetune.resolve_defaults(args, addp.models.registry.preset_config(model))
+        finetuning.resolve_defaults(args, addp.models.registry.preset_config(model))
         return args
     base, large = resolved("vit_base_patch16_cls"), resolved("vit_large_patch16_cls")
     assert (base.layer_decay, base.blr, base.drop_path, base.warmup_epochs) == (0.65, 1e-3, 0.1, 20)
@@ -114,7 +115,7 @@ def test_plain_vit_defaults_are_the_official_ones_and_the_demo_keeps_its_own():
     probe = resolved("vit_base_patch16_cls", "--linear-probe")
     assert (probe.aa, probe.reprob, probe.blr) == ("", 0.0, 0.1)
     demo = finetune.parse_args([])
-    finetune.resolve_defaults(demo, addp.models.registry.preset_config("vit_small_cls"))
+    finetuning.resolve_defaults(demo, addp.models.registry.preset_config("vit_small_cls"))
     assert (demo.layer_decay, demo.blr, demo.drop_path, demo.warmup_epochs) == (0.75, 1e-2, 0.1, None)
     pre = train.parse_args(["--model", "addp_vit_base_patch16", "--steps", "20000"])
     sched = train.schedule(pre, 10_000, 1)  # 312 micro-batches of 32 per epoch
@@ -192,8 +193,8 @@ def test_official_layout_finetune_loads(tmp_path):
     ckpt = small_addp_file(tmp_path)
     net = addp.load_checkpoint(ckpt)
     args = finetune_args(tmp_path / "ft", "--finetune", str(ckpt), "--official-layout", "--steps", "2")
-    finetune.resolve_defaults(args, finetune.build_classifier_for(args))
-    model = finetune.build_classifier_for(args, num_classes=10)
+    finetuning.resolve_defaults(args, finetuning.build_classifier_for(args))
+    model = finetuning.build_classifier_for(args, num_classes=10)
     state = model.state_dict()
     assert "norm_pre.weight" not in state and not model.config.pre_norm
     assert torch.equal(state["patch_embed.proj.bias"], net.patch_embed.proj.bias)
