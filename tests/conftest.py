@@ -1,10 +1,17 @@
 """Shared fixtures and helpers of the tests (import helpers with ``from conftest import ...``)."""
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
+import addp
 from addp.ops import has_compiled_ops
+
+# Commands the tests start in subprocesses (`python -m addp...`, torchrun workers) import the same
+# copy of the package as this process, whatever their working folder and however it was installed.
+_PACKAGE_ROOT = str(Path(addp.__file__).resolve().parents[1])
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p)
 
 
 @pytest.fixture
