@@ -14,7 +14,6 @@ disk; rank 0 holds the folder's lock and writes the grid, samples.npz and the su
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 import sys
@@ -29,7 +28,7 @@ from .cli import (ArgumentParser, add_checkpoint_args, add_runtime_args, add_sam
                   positive_int, run_command, sampler_options, sampler_summary)
 from .runtime.distributed import DistInfo, init_distributed
 from .errors import AddpError
-from .runs.files import atomic_write
+from .runs.files import atomic_write, sha256_file
 from .runs.lock import FolderLock
 from .runs.npz_stream import NpzImageWriter
 from .sampling.pipeline import ADDPPipeline, to_uint8
@@ -76,14 +75,6 @@ def batch_range(b: int, batch_size: int, num_images: int) -> range:
 
 
 # --------------------------------------------------------------------------- the folder (rank 0)
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def checkpoint_hashes(checkpoint: str, tokenizer: str | None) -> dict:
     """SHA-256 of the files the networks are loaded from (a folder: its addp.safetensors and
     tokenizer.safetensors), so a checkpoint replaced at the same path is another setting."""

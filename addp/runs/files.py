@@ -2,6 +2,8 @@
 before any work starts (they create nothing)."""
 from __future__ import annotations
 
+import hashlib
+
 import json
 import math
 import os
@@ -106,3 +108,9 @@ def _check_creatable(folder: Path) -> None:
         raise AddpError(f"cannot write to output folder {folder}: {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise AddpError(f"cannot write to output folder {folder}: {existing} is not writable")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (hex), read in chunks."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

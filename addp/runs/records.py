@@ -8,19 +8,12 @@ See docs/run-folders.md.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 
-from .files import atomic_write, remove_stale_temp_files
+from .files import atomic_write, sha256_file, remove_stale_temp_files
 
 RECORD = "output.json"
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def differing_keys(a: dict, b: dict) -> list[str]:

@@ -10,6 +10,7 @@ pytest.importorskip("torch_fidelity")
 
 import addp  # noqa: E402
 from addp import evaluate as E  # noqa: E402
+from addp.evaluation import features as EF, images as EI  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -20,7 +21,6 @@ def private_cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def classifier_path(tmp_path_factory):
-    from addp import classifier  # noqa: F401  (registers the classifier presets)
     torch.manual_seed(0)
     model = addp.create_model("vit_small_cls", depth=1)
     path = tmp_path_factory.mktemp("clf") / "classifier.safetensors"
@@ -40,7 +40,7 @@ def write_folder(folder, images):
 def folders(tmp_path_factory):
     d = tmp_path_factory.mktemp("imgs")
     rng = np.random.default_rng(0)
-    digits = (E.load_images("digits")[:40].permute(0, 2, 3, 1).numpy())
+    digits = (EI.load_images("digits")[:40].permute(0, 2, 3, 1).numpy())
     noise = rng.integers(0, 256, size=(40, 32, 32, 3), dtype=np.uint8)
     return write_folder(d / "a", digits), write_folder(d / "a2", digits), write_folder(d / "b", noise)
 
@@ -60,10 +60,10 @@ def test_fid_zero_for_identical_positive_for_different(folders, classifier_path,
 
 def test_npz_and_digits_inputs(folders, tmp_path):
     a, _, _ = folders
-    arr = E.load_images(str(a)).permute(0, 2, 3, 1).numpy()
+    arr = EI.load_images(str(a)).permute(0, 2, 3, 1).numpy()
     np.savez(tmp_path / "s.npz", arr_0=arr)
-    assert torch.equal(E.load_images(str(tmp_path / "s.npz")), E.load_images(str(a)))
-    digits = E.load_images("digits")
+    assert torch.equal(EI.load_images(str(tmp_path / "s.npz")), EI.load_images(str(a)))
+    digits = EI.load_images("digits")
     assert digits.shape == (359, 3, 32, 32) and digits.dtype == torch.uint8
 
 
@@ -125,8 +125,8 @@ def test_metrics_match_torch_fidelity_on_the_same_images(folders, classifier_pat
     ours, _ = evaluate_json(capsys, "--samples", b, "--reference", a, "--feature-extractor", classifier_path,
                             "--metrics", "fid,kid,prc,isc", "--no-stats-cache")
     theirs = torch_fidelity.calculate_metrics(
-        input1=E.ImagesDataset(E.load_images(str(b))), input2=E.ImagesDataset(E.load_images(str(a))),
-        feature_extractor=E.register_classifier(E.load_classifier(classifier_path)), cuda=False, verbose=False,
+        input1=EI.ImagesDataset(EI.load_images(str(b))), input2=EI.ImagesDataset(EI.load_images(str(a))),
+        feature_extractor=EF.register_classifier(EF.load_classifier(classifier_path)), cuda=False, verbose=False,
         fid=True, kid=True, prc=True, isc=True, kid_subset_size=40, isc_splits=10, save_cpu_ram=True)
     for k, v in theirs.items():
         assert ours[k] == pytest.approx(float(v), rel=1e-6, abs=1e-9), k
@@ -137,8 +137,8 @@ def test_features_equal_torch_fidelity_loop(folders, classifier_path, batch_size
     """Our preallocated feature loop gives what torch-fidelity's per-batch loop gives,
     partial last batch included."""
     from torch_fidelity.utils import get_featuresdict_from_dataset
-    ds = E.open_images(str(folders[0]))
-    features = E.Features(("fid", "isc"), E.load_classifier(classifier_path))
+    ds = EI.open_images(str(folders[0]))
+    features = EF.Features(("fid", "isc"), EF.load_classifier(classifier_path))
     ours = features(ds, batch_size)
     theirs = get_featuresdict_from_dataset(ds, features.extractor, batch_size, False, True, False)
     assert sorted(ours) == sorted(theirs) == ["features", "logits"]
@@ -185,8 +185,8 @@ def test_reference_folder_with_class_subfolders_is_resized_and_centre_cropped(tm
         s = min(w, h)
         im[(h - s) // 2:(h + s) // 2, (w - s) // 2:(w + s) // 2] = colour  # the centre square
         Image.fromarray(im).save(d / f"ILSVRC2012_val_{k}.JPEG", quality=100)
-    for preprocess in E.PREPROCESS:
-        ds = E.open_images(str(root), size=32, preprocess=preprocess)
+    for preprocess in EI.PREPROCESS:
+        ds = EI.open_images(str(root), size=32, preprocess=preprocess)
         assert len(ds) == 3
         for i in range(3):
             x = ds[i]
@@ -200,7 +200,7 @@ def test_small_fid_samples_are_warned_about(folders, classifier_path, tmp_path, 
     small, log = evaluate_json(capsys, "--samples", b, "--reference", a, "--feature-extractor", classifier_path)
     assert len(small["warnings"]) == 2 and "FID from 40 sample images" in small["warnings"][0]
     assert log.count("warning: FID from 40") == 2
-    digits = E.load_images("digits")[:100].permute(0, 2, 3, 1).numpy()
+    digits = EI.load_images("digits")[:100].permute(0, 2, 3, 1).numpy()
     np.savez(tmp_path / "d.npz", arr_0=digits)
     enough, log = evaluate_json(capsys, "--samples", tmp_path / "d.npz", "--reference", "digits",
                                 "--feature-extractor", classifier_path)
