@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from .runtime.distributed import cleanup
-from .errors import AddpError
+from .errors import AddpError, first_line
 from .runs.files import check_output_file, check_output_folder
 from .runtime.precision import PRECISIONS
 
@@ -75,9 +75,9 @@ def run_command(command: str, parser: ArgumentParser, main: Callable[[argparse.N
         print(f"\ninterrupted: {note}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (torch.OutOfMemoryError, MemoryError) as e:
-        return _error(f"out of memory ({_first_line(e) or 'no detail'}); try a smaller --batch-size")
+        return _error(f"out of memory ({first_line(e, None)}); try a smaller --batch-size")
     except (AddpError, ValueError) as e:
-        return _error(_first_line(e) or type(e).__name__)
+        return _error(first_line(e, None))
     except OSError as e:
         return _error(_os_error(e))
     finally:
@@ -96,13 +96,8 @@ def _error(text: str) -> int:
     return EXIT_ERROR
 
 
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else ""
-
-
 def _os_error(e: OSError) -> str:
-    what = e.strerror or _first_line(e) or type(e).__name__
+    what = e.strerror or first_line(e, None)
     return f"{what}: {e.filename}" if e.filename else what
 
 

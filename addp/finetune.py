@@ -34,7 +34,8 @@ from .errors import AddpError
 from .runs.files import remove_stale_temp_files, write_json
 from .runtime.precision import PRECISIONS
 from .runs.records import sha256_file
-from .training.trainer import Trainer, identity_of
+from .training.config import identity_of
+from .training.trainer import Trainer
 from .training.finetune_data import build_datasets
 from .training.finetuning import (PROBE_OPTIMIZERS, ClassifierStage, PeriodicEvaluation, build_classifier_for,
                                   evaluate, resolve_defaults, resolve_recipe, schedule, train_config)

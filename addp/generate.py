@@ -28,6 +28,7 @@ from .cli import (ArgumentParser, add_checkpoint_args, add_runtime_args, add_sam
                   positive_int, run_command, sampler_options, sampler_summary)
 from .runtime.distributed import DistInfo, init_distributed
 from .errors import AddpError
+from .runs.images import save_png
 from .runs.files import atomic_write, sha256_file
 from .runs.lock import FolderLock
 from .runs.npz_stream import NpzImageWriter
@@ -208,10 +209,6 @@ def _load_pipeline(args, device) -> ADDPPipeline:
     return pipe
 
 
-def _save_png(path: Path, image: np.ndarray) -> None:
-    atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
-
-
 def main(args) -> dict:
     config = args.sampler_config
     out, N, B = Path(args.output_dir), args.num_images, args.batch_size
@@ -280,7 +277,7 @@ def _make_batch(args, config, pipe, out: Path, N: int, B: int, b: int) -> int:
                       compile=args.compile, **sampler_options(config)).images
     arr = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
     for i in todo:
-        _save_png(out / image_name(i), arr[i - indices.start])
+        save_png(out / image_name(i), arr[i - indices.start])
     return len(todo)
 
 

@@ -23,7 +23,8 @@ from PIL import Image
 from .cli import (ArgumentParser, add_checkpoint_args, add_runtime_args, add_sampler_args, existing_file,
                   load_pipeline, number, output_file, run_command, sampler_options, sampler_summary)
 from .errors import AddpError
-from .runs.files import atomic_write, check_output_file
+from .runs.images import save_png
+from .runs.files import check_output_file
 from .sampling.pipeline import mask_tensor, open_image, resize_images, to_uint8
 from .runtime.precision import autocast
 
@@ -74,10 +75,6 @@ def _check_mode(args) -> None:
                         + " ".join(f"--{k} {v}" for k, v in margins.items()))
     if args.output is None:
         args.output = str(check_output_file(Path.cwd() / f"{Path(args.image).stem}_inpainted.png"))
-
-
-def _save_png(path: Path, image: Image.Image) -> None:
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def _input_panel(image: Image.Image, mode: str, args, result_size: tuple[int, int],
@@ -148,8 +145,8 @@ def main(args) -> dict:
     result_arr = np.asarray(result.convert("RGB"), dtype=np.uint8)
     panel, canvas_hole = _input_panel(image, mode, args, result.size, hole)
     sbs_path = side_by_side_path(output)
-    _save_png(output, result)
-    _save_png(sbs_path, Image.fromarray(side_by_side(panel, result_arr)))
+    save_png(output, result)
+    save_png(sbs_path, Image.fromarray(side_by_side(panel, result_arr)))
     return {"output": str(output), "side_by_side": str(sbs_path), "mode": mode,
             "input_size": list(image.size), "output_size": list(result.size),
             "hole_pixels": int(canvas_hole.sum()), "seed": args.seed, **sampler_summary(args)}

@@ -22,24 +22,24 @@ import torch
 from . import ops
 from .training import recipes
 from .models import registry
-from .models.checkpoint import load_checkpoint, save_checkpoint
+from .models.checkpoint import load_checkpoint
 from .cli import (RESUMABLE, ArgumentParser, add_sampler_args, device, existing_file, fraction, integer,
                   non_negative_float, non_negative_int, number, output_folder, positive_float, positive_int,
                   random_seed, run_command)
-from .training.data import default_workers
 from .training.diffusion import CONDITIONS, MAPPINGS, MASKINGS, DiffusionConfig
-from .runtime.distributed import barrier, init_distributed
+from .runtime.distributed import init_distributed
 from .errors import AddpError
 from .runs.files import atomic_write, write_json
 from .training.loss import TARGETS
 from .models.addp import TOKEN_INPUTS, check_tokenizer_fits
 from .runtime.precision import PRECISIONS
-from .runs.records import check_inputs, clean_run_folder, compare_output, sha256_file, write_record
+from .runs.records import clean_run_folder
 from .sampling import SamplerConfig
-from .training.stages import ADDPStage, PredictorStage, TokenizerStage, masked_token_accuracy, reconstruction_psnr
-from .training.trainer import TrainConfig, Trainer, identity_of
+from .training.stages import ADDPStage, masked_token_accuracy, reconstruction_psnr
+from .training.run_stages import (STAGES, build_dataset, heldout_images, predictor_for, refuse_or_retrain, train_config,
+                                  run_stage, save_stage_output, schedule, stage_identity, tokenizer_for)
 
-STAGES = ("tokenizer", "predictor", "addp")
+
 log = logging.getLogger("addp.train")  # a fixed name: run as `python -m`, __name__ is "__main__"
 
 
@@ -152,98 +152,6 @@ def family_presets(model: str) -> tuple[str, str]:
     return ("vqgan_small", "mage_vit_small") if model.endswith("_small") else ("vqgan_mage", "mage_vit_base_patch16")
 
 
-def build_dataset(args, image_size: int):
-    from .training.data import DigitsDataset, ImageFolderDataset, training_folder
-    if args.data_path:
-        folder, line = training_folder(args.data_path)
-        if line:
-            log.info(line)
-        return ImageFolderDataset(folder, image_size, args.crop_min, not args.no_flip, seed=args.seed)
-    return DigitsDataset("train", image_size, flip=False, seed=args.seed)
-
-
-def schedule(args, num_samples: int, world_size: int) -> dict:
-    """ADDP steps and warm-up steps, from epochs where they are given in epochs."""
-    global_batch = args.batch_size * args.accum_steps * world_size
-    out = {"global_batch": global_batch, "dataset_images": num_samples}
-    steps = args.steps
-    if args.epochs is not None:
-        steps = recipes.epochs_to_steps(args.epochs, num_samples, args.batch_size, world_size, args.accum_steps)
-        out["epochs"] = args.epochs
-    if args.warmup_epochs is not None:
-        warmup = recipes.epochs_to_steps(args.warmup_epochs, num_samples, args.batch_size, world_size,
-                                         args.accum_steps, at_least=0)
-        out["warmup_epochs"] = args.warmup_epochs
-    elif args.warmup_steps is not None:
-        warmup = args.warmup_steps
-    elif args.model.endswith("_small"):
-        warmup = 100
-    else:  # the official runs warm up for 40 epochs
-        warmup = recipes.epochs_to_steps(40, num_samples, args.batch_size, world_size, args.accum_steps, at_least=0)
-        out["warmup_epochs"] = 40
-    out.update(steps=steps, warmup_steps=min(warmup, steps - 1))
-    return out
-
-
-def train_config(args, stage: str, sched: dict) -> TrainConfig:
-    steps = {"tokenizer": args.tokenizer_steps, "predictor": args.predictor_steps, "addp": sched["steps"]}[stage]
-    lr = {"tokenizer": args.tokenizer_lr, "predictor": args.predictor_lr, "addp": args.lr}[stage]
-    blr = args.blr if args.blr is not None else (4e-3 if args.model.endswith("_small") else 1e-4)
-    return TrainConfig(steps=steps, batch_size=args.batch_size, accum_steps=args.accum_steps, blr=blr, lr=lr,
-                       min_lr=args.min_lr, warmup_steps=min(sched["warmup_steps"], steps - 1),
-                       weight_decay=0.0 if stage == "tokenizer" else args.weight_decay,
-                       betas=(args.beta1, args.beta2),
-                       clip_grad=args.clip_grad, precision=args.precision, ema_decay=args.ema_decay,
-                       compile=args.compile, log_every=args.log_every, ckpt_every=args.ckpt_every, seed=args.seed,
-                       num_workers=args.num_workers if args.num_workers is not None
-                       else (default_workers() if args.data_path else 0))
-
-
-def stage_identity(args, name: str, model_config, inputs: dict, dist) -> dict:
-    """What a stage's output is made from: its training and model config, the data, and the
-    SHA-256 of each file it consumes (`inputs`)."""
-    run = {"recipe": args.recipe_record} if args.recipe_record else {}
-    if name == "addp":
-        run["schedule"] = args.schedule
-    return identity_of(train_config(args, name, args.schedule), model_config, inputs, run,
-                       {"data": args.data_path or "digits", "world_size": dist.world_size})
-
-
-def run_stage(stage, args, dist, dataset, identity: dict) -> dict:
-    """Train one stage in output/<stage>/ (resuming if a matching checkpoint is there)."""
-    from .training.data import make_loader
-    cfg = train_config(args, stage.name, args.schedule)
-    out = Path(args.output_dir) / stage.name
-    trainer = Trainer(stage, cfg, out, dist, identity)
-    trainer.maybe_resume(args.resume if args.stage == stage.name else None, args.force)
-    if trainer.step:
-        log.info(f"[{stage.name}] resuming at step {trainer.step} from {trainer.checkpoint_path}")
-    result = trainer.fit(lambda start: make_loader(dataset, cfg.batch_size, cfg.seed, dist.rank,
-                                                   dist.world_size, start, cfg.num_workers))
-    result["model"] = trainer.final_model()
-    return result
-
-
-def refuse_or_retrain(args, name: str, file: Path, identity: dict, dist) -> str | None:
-    """The SHA-256 of the cached output `file` of stage `name` when it was made exactly as this
-    command would make it; None when the stage must be trained (no file, or --force over a
-    file made from something else). A mismatch without --force is an error."""
-    sha, problem = compare_output(Path(args.output_dir), name, file, identity)
-    if problem and not args.force:
-        raise AddpError(f"stage {name}: {file} {problem}; pass --force to retrain it, or pick another --output-dir")
-    if problem:
-        log.info(f"[{name}] {file} {problem}; --force: retraining it")
-    return sha
-
-
-def use_cached_input(args, name: str, file: Path, inputs: dict) -> None:
-    """Refuse a cached stage output of the run folder that was made against other inputs."""
-    problem = check_inputs(Path(args.output_dir), name, file, inputs)
-    if problem:
-        raise AddpError(f"stage {name}: {file} {problem}; retrain it with --stage {name} --force "
-                        f"(or --stage all --force), or pass the file you mean as --{name}")
-
-
 # -- main ----------------------------------------------------------------------------------
 def resolve_recipe(args, dist) -> None:
     """Fill in --recipe's settings (not the explicit flags) and the batch split; says so once."""
@@ -310,7 +218,7 @@ def main(args) -> dict:
     refuse_or_retrain(args, "addp", net_file, identity, dist)
     result = run_stage(ADDPStage(net, tokenizer, predictor, diffusion, args.target), args, dist, dataset, identity)
     net = result["model"].eval()
-    _save(dist, net_file, {"addp": net, "tokenizer": tokenizer}, "addp", identity)
+    save_stage_output(dist, net_file, {"addp": net, "tokenizer": tokenizer}, "addp", identity)
     losses = result["losses"]
     report.update(addp_loss_first100=round(sum(losses[:100]) / len(losses[:100]), 4),
                   addp_loss_final100=round(sum(losses[-100:]) / len(losses[-100:]), 4))
@@ -323,76 +231,12 @@ def main(args) -> dict:
     return _finish(dist, report, started)
 
 
-def tokenizer_for(args, dist, dataset, net_config, preset: str, runs):
-    """The tokenizer this command uses and the SHA-256 of its file: --tokenizer, else the run
-    folder's (reused when it matches this command, trained when the stage runs)."""
-    if args.tokenizer:
-        return load_checkpoint(args.tokenizer, component="tokenizer"), sha256_file(args.tokenizer)
-    file = Path(args.output_dir) / "tokenizer.safetensors"
-    if "tokenizer" not in runs:
-        if not file.exists():
-            raise AddpError(f"no tokenizer: pass --tokenizer, or run --stage tokenizer first (looked for {file})")
-        log.info(f"[tokenizer] cached: {file}")
-        return load_checkpoint(file), sha256_file(file)
-    config = registry.preset_config(args.tokenizer_model or preset, image_size=net_config.image_size)
-    identity = stage_identity(args, "tokenizer", config, {}, dist)
-    sha = refuse_or_retrain(args, "tokenizer", file, identity, dist)
-    if sha:
-        log.info(f"[tokenizer] cached: {file}")
-        return load_checkpoint(file), sha
-    model = run_stage(TokenizerStage(registry.build_model(config)), args, dist, dataset, identity)["model"]
-    return model, _save(dist, file, model, "tokenizer", identity)
-
-
-def predictor_for(args, dist, dataset, tokenizer, tok_sha: str, diffusion, preset: str, runs, given=None):
-    """The token predictor and the SHA-256 of its file, as `tokenizer_for` (`given`: the loaded
-    --predictor); a cached one must have been trained against this tokenizer (`tok_sha`)."""
-    if given is not None:
-        return given, sha256_file(args.predictor)
-    file = Path(args.output_dir) / "predictor.safetensors"
-    inputs = {"tokenizer_sha256": tok_sha}
-    if "predictor" not in runs:
-        if not file.exists():
-            raise AddpError(f"no token predictor: pass --predictor, or run --stage predictor first (looked for {file})")
-        use_cached_input(args, "predictor", file, inputs)
-        log.info(f"[predictor] cached: {file}")
-        return load_checkpoint(file), sha256_file(file)
-    config = registry.preset_config(args.predictor_model or preset, codebook_size=tokenizer.config.codebook_size)
-    identity = stage_identity(args, "predictor", config, inputs, dist)
-    sha = refuse_or_retrain(args, "predictor", file, identity, dist)
-    if sha:
-        log.info(f"[predictor] cached: {file}")
-        return load_checkpoint(file), sha
-    stage = PredictorStage(registry.build_model(config), tokenizer, diffusion)
-    model = run_stage(stage, args, dist, dataset, identity)["model"]
-    return model, _save(dist, file, model, "predictor", identity)
-
-
-def heldout_images(args, net_config) -> torch.Tensor:
-    from .training.data import ImageFolderDataset, load_digits
-    if not args.data_path:
-        return load_digits("heldout", net_config.image_size)[0]
-    root = Path(args.data_path)
-    val = ImageFolderDataset(root / "val" if (root / "val").is_dir() else root, net_config.image_size, train=False)
-    pick = torch.randperm(len(val), generator=torch.Generator().manual_seed(0))[:512]
-    return torch.stack([val[int(i)][0] for i in pick])
-
-
 def write_samples(net, tokenizer, n: int, path: Path, seed: int, config: SamplerConfig) -> Path:
     from torchvision.utils import save_image
 
     from .sampling import generate
     images = generate(net.to("cpu"), tokenizer.to("cpu"), n, config, generator=torch.Generator().manual_seed(seed))
     return atomic_write(path, lambda tmp: save_image(images, tmp, nrow=int(n ** 0.5), format="png"))
-
-
-def _save(dist, path: Path, models, stage: str, identity: dict) -> str:
-    """Write a stage output and its record (rank 0); every rank returns the file's SHA-256."""
-    if dist.is_main:
-        save_checkpoint(path, models)
-        write_record(path.parent, stage, path, identity)
-    barrier()
-    return sha256_file(path)
 
 
 def _finish(dist, report: dict, started: float) -> dict:

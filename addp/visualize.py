@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 from . import sampling as S
 from .cli import (ArgumentParser, add_checkpoint_args, add_runtime_args, add_sampler_args, load_pipeline,
                   output_file, positive_int, run_command, sampler_summary)
-from .runs.files import atomic_write
+from .runs.images import save_png
 from .sampling.pipeline import to_uint8
 from .runtime.precision import autocast
 
@@ -165,7 +165,7 @@ def main(args) -> dict:
                             return_intermediates=True, compile=args.compile)
     steps = shown_steps(config.steps, args.every)
     fig = make_figure(pipe.net, result, steps, scale)
-    atomic_write(args.output, lambda tmp: Image.fromarray(fig).save(tmp, format="PNG"))
+    save_png(args.output, fig)
     return {"output": args.output, "num_images": args.num_images, "shown_steps": [s + 1 for s in steps],
             "scale": scale, "size": [fig.shape[1], fig.shape[0]], "seed": args.seed, **sampler_summary(args)}
 

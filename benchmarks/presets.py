@@ -134,7 +134,8 @@ def trainer_and_batches(preset: str, tok, pred, precision: str = "auto", compile
     batch) for timing ``trainer.train_step(batches)``."""
     from addp.runtime.distributed import DistInfo
     from addp.training.stages import ADDPStage
-    from addp.training.trainer import TrainConfig, Trainer
+    from addp.training.config import TrainConfig
+    from addp.training.trainer import Trainer
     B = batch_size(preset)
     size = tok.config.stride * int(pred.config.seq_len ** 0.5)
     images = torch.rand(B, 3, size, size, device=DEVICE)

@@ -28,7 +28,8 @@ import torch
 from addp import sampling as S
 from addp.runtime.distributed import DistInfo
 from addp.training.stages import ADDPStage
-from addp.training.trainer import Trainer, TrainConfig
+from addp.training.config import TrainConfig
+from addp.training.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
 import presets as P  # noqa: E402

@@ -9,7 +9,8 @@ import addp
 from addp.training.data import DigitsDataset, StepBatchSampler, make_loader
 from addp.runtime.distributed import cleanup, init_distributed
 from addp.training.stages import ADDPStage
-from addp.training.trainer import TrainConfig, Trainer
+from addp.training.config import TrainConfig
+from addp.training.trainer import Trainer
 
 out = Path(sys.argv[1])
 dist = init_distributed("cpu")

@@ -4,7 +4,6 @@
     resolve("out/pipe")                                          # a save_pretrained folder
     resolve("Changyao/ADDP", filename="addp-vit-base-16.pth")    # one file of a Hub repo
     resolve("org/addp-digits")                                   # a save_pretrained folder on the Hub
-    pipeline_models("Changyao/ADDP", filename="addp-vit-base-16.pth")   # (ADDP network, VQ tokenizer)
 
 Hub files go through huggingface_hub's own cache (`HF_HUB_CACHE` / `HF_HOME`), so
 `HF_HUB_OFFLINE=1` and a pre-filled cache work as they do for every Hub library. A file that
@@ -17,10 +16,10 @@ import os
 import re
 from pathlib import Path
 
-import torch.nn as nn
+from ..errors import CheckpointError
 
-from .checkpoint import MODEL_INDEX, CheckpointError, load_checkpoint, load_components
-from .addp import check_tokenizer_fits
+# The index file of a save_pretrained folder (diffusers' name): it names the components.
+MODEL_INDEX = "model_index.json"
 
 # A Hub repo id: "name" or "owner/name" (letters, digits, "-", "_", "."); a local path that
 # does not exist but looks like one is looked up on the Hub.
@@ -91,31 +90,3 @@ def _from_hub(repo: str, filename, revision, cache_dir, local_files_only) -> Pat
     return folder
 
 
-def pipeline_models(name_or_path: str | os.PathLike, filename: str | None = None, revision: str | None = None,
-                    tokenizer: nn.Module | str | os.PathLike | None = None, **hub_kwargs) -> tuple[nn.Module, nn.Module]:
-    """The ADDP network and VQ tokenizer a generation pipeline needs (`ADDPPipeline.from_pretrained`).
-
-    name_or_path: what `resolve` takes, or a folder holding ``addp.safetensors`` (and
-        ``tokenizer.safetensors`` when the first has no tokenizer).
-    tokenizer: a VQTokenizer or anything `load_checkpoint` takes (e.g. the path of
-        ``vqgan_jax_strongaug.ckpt``); needed when the checkpoint holds no tokenizer.
-    """
-    source, local = name_or_path, Path(name_or_path)
-    if filename is None and local.is_dir() and not (local / MODEL_INDEX).exists():
-        source = local / "addp.safetensors"
-        if not source.exists():
-            raise CheckpointError(f"{local} holds neither {MODEL_INDEX} nor addp.safetensors")
-        if tokenizer is None and (local / "tokenizer.safetensors").exists():
-            tokenizer = local / "tokenizer.safetensors"
-    models = load_components(source, filename, revision, **hub_kwargs)
-    where = f"{source}/{filename}" if filename else str(source)
-    if "addp" not in models:
-        raise CheckpointError(f"{where} holds no ADDP network (it holds: {', '.join(models)})")
-    if isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = load_checkpoint(tokenizer, "tokenizer")
-    tokenizer = tokenizer if tokenizer is not None else models.get("tokenizer")
-    if tokenizer is None:
-        raise CheckpointError(f"{where} holds no VQ tokenizer; pass tokenizer=<a VQGAN checkpoint, "
-                              "e.g. vqgan_jax_strongaug.ckpt>")
-    check_tokenizer_fits(models["addp"].config, tokenizer.config)
-    return models["addp"], tokenizer

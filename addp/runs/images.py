@@ -16,7 +16,8 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from ..errors import AddpError
+from ..errors import AddpError, first_line
+from .files import atomic_write
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
@@ -37,11 +38,11 @@ def open_image(path: str | os.PathLike) -> Image.Image:
     except FileNotFoundError:
         raise UnreadableImage(f"image not found: {path}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise UnreadableImage(f"{path} is refused as a possible decompression bomb ({_first_line(e)})") from None
+        raise UnreadableImage(f"{path} is refused as a possible decompression bomb ({first_line(e)})") from None
     except UnreadableImage:
         raise
     except Exception as e:  # PIL's plugins raise OSError, ValueError, SyntaxError, struct.error, ...
-        raise UnreadableImage(f"{path} is not a readable image ({_first_line(e)})") from None
+        raise UnreadableImage(f"{path} is not a readable image ({first_line(e)})") from None
 
 
 def to_8bit(im: Image.Image, source="image") -> Image.Image:
@@ -75,6 +76,7 @@ def _grey(unit: np.ndarray) -> Image.Image:
     return Image.fromarray((np.clip(unit, 0, 1) * 255).round().astype(np.uint8))
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__
+def save_png(path, image) -> None:
+    """Write a PIL image or an (H, W[, 3]) uint8 array as a PNG, atomically."""
+    picture = image if isinstance(image, Image.Image) else Image.fromarray(image)
+    atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))

@@ -34,8 +34,7 @@ from .config import Generators, SamplerConfig, sampler_config
 from .driver import generate
 from .schedule import Schedule
 from .step import StepCallback, check_generators, check_models, denoise, eval_mode
-from ..models import hub
-from ..models.checkpoint import save_pretrained
+from ..models.checkpoint import pipeline_models, save_pretrained
 from ..runs.images import open_image, to_8bit, to_rgb
 from ..errors import AddpError
 
@@ -153,14 +152,14 @@ class ADDPPipeline:
                         tokenizer=None, device=None, **hub_kwargs) -> "ADDPPipeline":
         """Load from a save_pretrained folder, our .safetensors (addp + tokenizer), an official
         addp-vit-*.pth, or a Hub repo id: ``from_pretrained("Changyao/ADDP",
-        filename="addp-vit-base-16.pth")`` (see `addp.models.hub.pipeline_models`).
+        filename="addp-vit-base-16.pth")`` (see `addp.models.checkpoint.pipeline_models`).
 
         tokenizer: a VQTokenizer or a VQGAN checkpoint (ours or vqgan_jax_strongaug.ckpt);
             needed when the checkpoint holds no tokenizer.
         device: where to run; default cuda when available, else cpu.
         hub_kwargs: cache_dir, local_files_only (huggingface_hub's).
         """
-        net, tok = hub.pipeline_models(name_or_path, filename, revision, tokenizer, **hub_kwargs)
+        net, tok = pipeline_models(name_or_path, filename, revision, tokenizer, **hub_kwargs)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         return cls(net.to(device), tok.to(device))
 

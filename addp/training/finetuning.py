@@ -24,12 +24,12 @@ from ..models import registry
 from ..models.checkpoint import CheckpointError, load_components, save_checkpoint
 from ..models.classifier import (CNNClassifier, ClassifierConfig, build_classifier, classifier_config_for,
                          encoder_state_from_addp, load_encoder_state, resample_pos_embed)
-from .data import default_workers
 from ..errors import AddpError
 from ..runs.files import atomic_write
 from ..models.registry import vit_size
 from .stages import Objective
-from .trainer import Stage, TrainConfig, Trainer
+from .config import Stage, TrainConfig, step_schedule, train_config_from_args
+from .trainer import Trainer
 from .finetune_data import _collate
 PROBE_OPTIMIZERS = ("lars", "sgd")
 log = logging.getLogger("addp.finetune")
@@ -238,36 +238,25 @@ def resolve_defaults(args, config: ClassifierConfig) -> None:
 
 
 def schedule(args, num_train: int, world_size: int) -> dict:
-    """Steps, warm-up steps and evaluation interval, from epochs where they are given in epochs."""
-    convert = lambda epochs, at_least=1: recipes.epochs_to_steps(  # noqa: E731
-        epochs, num_train, args.batch_size, world_size, args.accum_steps, at_least)
-    out = {"global_batch": args.batch_size * args.accum_steps * world_size, "dataset_images": num_train}
-    steps = args.steps
-    if args.epochs is not None:
-        steps, out["epochs"] = convert(args.epochs), args.epochs
-    if args.warmup_epochs is not None:
-        warmup, out["warmup_epochs"] = convert(args.warmup_epochs, 0), args.warmup_epochs
-    else:
-        warmup = args.warmup_steps if args.warmup_steps is not None else steps // 20
+    """Steps, warm-up steps (default: the first 5% of the run) and evaluation interval, from
+    epochs where they are given in epochs."""
+    out = step_schedule(args, num_train, world_size, lambda convert, steps: (steps // 20, None))
     every = args.eval_every
     if args.eval_every_epochs is not None:
-        every, out["eval_every_epochs"] = convert(args.eval_every_epochs), args.eval_every_epochs
+        every = recipes.epochs_to_steps(args.eval_every_epochs, num_train, args.batch_size, world_size,
+                                        args.accum_steps)
+        out["eval_every_epochs"] = args.eval_every_epochs
     if every < 0:
         raise AddpError(f"--eval-every must be at least 0, got {every}")
-    out.update(steps=steps, warmup_steps=min(warmup, steps - 1), eval_every=every)
+    out["eval_every"] = every
     return out
 
 
 
 def train_config(args, sched: dict) -> TrainConfig:
-    probe = args.linear_probe
-    wd = args.weight_decay if args.weight_decay is not None else (0.0 if probe else 0.05)
-    workers = args.num_workers if args.num_workers is not None else (default_workers() if args.data_path else 0)
-    return TrainConfig(steps=sched["steps"], batch_size=args.batch_size, accum_steps=args.accum_steps,
-                       blr=args.blr, lr=args.lr, min_lr=args.min_lr, warmup_steps=sched["warmup_steps"],
-                       weight_decay=wd, betas=(args.beta1, args.beta2), clip_grad=args.clip_grad,
-                       precision=args.precision, ema_decay=args.ema_decay, compile=args.compile,
-                       log_every=args.log_every, ckpt_every=args.ckpt_every, seed=args.seed, num_workers=workers)
+    wd = args.weight_decay if args.weight_decay is not None else (0.0 if args.linear_probe else 0.05)
+    return train_config_from_args(args, steps=sched["steps"], blr=args.blr, warmup_steps=sched["warmup_steps"],
+                                  weight_decay=wd)
 
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .diffusion import DiffusionConfig, DiffusionProcess, _rand
 from .loss import addp_loss, hard_target_cross_entropy
-from .trainer import Stage
+from .config import Stage
 
 
 def device_noise(device: torch.device, generator: torch.Generator, cache: dict) -> torch.Generator:

@@ -13,97 +13,33 @@ device between log steps: no host synchronisation per step.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import torch
 import torch.fx.experimental._config as fx_config
 import torch.nn as nn
-from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from ..models.checkpoint import check_finite
+from ..models.state import check_finite
 from .data import with_worker_causes
 from ..runtime.distributed import DistInfo, all_reduce_mean, barrier
-from ..errors import AddpError
-from ..runs.files import atomic_write, finite_or_none
-from ..runtime.precision import PRECISIONS, autocast_dtype
-from ..models.registry import check_config
+from ..errors import AddpError, first_line
+from ..runs.files import atomic_write
+from ..runtime.precision import autocast_dtype
+from ..runs.log import RunLog
+from .config import Stage, TrainConfig
 from ..runs.records import describe_differences
 from ..runtime.tuning import tune_for_device
 
 CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "ema", "step", "skipped", "losses", "rng", "identity")
 
 log = logging.getLogger(__name__)
-
-@dataclass
-class TrainConfig:
-    steps: int = 1000
-    batch_size: int = 64  # per process and micro-step
-    accum_steps: int = 1
-    blr: float = 1.5e-4  # lr = blr * global batch / 256 (MAE) unless lr is given
-    lr: float | None = None
-    min_lr: float = 0.0
-    warmup_steps: int = 0
-    weight_decay: float = 0.05
-    betas: tuple = (0.9, 0.95)
-    clip_grad: float | None = 3.0
-    precision: str = "auto"
-    ema_decay: float = 0.0  # 0 disables EMA
-    compile: bool = False
-    log_every: int = 20
-    ckpt_every: int = 500
-    seed: int = 0
-    num_workers: int = 0
-
-    def __post_init__(self):
-        check_config(self, ints=dict(steps=1, batch_size=1, accum_steps=1, warmup_steps=0, log_every=1, ckpt_every=1,
-                                     seed=0, num_workers=0),
-                     fractions=("ema_decay",), positive=("blr",) + (("lr",) if self.lr is not None else ()),
-                     choices={"precision": PRECISIONS})
-        for name in ("min_lr", "weight_decay") + (("clip_grad",) if self.clip_grad is not None else ()):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0 <= value < float("inf")):
-                raise AddpError(f"TrainConfig: {name} must be a finite number >= 0, got {value!r}")
-        if not 0 <= self.warmup_steps < self.steps:
-            raise AddpError(f"warm-up ({self.warmup_steps} steps) must be shorter than the run ({self.steps})")
-
-    def global_batch(self, world_size: int) -> int:
-        return self.batch_size * self.accum_steps * world_size
-
-    def base_lr(self, world_size: int) -> float:
-        return self.lr if self.lr is not None else self.blr * self.global_batch(world_size) / 256
-
-
-class Stage(Protocol):
-    """What `Trainer` trains. Subclasses inherit the defaults of the last three methods."""
-
-    name: str
-    model: nn.Module  # trained and saved
-    loss_module: nn.Module  # forward(**inputs) -> scalar loss
-
-    def prepare(self, images: torch.Tensor, generator: torch.Generator, labels: torch.Tensor) -> dict:
-        """The no-grad inputs of `loss_module` for a batch (tokens, masks, targets)."""
-        ...
-
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """Parameter groups of the optimizer: no decay on biases and norms."""
-        return param_groups_weight_decay(self.model, weight_decay)
-
-    def make_optimizer(self, groups: list[dict], lr: float, betas: tuple = (0.9, 0.95)) -> torch.optim.Optimizer:
-        device = next(self.model.parameters()).device
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=device.type in ("cuda", "cpu"))
-
-    def compile(self) -> None:
-        """Under --compile: compile the stage's frozen passes too (none by default)."""
 
 
 class Trainer:
@@ -179,7 +115,7 @@ class Trainer:
             if state["rng"]["cuda"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         except (RuntimeError, KeyError, ValueError, TypeError) as e:
-            raise AddpError(f"cannot resume from {path}: it does not fit this run ({_first_line(e)})") from None
+            raise AddpError(f"cannot resume from {path}: it does not fit this run ({first_line(e)})") from None
         self.step, self.skipped = int(state["step"]), int(state["skipped"])
         self.last_good = (self.step, Path(path))
 
@@ -247,7 +183,7 @@ class Trainer:
         `on_step(step)`, called on every rank after each step's checkpointing, may return
         values to log at that step (e.g. a periodic evaluation)."""
         cfg = self.cfg
-        metrics = _Log(self.out, self.dist.is_main, self.step)
+        metrics = RunLog(self.out, self.dist.is_main, self.step)
         batches = with_worker_causes(make_loader(self.step * cfg.accum_steps))
         window_start, window_images = time.perf_counter(), 0
         bar = tqdm(total=cfg.steps, initial=self.step, desc=self.stage.name, disable=not self.dist.is_main,
@@ -343,54 +279,12 @@ class Trainer:
         return self.ema.module if self.ema else self.model
 
 
-class _Log:
-    """JSONL + TensorBoard scalars, written by rank 0 only. Entries past `start_step` (written
-    after the checkpoint being resumed) are dropped first, so no step is logged twice."""
-
-    def __init__(self, out: Path, enabled: bool, start_step: int):
-        self.enabled = enabled
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-            out.mkdir(parents=True, exist_ok=True)
-            _truncate_log(out / "log.jsonl", start_step)
-            self.jsonl = open(out / "log.jsonl", "a")
-            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)
-
-    def write(self, step: int, values: dict) -> None:
-        if not self.enabled:
-            return
-        self.jsonl.write(json.dumps(finite_or_none({"step": step, **values})) + "\n")
-        self.jsonl.flush()
-        for k, v in values.items():
-            self.tb.add_scalar(k, v, step)
-
-    def close(self) -> None:
-        if self.enabled and not self.jsonl.closed:
-            self.jsonl.close()
-            self.tb.close()
-
-
-def _truncate_log(path: Path, last_step: int) -> None:
-    """Keep the JSONL entries up to `last_step` (and drop a line cut short by a kill)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict) and isinstance(entry.get("step"), int) and entry["step"] <= last_step:
-            kept.append(line + "\n")
-    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(kept)))
-
-
 def read_training_checkpoint(path: Path) -> dict:
     """A training checkpoint.pt (weights_only) with its run identity parsed; one-line errors."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, not a torch file, a folder, pickled objects, ...
-        raise AddpError(f"cannot resume from {path}: not a readable checkpoint ({_first_line(e)})") from None
+        raise AddpError(f"cannot resume from {path}: not a readable checkpoint ({first_line(e)})") from None
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise AddpError(f"cannot resume from {path}: not a training checkpoint (lacks {', '.join(missing)})")
@@ -403,16 +297,3 @@ def read_training_checkpoint(path: Path) -> dict:
     return {**state, "identity": identity}
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__
-
-
-def identity_of(*configs) -> dict:
-    """The run-defining settings: what must match for a checkpoint to be resumed."""
-    out = {}
-    for c in configs:
-        out.update(dataclasses.asdict(c) if dataclasses.is_dataclass(c) else dict(c))
-    for volatile in ("log_every", "ckpt_every", "num_workers", "compile"):
-        out.pop(volatile, None)
-    return json.loads(json.dumps(out, default=str))

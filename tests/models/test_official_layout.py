@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import addp
-from addp.models.checkpoint import IGNORED_OFFICIAL, components_from_official
+from addp.models.official import IGNORED_OFFICIAL, components_from_official
 
 DATA = Path(__file__).parents[1] / "data" / "official_keys"
 

@@ -24,7 +24,8 @@ from addp.sampling.pipeline import ADDPPipeline
 from addp.models.registry import AddpError
 
 from addp.training.stages import TokenizerStage
-from addp.training.trainer import TrainConfig, Trainer
+from addp.training.config import TrainConfig
+from addp.training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,6 +11,7 @@ from PIL import Image
 import addp
 from addp.training import finetune_data, finetuning
 from addp import finetune, train
+from addp.training import run_stages
 from addp.training import recipes
 from addp.training.diffusion import DiffusionConfig, DiffusionProcess
 from addp.runtime.distributed import DistInfo
@@ -48,9 +49,9 @@ def test_pretraining_recipe_is_the_official_script(name, capsys):
     out = capsys.readouterr().err  # log lines go to stderr
     assert out.count("[recipe] ") == 1 and "pretrain_addp" in out
     # ImageNet: 1,281,167 images; a drop-last epoch of 4096 is 312 steps
-    sched = train.schedule(args, 1_281_167, 32)
+    sched = run_stages.schedule(args, 1_281_167, 32)
     assert sched["steps"] == PRETRAIN[name]["epochs"] * 312 and sched["warmup_steps"] == 40 * 312
-    cfg = train.train_config(args, "addp", sched)
+    cfg = run_stages.train_config(args, "addp", sched)
     assert cfg.betas == (0.9, 0.95) and cfg.base_lr(32) == pytest.approx(1e-4 * 4096 / 256)
 
 
@@ -118,12 +119,12 @@ def test_plain_vit_defaults_are_the_official_ones_and_the_demo_keeps_its_own():
     finetuning.resolve_defaults(demo, addp.models.registry.preset_config("vit_small_cls"))
     assert (demo.layer_decay, demo.blr, demo.drop_path, demo.warmup_epochs) == (0.75, 1e-2, 0.1, None)
     pre = train.parse_args(["--model", "addp_vit_base_patch16", "--steps", "20000"])
-    sched = train.schedule(pre, 10_000, 1)  # 312 micro-batches of 32 per epoch
-    assert sched["warmup_steps"] == 40 * 312 and train.train_config(pre, "addp", sched).blr == 1e-4
+    sched = run_stages.schedule(pre, 10_000, 1)  # 312 micro-batches of 32 per epoch
+    assert sched["warmup_steps"] == 40 * 312 and run_stages.train_config(pre, "addp", sched).blr == 1e-4
     demo = train.parse_args([])
-    sched = train.schedule(demo, 1438, 1)
+    sched = run_stages.schedule(demo, 1438, 1)
     assert (sched["steps"], sched["warmup_steps"]) == (6000, 100)
-    assert train.train_config(demo, "addp", sched).blr == 4e-3
+    assert run_stages.train_config(demo, "addp", sched).blr == 4e-3
 
 
 # -- epochs, periodic evaluation, resume ---------------------------------------------------------
@@ -225,12 +226,12 @@ def test_a_root_holding_train_and_val_pretrains_on_train_only(tmp_path, capsys):
     image_tree(tmp_path, "train", 3)
     image_tree(tmp_path, "val", 2)
     args = train.parse_args(["--data-path", str(tmp_path)])
-    data = train.build_dataset(args, 32)
+    data = run_stages.build_dataset(args, 32)
     assert len(data) == 6 and all("/train/" in path for path, _ in data.samples)
     assert data.classes == ["a", "b"]
     out = capsys.readouterr().err.strip().splitlines()
     assert out == [f"[data] {tmp_path} holds train/: training reads {tmp_path / 'train'} only"]
-    flat = train.build_dataset(train.parse_args(["--data-path", str(tmp_path / "val")]), 32)
+    flat = run_stages.build_dataset(train.parse_args(["--data-path", str(tmp_path / "val")]), 32)
     assert len(flat) == 4 and capsys.readouterr().err == ""
 
 

@@ -17,7 +17,8 @@ from addp.training.data import DigitsDataset, ImageFolderDataset, make_loader
 from addp.runtime.distributed import DistInfo
 from addp.models.registry import AddpError
 from addp.training.stages import ADDPStage, TokenizerStage
-from addp.training.trainer import TrainConfig, Trainer
+from addp.training.config import TrainConfig
+from addp.training.trainer import Trainer
 
 HERE = Path(__file__).parents[1]  # tests/, where dist_worker.py is
 
