@@ -292,13 +292,6 @@ def add_sampler_args(parser: ArgumentParser, prefix: str = "", defaults=None) ->
     parser.add_check(resolve)
 
 
-def sampler_options(config) -> dict:
-    """A SamplerConfig as the keyword arguments of the pipeline's calls."""
-    options = dataclasses.asdict(config)
-    options["num_inference_steps"] = options.pop("steps")
-    return options
-
-
 def sampler_summary(args) -> dict:
     """The sampler settings of a run, for its JSON summary line."""
     return {"sampler": dataclasses.asdict(args.sampler_config), "protocol": args.sampler_protocol}

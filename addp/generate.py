@@ -25,14 +25,15 @@ import torch.distributed as torch_dist
 from PIL import Image
 
 from .cli import (ArgumentParser, add_checkpoint_args, add_runtime_args, add_sampler_args, output_folder,
-                  positive_int, run_command, sampler_options, sampler_summary)
+                  positive_int, run_command, sampler_summary)
 from .runtime.distributed import DistInfo, init_distributed
 from .errors import AddpError
 from .runs.images import save_png
 from .runs.files import atomic_write, sha256_file
 from .runs.lock import FolderLock
 from .runs.npz_stream import NpzImageWriter
-from .sampling.pipeline import ADDPPipeline, to_uint8
+from .sampling.image_io import to_uint8
+from .sampling.pipeline import ADDPPipeline
 from .runtime.precision import autocast, resolve_precision
 from .models.registry import build_model
 
@@ -274,7 +275,7 @@ def _make_batch(args, config, pipe, out: Path, N: int, B: int, b: int) -> int:
     g = torch.Generator(pipe.device).manual_seed(batch_seed(args.seed, b))
     with autocast(args.precision, pipe.device):
         images = pipe(num_images=B, generator=g, output_type="pt", cuda_graph=args.cuda_graph,
-                      compile=args.compile, **sampler_options(config)).images
+                      compile=args.compile, config=config).images
     arr = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
     for i in todo:
         save_png(out / image_name(i), arr[i - indices.start])

@@ -21,11 +21,12 @@ import torch
 from PIL import Image
 
 from .cli import (ArgumentParser, add_checkpoint_args, add_runtime_args, add_sampler_args, existing_file,
-                  load_pipeline, number, output_file, run_command, sampler_options, sampler_summary)
+                  load_pipeline, number, output_file, run_command, sampler_summary)
 from .errors import AddpError
 from .runs.images import save_png
 from .runs.files import check_output_file
-from .sampling.pipeline import mask_tensor, open_image, resize_images, to_uint8
+from .sampling.image_io import mask_tensor, resize_images, to_uint8
+from .runs.images import open_image
 from .runtime.precision import autocast
 
 HOLE_GREY = 128  # how the hole is shown in the side-by-side's input panel
@@ -133,7 +134,7 @@ def main(args) -> dict:
     output = Path(args.output)
 
     pipe = load_pipeline(args)
-    options = dict(sampler_options(args.sampler_config), generator=torch.Generator(pipe.device).manual_seed(args.seed))
+    options = dict(config=args.sampler_config, generator=torch.Generator(pipe.device).manual_seed(args.seed))
     with autocast(args.precision, pipe.device):
         if mode == "inpaint":
             result = pipe.inpaint(image, mask, **options)

@@ -22,7 +22,7 @@ from . import sampling as S
 from .cli import (ArgumentParser, add_checkpoint_args, add_runtime_args, add_sampler_args, load_pipeline,
                   output_file, positive_int, run_command, sampler_summary)
 from .runs.images import save_png
-from .sampling.pipeline import to_uint8
+from .sampling.image_io import to_uint8
 from .runtime.precision import autocast
 
 MIN_TILE = 64  # default --scale: the smallest integer making a tile at least this many pixels

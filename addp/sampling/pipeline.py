@@ -18,7 +18,6 @@ unchanged, bit for bit.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -30,77 +29,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .accelerate import clear_cache
+from .image_io import ImageLike, _image_tensor, _like, mask_tensor, resize_images, to_pil
 from .config import Generators, SamplerConfig, sampler_config
 from .driver import generate
 from .schedule import Schedule
 from .step import StepCallback, check_generators, check_models, denoise, eval_mode
 from ..models.checkpoint import pipeline_models, save_pretrained
-from ..runs.images import open_image, to_8bit, to_rgb
 from ..errors import AddpError
-
-ImageLike = Union[Image.Image, torch.Tensor, str, os.PathLike]
-
-
-# --------------------------------------------------------------------------- image conversion
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) in [0, 1] -> B RGB PIL images (rounded to uint8)."""
-    arr = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arr]
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """(..., H, W) in [0, 1] -> uint8 in [0, 255], rounded to nearest."""
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-def _image_tensor(image: ImageLike) -> tuple[torch.Tensor, bool]:
-    """An image (PIL, path, (3, H, W) or (B, 3, H, W) tensor in [0, 1]) -> ((B, 3, H, W) float, was_pil)."""
-    if isinstance(image, (str, os.PathLike)):
-        image = open_image(image)
-    if isinstance(image, Image.Image):
-        arr = np.asarray(to_rgb(image), dtype=np.uint8)
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1)[None].float() / 255, True
-    if not isinstance(image, torch.Tensor):
-        raise AddpError(f"image must be a PIL image, a path or a tensor, got {type(image).__name__}")
-    x = image[None] if image.dim() == 3 else image
-    if x.dim() != 4 or x.shape[1] != 3:
-        raise AddpError(f"image tensor must be (3, H, W) or (B, 3, H, W), got {tuple(image.shape)}")
-    if x.dtype == torch.uint8:
-        return x.float() / 255, False
-    return x.float(), False
-
-
-def mask_tensor(mask) -> torch.Tensor:
-    """A mask (PIL, path, (H, W) / (1, H, W) / (B, 1, H, W) tensor) -> (1 or B, 1, H, W) bool, True = hole."""
-    if isinstance(mask, (str, os.PathLike)):
-        mask = open_image(mask)
-    if isinstance(mask, Image.Image):
-        m = torch.from_numpy(np.asarray(to_8bit(mask).convert("L"), dtype=np.uint8).copy()) >= 128
-    elif isinstance(mask, torch.Tensor):
-        m = mask if mask.dtype == torch.bool else mask.float() >= 0.5
-    else:
-        raise AddpError(f"mask must be a PIL image, a path or a tensor, got {type(mask).__name__}")
-    while m.dim() < 4:
-        m = m[None]
-    if m.shape[1] != 1:
-        raise AddpError(f"mask must have one channel, got shape {tuple(mask.shape)}")
-    return m
-
-
-def _like(out: torch.Tensor, image, was_pil: bool):
-    """(B, 3, H, W) in [0, 1] -> the kind of ``image``: PIL (a list when B > 1), or a tensor of
-    its rank and dtype (uint8 stays uint8)."""
-    if was_pil:
-        return to_pil(out)[0] if out.shape[0] == 1 else to_pil(out)
-    if image.dtype == torch.uint8:
-        out = to_uint8(out)
-    return out[0] if image.dim() == 3 else out
-
-
-def resize_images(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -203,8 +138,8 @@ class ADDPPipeline:
     @torch.no_grad()
     def __call__(self, num_images: int = 16, num_inference_steps: Optional[int] = None,
                  generator: Generators = None, output_type: str = "pil", return_dict: bool = True,
-                 callback_on_step_end: Optional[Callable] = None, *, protocol: Optional[str] = None,
-                 schedule: Optional[str] = None, temperature: Optional[float] = None,
+                 callback_on_step_end: Optional[Callable] = None, *, config: Optional[SamplerConfig] = None,
+                 protocol: Optional[str] = None, schedule: Optional[str] = None, temperature: Optional[float] = None,
                  temperature_schedule: Optional[str] = None, top_p: Optional[float] = None,
                  parity: Optional[bool] = None, batch_size: Optional[int] = None, progress: bool = False,
                  cuda_graph: Optional[bool] = None, compile: bool = False):
@@ -225,10 +160,12 @@ class ADDPPipeline:
                 ``callback_kwargs`` holds the step's "image" (B, 3, H, W), "ids" (B, L) and
                 "mask" (B, L, True = unreliable); returning a dict replaces any of them for
                 the next step (a mask must keep its number of unreliable positions per row).
+            config: every sampler option as one ``addp.sampling.SamplerConfig`` (what the
+                commands pass), or
             protocol: a named official setting of ``addp.sampling.SAMPLER_PROTOCOLS``
-                ("paper-steps20", "paper-steps256" = the paper's FID protocol).
-            schedule, temperature, temperature_schedule, top_p, parity: sampler options
-                (``addp.sampling.SamplerConfig``); those given replace the protocol's.
+                ("paper-steps20", "paper-steps256" = the paper's FID protocol); not both.
+            num_inference_steps, schedule, temperature, temperature_schedule, top_p, parity:
+                sampler options; those given replace the config's or the protocol's.
             batch_size: images per forward pass (default: all at once); the callback sees
                 each batch's steps in turn.
             progress, cuda_graph, compile: as ``addp.sampling.generate`` (on a GPU each batch
@@ -238,7 +175,7 @@ class ADDPPipeline:
         _check_output_type(output_type)
         images = generate(self.net, self.tokenizer, num_images, generator=generator, batch_size=batch_size,
                             progress=progress, cuda_graph=cuda_graph, compile=compile,
-                            callback=self._step_callback(callback_on_step_end), protocol=protocol,
+                            callback=self._step_callback(callback_on_step_end), config=config, protocol=protocol,
                             steps=num_inference_steps, schedule=schedule, temperature=temperature,
                             temperature_schedule=temperature_schedule, top_p=top_p, parity=parity)
         images = as_output_type(images, output_type)
@@ -248,7 +185,7 @@ class ADDPPipeline:
     @torch.no_grad()
     def inpaint(self, image: ImageLike, mask_image, num_inference_steps: Optional[int] = None,
                 generator: Generators = None, callback_on_step_end: Optional[Callable] = None, *,
-                protocol: Optional[str] = None, schedule: Optional[str] = None,
+                config: Optional[SamplerConfig] = None, protocol: Optional[str] = None, schedule: Optional[str] = None,
                 temperature: Optional[float] = None, temperature_schedule: Optional[str] = None,
                 top_p: Optional[float] = None, parity: Optional[bool] = None):
         """Fill the hole of ``image`` (``mask_image`` True / white) and return the image, of the
@@ -259,7 +196,7 @@ class ADDPPipeline:
         result is resized back before blending. One mask for every image of a batch; a list
         of generators holds one per image. The other arguments are those of ``__call__``.
         """
-        config = sampler_config(protocol=protocol, steps=num_inference_steps, schedule=schedule,
+        config = sampler_config(config, protocol, steps=num_inference_steps, schedule=schedule,
                                   temperature=temperature, temperature_schedule=temperature_schedule,
                                   top_p=top_p, parity=parity)
         x, was_pil = _image_tensor(image)

@@ -12,7 +12,7 @@ import addp
 from addp import inpaint as I
 from addp.training.data import ImageFolderDataset, make_loader
 from addp.runs.images import UnreadableImage, open_image, read_rgb
-from addp.sampling.pipeline import _image_tensor
+from addp.sampling.image_io import _image_tensor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
