@@ -19,7 +19,8 @@ Precision modes (``precisions()``):
 
 Environment: ADDP_BENCH_PRESET (comma list; default small,official on a CPU, base on a GPU),
 ADDP_BENCH_PRECISION (comma list; default fp32,default on a CPU, bf16 on a GPU),
-ADDP_BENCH_BATCH, ADDP_BENCH_STEPS.
+ADDP_BENCH_BATCH, ADDP_BENCH_STEPS; ADDP_BENCH_SMOKE=1 (set by ``pytest --smoke``): one round,
+no warm-up (``rounds``, ``warmups``); ADDP_BENCH_ROUNDS sets the rounds of the op benchmarks too.
 """
 from __future__ import annotations
 
@@ -51,6 +52,17 @@ PRESETS = {
 }
 BATCH = {"small": 32, "official": 2, "base": 64}
 STEPS = int(os.environ.get("ADDP_BENCH_STEPS", 20))
+SMOKE = os.environ.get("ADDP_BENCH_SMOKE") == "1"
+
+
+def rounds(n: int) -> int:
+    """``n`` rounds (ADDP_BENCH_ROUNDS overrides), or one in a smoke run."""
+    return 1 if SMOKE else int(os.environ.get("ADDP_BENCH_ROUNDS", n))
+
+
+def warmups(n: int) -> int:
+    """``n`` warm-up calls, or none in a smoke run."""
+    return 0 if SMOKE else n
 
 
 def _env_list(name: str, default: str) -> list[str]:
@@ -109,8 +121,9 @@ def sync():
 
 def interleaved_times(fns, rounds: int, warmup: int = 1) -> list[list[float]]:
     """Wall times (s) of each fn over ``rounds`` rounds, calling them in turn each round, so
-    that load from other processes hits them alike."""
+    that load from other processes hits them alike (smoke run: one round, no warm-up)."""
     times = [[] for _ in fns]
+    rounds, warmup = (1, 0) if SMOKE else (rounds, warmup)
     for i in range(warmup + rounds):
         for fn, ts in zip(fns, times):
             sync()

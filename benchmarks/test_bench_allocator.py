@@ -21,6 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import presets as P  # noqa: E402
 
+pytestmark = pytest.mark.study  # not in the default selection: --studies, -m study, or name this file
+
 ROUNDS = int(os.environ.get("ADDP_BENCH_ROUNDS", 3))
 STEPS = {"generation": 8, "training": 4}
 

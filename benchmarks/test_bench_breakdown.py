@@ -14,6 +14,7 @@ import statistics
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -22,6 +23,8 @@ from addp.training.stages import ADDPStage
 
 sys.path.insert(0, str(Path(__file__).parent))
 import presets as P  # noqa: E402
+
+pytestmark = pytest.mark.study  # not in the default selection: --studies, -m study, or name this file
 
 PRESET = os.environ.get("ADDP_BENCH_PRESET", "base" if P.DEVICE.type == "cuda" else "official").split(",")[-1]
 ROUNDS = int(os.environ.get("ADDP_BENCH_ROUNDS", 5))

@@ -25,6 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import presets as P  # noqa: E402
 
+pytestmark = pytest.mark.study  # not in the default selection: --studies, -m study, or name this file
+
 ROUNDS = int(os.environ.get("ADDP_BENCH_ROUNDS", 1))
 SIDES = ("torch default", "ours")
 NO_CACHE = {"TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}

@@ -27,6 +27,8 @@ from addp.runtime.precision import native_bf16
 sys.path.insert(0, str(Path(__file__).parent))
 import presets as P  # noqa: E402
 
+pytestmark = pytest.mark.study  # not in the default selection: --studies, -m study, or name this file
+
 ROUNDS = int(os.environ.get("ADDP_BENCH_ROUNDS", 3))
 PRESET = "official"
 SIDES = {"reference": {"ADDP_MALLOC": "system"}, "ours": {}, "ours-compiled": {}}

@@ -4,21 +4,28 @@ SiLU (vs torch's eager GroupNorm then SiLU, and vs the same two compiled by indu
 Winograd 3x3 convolution (vs torch's channels-last convolution, oneDNN's direct algorithm).
 
 The reference is timed in the same run, interleaved with the compiled op (one call each per
-round), so that load from other processes on the machine hits both alike.
+round), so that load from other processes on the machine hits both alike. Each test's ratio
+(reference median / op median) is checked against its floor in benchmarks/floors.csv.
 """
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from addp.ops import codebook_weighted_sum, codebook_weighted_sum_reference, has_compiled_ops
 
+sys.path.insert(0, str(Path(__file__).parent))
+import presets as P  # noqa: E402
+
 B, L, K, D = 64, 64, 512, 64
 
 
 def _interleaved_medians(fns, args, rounds=60, warmup=3):
     times = [[] for _ in fns]
+    rounds, warmup = P.rounds(rounds), P.warmups(warmup)
     for i in range(warmup + rounds):
         for fn, ts in zip(fns, times):
             t0 = time.perf_counter()
@@ -30,30 +37,26 @@ def _interleaved_medians(fns, args, rounds=60, warmup=3):
 
 @pytest.mark.skipif(not has_compiled_ops(), reason="addp._C is not built")
 @pytest.mark.parametrize("masked", [False, True], ids=["mask_none", "mask_50pct"])
-def test_bench_codebook_weighted_sum_cpu(benchmark, report_ratio, masked):
+def test_bench_codebook_weighted_sum_cpu(benchmark, report_ratio, slow_ours, masked):
     g = torch.Generator().manual_seed(0)
     logits, codebook = torch.randn(B, L, K, generator=g), torch.randn(K, D, generator=g)
     ids = torch.randint(0, K, (B, L), generator=g) if masked else None
     mask = torch.rand(B, L, generator=g) < 0.5 if masked else None
     args = (logits, codebook, ids, mask, 1.0)
 
+    @slow_ours
     def compiled(*a):
         return codebook_weighted_sum(*a, backend="cpu")
 
     benchmark.group = f"codebook_weighted_sum B={B} L={L} K={K} D={D} fp32"
     benchmark.pedantic(compiled, args=args, rounds=30, iterations=3, warmup_rounds=1)
     ref_s, op_s = _interleaved_medians([codebook_weighted_sum_reference, compiled], args)
-    ratio = ref_s / op_s
-    detail = f"(reference {ref_s * 1e3:.2f} ms, cpu {op_s * 1e3:.2f} ms, medians, {torch.get_num_threads()} threads)"
-    benchmark.extra_info.update(reference_ms=ref_s * 1e3, cpu_ms=op_s * 1e3, speedup=ratio)
-    report_ratio(f"codebook_weighted_sum cpu, {'50% mask' if masked else 'no mask'}", ratio, detail)
-    print(f"speedup {ratio:.2f}x {detail}")
-    assert ratio >= 0.9, f"compiled CPU op is slower than the reference: {ratio:.2f}x {detail}"
+    _report(benchmark, report_ratio, f"codebook_weighted_sum cpu, {'50% mask' if masked else 'no mask'}", ref_s, op_s)
 
 
 # --------------------------------------------------------------------------- Gumbel top-k unmasking
 @pytest.mark.skipif(not has_compiled_ops(), reason="addp._C is not built")
-def test_bench_gumbel_topk_unmask_cpu(benchmark, report_ratio):
+def test_bench_gumbel_topk_unmask_cpu(benchmark, report_ratio, slow_ours):
     """Whole step incl. the noise draw (torch.rand, same in both), 60% positions unreliable."""
     from addp.ops import gumbel_topk_unmask
     g = torch.Generator().manual_seed(0)
@@ -66,13 +69,14 @@ def test_bench_gumbel_topk_unmask_cpu(benchmark, report_ratio):
                                           backend=backend)
 
     benchmark.group = f"gumbel_topk_unmask B={B} L={L} K={K} fp32"
-    benchmark.pedantic(run("cpu"), rounds=20, iterations=3, warmup_rounds=1)
-    ref_s, op_s = _interleaved_medians([run("reference"), run("cpu")], (), rounds=30)
+    ours = slow_ours(run("cpu"))
+    benchmark.pedantic(ours, rounds=20, iterations=3, warmup_rounds=1)
+    ref_s, op_s = _interleaved_medians([run("reference"), ours], (), rounds=30)
     _report(benchmark, report_ratio, "gumbel_topk_unmask cpu", ref_s, op_s)
 
 
 @pytest.mark.skipif(not has_compiled_ops(), reason="addp._C is not built")
-def test_bench_gumbel_topk_unmask_kernel_cpu(benchmark, report_ratio):
+def test_bench_gumbel_topk_unmask_kernel_cpu(benchmark, report_ratio, slow_ours):
     """The step given its noise: the kernel vs the reference on the same uniforms (torch's CPU
     generator, one thread, takes most of the whole step above; both sides draw alike)."""
     from addp.ops import gumbel_topk_unmask_reference
@@ -84,15 +88,15 @@ def test_bench_gumbel_topk_unmask_kernel_cpu(benchmark, report_ratio):
     args = (logits, u1, u2, ids, mask, torch.tensor(L // 3), 3.0, None)
 
     benchmark.group = f"gumbel_topk_unmask kernel B={B} L={L} K={K} fp32"
-    benchmark.pedantic(torch.ops.addp.gumbel_topk_unmask, args=args, rounds=20, iterations=3, warmup_rounds=1)
-    ref_s, op_s = _interleaved_medians([gumbel_topk_unmask_reference, torch.ops.addp.gumbel_topk_unmask], args,
-                                       rounds=30)
+    ours = slow_ours(torch.ops.addp.gumbel_topk_unmask)
+    benchmark.pedantic(ours, args=args, rounds=20, iterations=3, warmup_rounds=1)
+    ref_s, op_s = _interleaved_medians([gumbel_topk_unmask_reference, ours], args, rounds=30)
     _report(benchmark, report_ratio, "gumbel_topk_unmask cpu, noise given", ref_s, op_s)
 
 
 # --------------------------------------------------------------------------- soft-target cross entropy
 @pytest.mark.skipif(not has_compiled_ops(), reason="addp._C is not built")
-def test_bench_soft_target_cross_entropy_cpu(benchmark, report_ratio):
+def test_bench_soft_target_cross_entropy_cpu(benchmark, report_ratio, slow_ours):
     """Forward + backward, V = K + 2, 50% positions masked."""
     from addp.ops import soft_target_cross_entropy
     g = torch.Generator().manual_seed(0)
@@ -107,8 +111,9 @@ def test_bench_soft_target_cross_entropy_cpu(benchmark, report_ratio):
         return step
 
     benchmark.group = f"soft_target_cross_entropy fwd+bwd B={B} L={L} V={K + 2} fp32"
-    benchmark.pedantic(run("cpu"), rounds=20, iterations=3, warmup_rounds=1)
-    ref_s, op_s = _interleaved_medians([run("reference"), run("cpu")], (), rounds=30)
+    ours = slow_ours(run("cpu"))
+    benchmark.pedantic(ours, rounds=20, iterations=3, warmup_rounds=1)
+    ref_s, op_s = _interleaved_medians([run("reference"), ours], (), rounds=30)
     _report(benchmark, report_ratio, "soft_target_cross_entropy fwd+bwd cpu", ref_s, op_s)
 
 
@@ -116,7 +121,7 @@ def test_bench_soft_target_cross_entropy_cpu(benchmark, report_ratio):
 @pytest.mark.skipif(not has_compiled_ops(), reason="addp._C is not built")
 @pytest.mark.parametrize("shape,dtype", [((2, 4, 385, 385), torch.float32), ((2, 257, 768), torch.bfloat16)],
                          ids=["attention_probs_fp32", "mlp_hidden_bf16"])
-def test_bench_dropout_cpu(benchmark, report_ratio, shape, dtype):
+def test_bench_dropout_cpu(benchmark, report_ratio, slow_ours, shape, dtype):
     """Forward + backward, p = 0.1, vs torch's dropout (what runs without the kernel), on the
     official layout's shapes at CPU widths: the ADDP decoder's attention probabilities (batch 2,
     4 heads, 385 slots) and an MLP hidden layer under bf16."""
@@ -127,7 +132,7 @@ def test_bench_dropout_cpu(benchmark, report_ratio, shape, dtype):
     def run(fn):
         return lambda: torch.autograd.grad(fn(x), x, grad)
 
-    theirs, ours = run(lambda t: torch.nn.functional.dropout(t, 0.1, True)), run(lambda t: dropout(t, 0.1))
+    theirs, ours = run(lambda t: torch.nn.functional.dropout(t, 0.1, True)), slow_ours(run(lambda t: dropout(t, 0.1)))
     benchmark.group = f"dropout fwd+bwd {tuple(shape)} {dtype}"
     benchmark.pedantic(ours, rounds=20, iterations=3, warmup_rounds=1)
     ref_s, op_s = _interleaved_medians([theirs, ours], (), rounds=30)
@@ -138,7 +143,7 @@ def test_bench_dropout_cpu(benchmark, report_ratio, shape, dtype):
 @pytest.mark.skipif(not has_compiled_ops(), reason="addp._C is not built")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("against", ["eager", "inductor"])
-def test_bench_group_norm_silu_cpu(benchmark, report_ratio, dtype, against):
+def test_bench_group_norm_silu_cpu(benchmark, report_ratio, slow_ours, dtype, against):
     """silu(group_norm(x)) at the full-resolution level of the MAGE VQGAN at CPU width
     (batch 2, 32 channels, 256 x 256, channels-last, 32 groups), vs torch's eager ops (their
     statistics in float32, as under autocast) or the two compiled by inductor."""
@@ -151,7 +156,7 @@ def test_bench_group_norm_silu_cpu(benchmark, report_ratio, dtype, against):
         return torch.nn.functional.silu(torch.nn.functional.group_norm(t.float(), 32, w, b, 1e-6))
 
     theirs = torch.compile(torch_ops) if against == "inductor" else torch_ops
-    ours = lambda t: group_norm_silu(t, w, b, 32, 1e-6)  # noqa: E731
+    ours = slow_ours(lambda t: group_norm_silu(t, w, b, 32, 1e-6))
     with torch.no_grad():
         theirs(x)
         benchmark.group = f"group_norm_silu {tuple(x.shape)} {dtype}"
@@ -162,7 +167,7 @@ def test_bench_group_norm_silu_cpu(benchmark, report_ratio, dtype, against):
 
 @pytest.mark.skipif(not has_compiled_ops(), reason="addp._C is not built")
 @pytest.mark.skipif(not torch.cpu.get_capabilities().get("avx512_bf16"), reason="the CPU has no AVX512-BF16")
-def test_bench_group_norm_silu_bf16_rounding(benchmark, report_ratio, monkeypatch):
+def test_bench_group_norm_silu_bf16_rounding(benchmark, report_ratio, slow_ours, monkeypatch):
     """The bf16 kernel rounding its outputs with AVX512-BF16's conversion instruction vs the
     same AVX-512 kernel rounding with integer vector steps (ADDP_CPU_ISA=avx512, read per
     call); one thread, the size of the 128 px level (batch 2, 32 channels, channels-last)."""
@@ -185,8 +190,9 @@ def test_bench_group_norm_silu_bf16_rounding(benchmark, report_ratio, monkeypatc
     try:
         assert torch.equal(with_isa("avx512")(x), with_isa(None)(x))
         benchmark.group = f"group_norm_silu bf16 rounding {tuple(x.shape)}"
-        benchmark.pedantic(with_isa(None), args=(x,), rounds=20, iterations=3, warmup_rounds=1)
-        ref_s, op_s = _interleaved_medians([with_isa("avx512"), with_isa(None)], (x,), rounds=100)
+        ours = slow_ours(with_isa(None))
+        benchmark.pedantic(ours, args=(x,), rounds=20, iterations=3, warmup_rounds=1)
+        ref_s, op_s = _interleaved_medians([with_isa("avx512"), ours], (x,), rounds=100)
         _report(benchmark, report_ratio, f"group_norm_silu bf16, AVX512-BF16 rounding vs integer rounding, "
                 f"{tuple(x.shape)}", ref_s, op_s)
     finally:
@@ -197,7 +203,7 @@ def test_bench_group_norm_silu_bf16_rounding(benchmark, report_ratio, monkeypatc
 @pytest.mark.skipif(not has_compiled_ops(), reason="addp._C is not built")
 @pytest.mark.parametrize("C,K,H", [(32, 32, 256), (64, 64, 64), (128, 128, 16), (128, 128, 256)],
                          ids=["32ch_256px", "64ch_64px", "128ch_16px", "128ch_256px"])
-def test_bench_conv3x3_winograd_cpu(benchmark, report_ratio, C, K, H):
+def test_bench_conv3x3_winograd_cpu(benchmark, report_ratio, slow_ours, C, K, H):
     """The VQ decoder's convolutions, fp32, batch 2, channels-last: the levels of the MAGE
     VQGAN at CPU width (ch=32: 32 channels at 256 px, 64 at 64 px, 128 at 16 px) and its
     widest kernel-eligible level at full width (ch=128: 128 channels at 256 px). The transformed
@@ -211,6 +217,7 @@ def test_bench_conv3x3_winograd_cpu(benchmark, report_ratio, C, K, H):
     def theirs(t):
         return torch.nn.functional.conv2d(t, w, b, padding=1)
 
+    @slow_ours
     def ours(t):
         return conv3x3(t, w, b, u=u)
 
@@ -224,7 +231,7 @@ def test_bench_conv3x3_winograd_cpu(benchmark, report_ratio, C, K, H):
 
 @pytest.mark.skipif(not has_compiled_ops(), reason="addp._C is not built")
 @pytest.mark.parametrize("against", ["oneDNN", "winograd"])
-def test_bench_upsample_conv3x3_cpu(benchmark, report_ratio, against):
+def test_bench_upsample_conv3x3_cpu(benchmark, report_ratio, slow_ours, against):
     """The decoder's upsampling layer at the ch=32 layout's 256 px level (32 channels, 128 ->
     256 px, batch 2, fp32): the kernel reading the low-resolution input in place against the
     nearest-upsampled tensor built by F.interpolate, then convolved by oneDNN or by the
@@ -239,6 +246,7 @@ def test_bench_upsample_conv3x3_cpu(benchmark, report_ratio, against):
         up = torch.nn.functional.interpolate(t, scale_factor=2.0, mode="nearest")
         return torch.nn.functional.conv2d(up, w, b, padding=1) if against == "oneDNN" else conv3x3(up, w, b, u=u)
 
+    @slow_ours
     def ours(t):
         return conv3x3(t, w, b, u=u, upsample=True)
 
@@ -250,13 +258,10 @@ def test_bench_upsample_conv3x3_cpu(benchmark, report_ratio, against):
             ref_s, op_s)
 
 
-MIN_RATIO = 0.9  # fail when the compiled op is more than 10% slower than the reference
-
-
 def _report(benchmark, report_ratio, name, ref_s, op_s):
+    """Record the ratio (checked against its floor in benchmarks/floors.csv after the test)."""
     ratio = ref_s / op_s
     detail = f"(reference {ref_s * 1e3:.2f} ms, cpu {op_s * 1e3:.2f} ms, medians, {torch.get_num_threads()} threads)"
     benchmark.extra_info.update(reference_ms=ref_s * 1e3, cpu_ms=op_s * 1e3, speedup=ratio)
     report_ratio(name, ratio, detail)
     print(f"{name}: speedup {ratio:.2f}x {detail}")
-    assert ratio >= MIN_RATIO, f"{name} is slower than the reference: {ratio:.2f}x {detail}"

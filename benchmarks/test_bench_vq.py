@@ -149,6 +149,7 @@ def _report(title, variants, times, report_ratio):
             report_ratio(f"{title.split(',')[0]}: {name} vs plain", base / m, f"({m * 1e3:.0f} ms vs {base * 1e3:.0f} ms)")
 
 
+@pytest.mark.study
 @pytest.mark.parametrize("part", ["decoder", "encoder"])
 def test_bench_vq(report_ratio, part):
     torch.manual_seed(0)
