@@ -42,7 +42,7 @@ class Run:
         self.floors = F.load(self.floors_path)
         self.device_class = F.device_class()
         self.ratios: list[dict] = []
-        self.outcomes: dict[str, str] = {}
+        self.outcomes: dict[str, dict] = {}  # test id -> {"outcome", "seconds"}
         self.started = time.time()
         self.load_at_start = os.getloadavg()
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(self.started))
@@ -65,8 +65,8 @@ class Run:
 
     def summary(self, exitstatus) -> dict:
         counts = {}
-        for outcome in self.outcomes.values():
-            counts[outcome] = counts.get(outcome, 0) + 1
+        for test in self.outcomes.values():
+            counts[test["outcome"]] = counts.get(test["outcome"], 0) + 1
         return {"command": sys.argv, "started": _iso(self.started), "seconds": round(time.time() - self.started, 1),
                 "exit_status": int(exitstatus), "smoke": self.smoke, "floors_table": str(self.floors_path),
                 "machine": machine(self.device_class, self.load_at_start), "tests": counts,
@@ -193,9 +193,9 @@ def pytest_pyfunc_call(pyfuncitem):
 
 def pytest_runtest_logreport(report):
     if report.when == "call":
-        _RUN.outcomes[report.nodeid] = report.outcome
+        _RUN.outcomes[report.nodeid] = {"outcome": report.outcome, "seconds": round(report.duration, 1)}
     elif report.outcome != "passed":  # skipped at setup, or an error in setup / teardown
-        _RUN.outcomes[report.nodeid] = "skipped" if report.skipped else "error"
+        _RUN.outcomes[report.nodeid] = {"outcome": "skipped" if report.skipped else "error", "seconds": 0.0}
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -208,8 +208,8 @@ def pytest_terminal_summary(terminalreporter, config):
     if run.ratios:
         terminalreporter.section(f"speed ratios (reference time / ours), floors of class {run.device_class}")
         for r in run.ratios:
-            floor = "no floor" if r["floor"] is None else f"floor {r['floor']:.2f}x"
-            terminalreporter.write_line(f"{r['name']}: {r['ratio']:.2f}x  [{floor}: {r['status']}]  {r['detail']}")
+            floor = "" if r["floor"] is None else f"floor {r['floor']:.2f}x: "
+            terminalreporter.write_line(f"{r['name']}: {r['ratio']:.2f}x  [{floor}{r['status']}]  {r['detail']}")
         failed = [r["reason"] for r in run.ratios if r["status"] == "fail"]
         for reason in failed:
             terminalreporter.write_line(f"BELOW FLOOR {reason}", red=True)

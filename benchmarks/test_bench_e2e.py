@@ -39,7 +39,7 @@ import reference_loop as R  # noqa: E402
 
 DEVICE = P.DEVICE
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}  # bf16 dense
-ROUNDS = {"small": (8, 10), "official": (3, 5), "base": (10, 20)}  # (generation, training step)
+ROUNDS = {"small": (3, 5), "official": (2, 3), "base": (10, 20)}  # (generation, training step)
 if os.environ.get("ADDP_BENCH_ROUNDS"):
     ROUNDS = {k: (int(os.environ["ADDP_BENCH_ROUNDS"]),) * 2 for k in ROUNDS}
 
@@ -97,8 +97,7 @@ def test_bench_generation(benchmark, report_ratio, slow_ours, preset, compile, p
 
     label = f"{precision} (ours {P.our_precision(precision)}, reference {_name(ref_amp)})"
     benchmark.group = f"generation {preset} B={B} T={T} {label} {DEVICE.type}"
-    benchmark.pedantic(ours(), rounds=1 if preset == "official" else 3, iterations=1,
-                       warmup_rounds=0 if preset == "official" else 1)
+    benchmark.pedantic(ours(), rounds=1 if preset == "official" else 2, iterations=1, warmup_rounds=0)
     fns = [reference, ours()] + ([ours(cuda_graph=False)] if DEVICE.type == "cuda" else [])
     rounds = P.interleaved_times(fns, ROUNDS[preset][0])
     times = [statistics.median(ts) for ts in rounds]
@@ -154,8 +153,7 @@ def test_bench_training_step(benchmark, report_ratio, slow_ours, preset, compile
 
     label = f"{precision} (ours {ours_precision}, reference {_name(ref_amp)})"
     benchmark.group = f"training step {preset} B={B} {label} {DEVICE.type}"
-    benchmark.pedantic(ours, rounds=2 if preset == "official" else 5, iterations=1,
-                       warmup_rounds=0 if preset == "official" else 1)
+    benchmark.pedantic(ours, rounds=1 if preset == "official" else 3, iterations=1, warmup_rounds=0)
     rounds = P.interleaved_times([reference, ours], ROUNDS[preset][1])
     ref_s, our_s = (statistics.median(ts) for ts in rounds)
     detail = (f"(reference {B / ref_s:.2f} img/s, ours {B / our_s:.2f} img/s, B={B}, {label}, "

@@ -23,7 +23,7 @@ import presets as P  # noqa: E402
 B, L, K, D = 64, 64, 512, 64
 
 
-def _interleaved_medians(fns, args, rounds=60, warmup=3):
+def _interleaved_medians(fns, args, rounds=30, warmup=2):
     times = [[] for _ in fns]
     rounds, warmup = P.rounds(rounds), P.warmups(warmup)
     for i in range(warmup + rounds):
@@ -49,7 +49,7 @@ def test_bench_codebook_weighted_sum_cpu(benchmark, report_ratio, slow_ours, mas
         return codebook_weighted_sum(*a, backend="cpu")
 
     benchmark.group = f"codebook_weighted_sum B={B} L={L} K={K} D={D} fp32"
-    benchmark.pedantic(compiled, args=args, rounds=30, iterations=3, warmup_rounds=1)
+    benchmark.pedantic(compiled, args=args, rounds=10, iterations=3, warmup_rounds=1)
     ref_s, op_s = _interleaved_medians([codebook_weighted_sum_reference, compiled], args)
     _report(benchmark, report_ratio, f"codebook_weighted_sum cpu, {'50% mask' if masked else 'no mask'}", ref_s, op_s)
 
@@ -70,8 +70,8 @@ def test_bench_gumbel_topk_unmask_cpu(benchmark, report_ratio, slow_ours):
 
     benchmark.group = f"gumbel_topk_unmask B={B} L={L} K={K} fp32"
     ours = slow_ours(run("cpu"))
-    benchmark.pedantic(ours, rounds=20, iterations=3, warmup_rounds=1)
-    ref_s, op_s = _interleaved_medians([run("reference"), ours], (), rounds=30)
+    benchmark.pedantic(ours, rounds=10, iterations=3, warmup_rounds=1)
+    ref_s, op_s = _interleaved_medians([run("reference"), ours], (), rounds=20)
     _report(benchmark, report_ratio, "gumbel_topk_unmask cpu", ref_s, op_s)
 
 
@@ -89,8 +89,8 @@ def test_bench_gumbel_topk_unmask_kernel_cpu(benchmark, report_ratio, slow_ours)
 
     benchmark.group = f"gumbel_topk_unmask kernel B={B} L={L} K={K} fp32"
     ours = slow_ours(torch.ops.addp.gumbel_topk_unmask)
-    benchmark.pedantic(ours, args=args, rounds=20, iterations=3, warmup_rounds=1)
-    ref_s, op_s = _interleaved_medians([gumbel_topk_unmask_reference, ours], args, rounds=30)
+    benchmark.pedantic(ours, args=args, rounds=10, iterations=3, warmup_rounds=1)
+    ref_s, op_s = _interleaved_medians([gumbel_topk_unmask_reference, ours], args, rounds=20)
     _report(benchmark, report_ratio, "gumbel_topk_unmask cpu, noise given", ref_s, op_s)
 
 
@@ -112,8 +112,8 @@ def test_bench_soft_target_cross_entropy_cpu(benchmark, report_ratio, slow_ours)
 
     benchmark.group = f"soft_target_cross_entropy fwd+bwd B={B} L={L} V={K + 2} fp32"
     ours = slow_ours(run("cpu"))
-    benchmark.pedantic(ours, rounds=20, iterations=3, warmup_rounds=1)
-    ref_s, op_s = _interleaved_medians([run("reference"), ours], (), rounds=30)
+    benchmark.pedantic(ours, rounds=10, iterations=3, warmup_rounds=1)
+    ref_s, op_s = _interleaved_medians([run("reference"), ours], (), rounds=20)
     _report(benchmark, report_ratio, "soft_target_cross_entropy fwd+bwd cpu", ref_s, op_s)
 
 
@@ -134,8 +134,8 @@ def test_bench_dropout_cpu(benchmark, report_ratio, slow_ours, shape, dtype):
 
     theirs, ours = run(lambda t: torch.nn.functional.dropout(t, 0.1, True)), slow_ours(run(lambda t: dropout(t, 0.1)))
     benchmark.group = f"dropout fwd+bwd {tuple(shape)} {dtype}"
-    benchmark.pedantic(ours, rounds=20, iterations=3, warmup_rounds=1)
-    ref_s, op_s = _interleaved_medians([theirs, ours], (), rounds=30)
+    benchmark.pedantic(ours, rounds=10, iterations=3, warmup_rounds=1)
+    ref_s, op_s = _interleaved_medians([theirs, ours], (), rounds=20)
     _report(benchmark, report_ratio, f"dropout fwd+bwd cpu vs torch, {tuple(shape)} {dtype}", ref_s, op_s)
 
 
@@ -160,8 +160,8 @@ def test_bench_group_norm_silu_cpu(benchmark, report_ratio, slow_ours, dtype, ag
     with torch.no_grad():
         theirs(x)
         benchmark.group = f"group_norm_silu {tuple(x.shape)} {dtype}"
-        benchmark.pedantic(ours, args=(x,), rounds=20, iterations=3, warmup_rounds=1)
-        ref_s, op_s = _interleaved_medians([theirs, ours], (x,), rounds=30)
+        benchmark.pedantic(ours, args=(x,), rounds=10, iterations=3, warmup_rounds=1)
+        ref_s, op_s = _interleaved_medians([theirs, ours], (x,), rounds=20)
     _report(benchmark, report_ratio, f"group_norm_silu cpu vs torch {against}, {tuple(x.shape)} {dtype}", ref_s, op_s)
 
 
@@ -191,8 +191,8 @@ def test_bench_group_norm_silu_bf16_rounding(benchmark, report_ratio, slow_ours,
         assert torch.equal(with_isa("avx512")(x), with_isa(None)(x))
         benchmark.group = f"group_norm_silu bf16 rounding {tuple(x.shape)}"
         ours = slow_ours(with_isa(None))
-        benchmark.pedantic(ours, args=(x,), rounds=20, iterations=3, warmup_rounds=1)
-        ref_s, op_s = _interleaved_medians([with_isa("avx512"), ours], (x,), rounds=100)
+        benchmark.pedantic(ours, args=(x,), rounds=10, iterations=3, warmup_rounds=1)
+        ref_s, op_s = _interleaved_medians([with_isa("avx512"), ours], (x,), rounds=40)
         _report(benchmark, report_ratio, f"group_norm_silu bf16, AVX512-BF16 rounding vs integer rounding, "
                 f"{tuple(x.shape)}", ref_s, op_s)
     finally:
@@ -221,7 +221,7 @@ def test_bench_conv3x3_winograd_cpu(benchmark, report_ratio, slow_ours, C, K, H)
     def ours(t):
         return conv3x3(t, w, b, u=u)
 
-    rounds = 5 if H * H * C >= 128 * 256 * 256 else 30
+    rounds = 5 if H * H * C >= 128 * 256 * 256 else 20
     with torch.no_grad():
         benchmark.group = f"conv3x3 {tuple(x.shape)} -> {K} fp32"
         benchmark.pedantic(ours, args=(x,), rounds=rounds, iterations=1, warmup_rounds=1)
@@ -252,8 +252,8 @@ def test_bench_upsample_conv3x3_cpu(benchmark, report_ratio, slow_ours, against)
 
     with torch.no_grad():
         benchmark.group = f"upsample + conv3x3 {tuple(x.shape)} fp32"
-        benchmark.pedantic(ours, args=(x,), rounds=30, iterations=1, warmup_rounds=1)
-        ref_s, op_s = _interleaved_medians([theirs, ours], (x,), rounds=30)
+        benchmark.pedantic(ours, args=(x,), rounds=10, iterations=1, warmup_rounds=1)
+        ref_s, op_s = _interleaved_medians([theirs, ours], (x,), rounds=20)
     _report(benchmark, report_ratio, f"upsample + conv3x3 in place vs interpolate + {against}, {tuple(x.shape)}",
             ref_s, op_s)
 
