@@ -24,6 +24,7 @@ CE = "test_bench_ops.py::test_bench_soft_target_cross_entropy_cpu"  # 3-4x its r
 
 def _pytest(*args, env=None, timeout=300):
     clean = {k: v for k, v in os.environ.items() if k not in OWN_ENV}
+    clean["COLUMNS"] = "1000"  # pytest's short summary keeps the whole failure line
     return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args], cwd=ROOT,
                           env={**clean, **(env or {})}, capture_output=True, text=True, timeout=timeout)
 
