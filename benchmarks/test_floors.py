@@ -119,7 +119,7 @@ def test_slowed_op_fails_its_floor_with_one_line(tmp_path):
                      env={**env, "ADDP_BENCH_SLOW_OURS": "soft_target_cross_entropy"})
     assert slowed.returncode == 1, slowed.stdout[-2000:]
     line = next(line for line in slowed.stdout.splitlines() if line.startswith("FAILED"))
-    assert re.fullmatch(rf"FAILED benchmarks/{re.escape(CE)} - {re.escape(CE)}: ratio 0\.\d\dx is below its floor "
+    assert re.fullmatch(rf"FAILED benchmarks/{re.escape(CE)} - (Failed: )?{re.escape(CE)}: ratio 0\.\d\dx is below its floor "
                         rf"1\.00x \(class {cls}, floors\.csv\)", line), line
     summary = json.loads((tmp_path / "slowed.json").read_text())
     assert summary["exit_status"] == 1 and summary["outcomes"][f"benchmarks/{CE}"]["outcome"] == "failed"
