@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BUILT = [p for s in importlib.machinery.EXTENSION_SUFFIXES for p in (ROOT / "addp").glob(f"_C{s}")]
 
 
