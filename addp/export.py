@@ -19,7 +19,7 @@ ResNet-50 ADDP the file is timm's resnet50 layout (`timm.create_model("resnet50"
 `torch-export` and `onnx` write the same network as one program on images in [0, 1]
 (B, 3, H, W) with a dynamic batch size: pooled features (B, C), or logits with
 `--keep-head`. `torch.export.load("vit.pt2").module()(images)` runs it; the ONNX file needs
-`pip install onnx onnxscript` to write and any ONNX runtime to run. Before a program is
+`pip install "addp[onnx]"` (onnx, onnxscript) to write and any ONNX runtime to run. Before a program is
 written its output is checked against the eager model's.
 """
 from __future__ import annotations
@@ -38,6 +38,7 @@ from .models.classifier import (GLOBAL_POOLS, ClassifierConfig, CNNClassifier, b
 from .cli import ArgumentParser, existing_path, output_file, positive_int, run_command
 from .errors import AddpError
 from .runs.files import atomic_write
+from .runtime.extras import require
 
 FORMATS = ("timm", "torch-export", "onnx")
 CHECK_TOLERANCE = 1e-4  # largest |exported - eager| accepted before writing a program
@@ -144,11 +145,9 @@ def write_program(model: torch.nn.Module, image_size: int, output, fmt: str) -> 
         with torch.no_grad():
             _check(program.module()(images), eager, "exported program")
         return atomic_write(output, lambda tmp: _save_pt2(program, tmp))
-    try:
-        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
-        onnx_program = torch.onnx.export(program, dynamo=True, external_data=False, verbose=False)
-    except ImportError as e:
-        raise AddpError(f"ONNX export needs onnx and onnxscript ({e}); pip install onnx onnxscript") from None
+    require("onnx", "ONNX export")
+    require("onnxscript", "ONNX export")  # torch.onnx's exporter needs both
+    onnx_program = torch.onnx.export(program, dynamo=True, external_data=False, verbose=False)
     try:
         import onnxruntime  # noqa: F401
         _check(onnx_program(images)[0], eager, "ONNX program")

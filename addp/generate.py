@@ -32,6 +32,7 @@ from .runs.images import save_png
 from .runs.files import atomic_write, sha256_file
 from .runs.lock import FolderLock
 from .runs.npz_stream import NpzImageWriter
+from .runs.progress import Progress
 from .sampling.image_io import to_uint8
 from .sampling.pipeline import ADDPPipeline
 from .runtime.precision import autocast, resolve_precision
@@ -253,11 +254,10 @@ def _generate(args, config, out: Path, N: int, B: int, dist: DistInfo, lock: Fol
 def _make_batches(args, config, pipe, out: Path, N: int, B: int, todo: list[int], dist: DistInfo) -> int:
     """Rank r makes batches todo[r], todo[r + world], ...; the ranks meet after every round so
     that rank 0's bar counts everyone's images. Returns the number of PNGs written."""
-    from tqdm.auto import tqdm
     rounds = -(-len(todo) // dist.world_size)
     done_before = N - sum(len(batch_range(b, B, N)) for b in todo)
     made = 0
-    with tqdm(total=N, initial=done_before, desc="generating", unit="img", disable=not dist.is_main) as bar:
+    with Progress(total=N, initial=done_before, desc="generating", unit="img", disable=not dist.is_main) as bar:
         for r in range(rounds):
             k = r * dist.world_size + dist.rank
             written = 0

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ..errors import AddpError
 from ..runs.files import sha256_file
+from ..runtime.extras import require
 
 
 METRICS = ("fid", "isc", "kid", "prc")
@@ -36,6 +37,7 @@ def classifier_extractor_class(model: nn.Module):
     Features "features" (the head's input, for FID/KID/PRC) and "logits" (for IS), computed
     on uint8 images resized to the classifier's input size.
     """
+    require("torch_fidelity", "a classifier's features for the metrics")
     from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
     class ClassifierFeatures(FeatureExtractorBase):
@@ -107,6 +109,7 @@ class Features:
 
     def __init__(self, metrics, classifier: nn.Module | None = None, inception_weights_path: str | None = None,
                  cuda: bool = False):
+        require("torch_fidelity", "computing FID, KID, IS or precision/recall")
         from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
         from torch_fidelity.utils import create_feature_extractor
         if classifier is not None:

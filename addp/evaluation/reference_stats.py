@@ -42,6 +42,9 @@ class ReferenceStats:
     @classmethod
     def from_features(cls, features: np.ndarray, **meta) -> "ReferenceStats":
         import torch
+
+        from ..runtime.extras import require
+        require("torch_fidelity", "reference statistics")
         from torch_fidelity.metric_fid import fid_features_to_statistics
         stats = fid_features_to_statistics(torch.from_numpy(features))
         return cls(np.asarray(stats["mu"], np.float64), np.asarray(stats["sigma"], np.float64), features,

@@ -6,6 +6,7 @@ Parameter names follow the official MAGE/ADDP code (`norm1`, `attn.qkv`, `attn.p
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 
 from .. import ops
+from ..runtime.extras import missing
 
 log = logging.getLogger(__name__)
 
@@ -98,17 +100,21 @@ def xformers_ops(device: torch.device):
     """
     kind = torch.device(device).type
     if kind not in _XFORMERS:
+        _XFORMERS[kind] = None
+        if importlib.util.find_spec("xformers") is None:
+            log.warning("addp: %s; using torch's scaled_dot_product_attention",
+                        missing("xformers", "xformers attention"))
+            return None
         try:
             import xformers.ops as xops
 
             q = torch.zeros(1, 8, 1, 16, device=device, dtype=torch.float16 if kind == "cuda" else torch.float32)
             xops.memory_efficient_attention(q, q, q)
             _XFORMERS[kind] = xops
-        except Exception as exc:  # ImportError, or kernels that do not load / run here
+        except Exception as exc:  # kernels that do not load / run here
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             log.warning("addp: xformers attention unavailable on %s (%s); using torch's "
                         "scaled_dot_product_attention", kind, reason)
-            _XFORMERS[kind] = None
     return _XFORMERS[kind]
 
 

@@ -2,7 +2,7 @@
 
     import addp, timm
     backbone = timm.create_model("addp_vit_base_patch16", pretrained=True, features_only=True)
-    maps = backbone(normalised_images)    # [(B, 768, H/16, W/16)]: the last block, a ViTDet neck's input
+    maps = backbone(normalised_images)    # the last three blocks, (B, 768, H/16, W/16) each, as timm's ViTs
 
 timm name                      what                                          pretrained file (Hub Changyao/ADDP)
 addp_vit_base_patch16          encoder of our preset addp_vit_base_patch16   addp-vit-base-16.pth
@@ -46,7 +46,7 @@ MODELS = {
     "addp_vit_large_patch16_cls": ("vit_large_patch16_cls", "addp-vit-large-16.pth"),
     "addp_vit_small_cls": ("vit_small_cls", None),
 }
-LAST_BLOCK = (-1,)  # default `out_indices` of features_only: the one map ViTDet's simple pyramid takes
+TIMM_OUT_INDICES = 3  # default `out_indices` of features_only, as timm's ViTs: the last three blocks
 
 
 def _config(timm_name: str):
@@ -113,7 +113,7 @@ def _create(timm_name: str, pretrained: bool, **kwargs) -> VisionTransformer:
     args = vit_kwargs(_config(timm_name))
     del args["num_classes"]  # timm takes it from the pretrained config unless it is given
     args.update(kwargs)
-    out_indices = args.pop("out_indices", LAST_BLOCK)
+    out_indices = args.pop("out_indices", TIMM_OUT_INDICES)
     return build_model_with_cfg(VisionTransformer, timm_name, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
                                 feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **args)
 

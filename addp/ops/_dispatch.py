@@ -17,9 +17,12 @@ kernel (``backend="cuda"``; never chosen by ``auto``).
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
 import logging
 import os
+import sys
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -44,14 +47,45 @@ def load_compiled() -> None:
         log.info("addp._C not loaded: %s", _compiled_error)
         return
     try:
-        importlib.import_module("addp._C")
-    except (ImportError, OSError) as exc:  # not built, or built against another torch
+        _import_compiled()
+    except (ImportError, OSError, RuntimeError) as exc:  # not built, or built against another torch
         _compiled_error = (str(exc) or type(exc).__name__).splitlines()[0]
         log.warning("addp._C (the compiled CPU kernels) did not load: %s. The fused ops run their "
                     "plain-PyTorch references on CPU. Build it with "
                     "`pip install --no-build-isolation -e .` from the repository root.", _compiled_error)
     else:
         _compiled_error = None
+
+
+def installed_compiled() -> Optional[Path]:
+    """``addp/_C*.so`` of another copy of the package on ``sys.path`` (a ``pip install .``
+    shadowed by the source tree when a command runs from the repository root), or None."""
+    here = Path(__file__).resolve().parents[1]
+    for entry in sys.path:
+        other = Path(entry or ".").resolve() / "addp"
+        if other == here or not other.is_dir():
+            continue
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            if (other / f"_C{suffix}").is_file():
+                return other / f"_C{suffix}"
+    return None
+
+
+def _import_compiled() -> None:
+    """``addp._C`` of this copy, else the installed copy's, saying once which copy runs."""
+    if any((Path(__file__).resolve().parents[1] / f"_C{s}").is_file() for s in importlib.machinery.EXTENSION_SUFFIXES):
+        importlib.import_module("addp._C")
+        return
+    path = installed_compiled()
+    if path is None:
+        importlib.import_module("addp._C")  # raises the usual ModuleNotFoundError
+        return
+    spec = importlib.util.spec_from_file_location("addp._C", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules["addp._C"] = module
+    log.warning("addp: running the source tree %s with the compiled kernels of the installed copy %s "
+             "(it has no addp._C of its own)", Path(__file__).resolve().parents[1], path.parent)
 
 
 def compiled_error() -> Optional[str]:

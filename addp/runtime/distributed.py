@@ -1,8 +1,11 @@
 """torchrun, srun (SLURM) or single-process set-up: NCCL on GPUs, gloo on CPUs; rank 0 writes."""
 from __future__ import annotations
 
+import itertools
 import os
 import re
+import shutil
+import subprocess
 from dataclasses import dataclass
 
 import torch
@@ -34,13 +37,61 @@ def _int_env(env, name: str) -> int:
         raise AddpError(f"{name}={env[name]!r} in the environment is not an integer") from None
 
 
+def _split_outside_brackets(text: str, whole: str) -> list[str]:
+    """Split at the commas that are not inside brackets."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if depth not in (0, 1):
+            raise AddpError(f"unbalanced brackets in the SLURM node list {whole!r}")
+        if ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    if depth:
+        raise AddpError(f"unbalanced brackets in the SLURM node list {whole!r}")
+    return parts + [text[start:]]
+
+
+def _bracket_values(ranges: str, whole: str) -> list[str]:
+    """"01-03,7" -> ["01", "02", "03", "7"]; a range keeps its lower bound's width (zero padding)."""
+    values = []
+    for item in ranges.split(","):
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", item.strip())
+        if not match:
+            raise AddpError(f"cannot read the range {item!r} in the SLURM node list {whole!r}")
+        lo, hi = match.group(1), match.group(2) or match.group(1)
+        if int(hi) < int(lo):
+            raise AddpError(f"the range {item!r} in the SLURM node list {whole!r} runs backwards")
+        values += [str(n).zfill(len(lo)) for n in range(int(lo), int(hi) + 1)]
+    return values
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """The hosts of a SLURM node list, in SLURM's order: brackets anywhere in a name, several
+    bracket groups expand as a cartesian product (the leftmost varies slowest), ranges keep
+    their zero padding, commas separate names and ranges: "gpu[01-02],a[1-2]b[3]" ->
+    ["gpu01", "gpu02", "a1b3", "a2b3"]."""
+    hosts = []
+    for name in _split_outside_brackets(nodelist.strip(), nodelist):
+        name = name.strip()
+        if not name:
+            raise AddpError(f"empty host name in the SLURM node list {nodelist!r}")
+        pieces = re.split(r"\[([^\]]*)\]", name)  # literal, ranges, literal, ranges, ..., literal
+        choices = [[p] if i % 2 == 0 else _bracket_values(p, nodelist) for i, p in enumerate(pieces)]
+        hosts += ["".join(parts) for parts in itertools.product(*choices)]
+    return hosts
+
+
 def first_host(nodelist: str) -> str:
-    """The first host of a SLURM node list: "gpu[03-05,9],cpu1" -> "gpu03"."""
-    head = re.match(r"([^,\[]*)(\[([^\]]*)\])?", nodelist.strip())
-    prefix, ranges = head.group(1), head.group(3)
-    if not prefix and not ranges:
-        raise AddpError(f"cannot read a host from the SLURM node list {nodelist!r}")
-    return prefix + (ranges.split(",")[0].split("-")[0] if ranges else "")
+    """The first host of a SLURM node list, from `scontrol show hostnames` where it exists, else
+    from `expand_nodelist`: "rack[1-2]-node[03-04]" -> "rack1-node03"."""
+    scontrol = shutil.which("scontrol")
+    if scontrol:
+        proc = subprocess.run([scontrol, "show", "hostnames", nodelist], capture_output=True, text=True,
+                              timeout=30)
+        if proc.returncode == 0 and proc.stdout.split():
+            return proc.stdout.split()[0]
+    return expand_nodelist(nodelist)[0]
 
 
 def launch_env(env=None) -> tuple[int, int, int]:

@@ -35,7 +35,7 @@ def generate(net: nn.Module, tokenizer: nn.Module, num_images: int, config: Opti
             torch's global RNG.
         batch_size: images per batch (default: all N in one batch).
         return_intermediates: also return every step's images, masks and ids.
-        progress: show a tqdm bar over batches.
+        progress: show progress over batches (``addp.runs.progress``: a bar on a terminal).
         cuda_graph: replay each batch size's T steps as one captured CUDA graph
             (``CudaGraphSampler``; same images as eager for a CUDA generator). None = on for
             CUDA devices unless ``return_intermediates``, a callback or a list of generators
@@ -67,8 +67,8 @@ def generate(net: nn.Module, tokenizer: nn.Module, num_images: int, config: Opti
     use_graph = (on_cuda and not eager_only) if cuda_graph is None else cuda_graph
     starts = range(0, num_images, batch_size)
     if progress:
-        from tqdm.auto import tqdm
-        starts = tqdm(starts, desc="generating", unit="batch")
+        from ..runs.progress import Progress
+        starts = Progress(starts, desc="generating", unit="batch")
     results = []
     with torch.no_grad(), eval_mode(net, tokenizer):
         if compile:

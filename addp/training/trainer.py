@@ -24,7 +24,6 @@ import torch.fx.experimental._config as fx_config
 import torch.nn as nn
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
-from tqdm import tqdm
 
 from ..models.state import check_finite
 from .data import with_worker_causes
@@ -33,6 +32,7 @@ from ..errors import AddpError, first_line
 from ..runs.files import atomic_write
 from ..runtime.precision import autocast_dtype
 from ..runs.log import RunLog
+from ..runs.progress import Progress
 from .config import Stage, TrainConfig
 from ..runs.records import describe_differences
 from ..runtime.tuning import tune_for_device
@@ -186,8 +186,8 @@ class Trainer:
         metrics = RunLog(self.out, self.dist.is_main, self.step)
         batches = with_worker_causes(make_loader(self.step * cfg.accum_steps))
         window_start, window_images = time.perf_counter(), 0
-        bar = tqdm(total=cfg.steps, initial=self.step, desc=self.stage.name, disable=not self.dist.is_main,
-                   dynamic_ncols=True, leave=True)
+        bar = Progress(total=cfg.steps, initial=self.step, desc=self.stage.name, unit="step",
+                       disable=not self.dist.is_main)
         skipped = torch.zeros((), dtype=torch.int64)
         self.model.train()
         try:
@@ -198,7 +198,6 @@ class Trainer:
                 window_images += images_seen
                 self.losses[self.step] = step_loss
                 self.step += 1
-                bar.update(1)
                 last = self.step == cfg.steps
                 if self.step % cfg.log_every == 0 or last:
                     n = min(cfg.log_every, self.step)
@@ -210,9 +209,10 @@ class Trainer:
                     skipped.zero_()
                     rate = window_images * self.dist.world_size / max(elapsed, 1e-9)
                     lr = self.optimizer.param_groups[0]["lr"]
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+                    bar.set_postfix(**{"img/s": f"{rate:.1f}", "loss": f"{mean_loss:.4f}", "lr": f"{lr:.2e}"})
                     metrics.write(self.step, {"loss": mean_loss, "lr": lr, "images_per_s": rate, "skipped": self.skipped})
                     window_start, window_images = time.perf_counter(), 0
+                bar.update(1)
                 if self.step % cfg.ckpt_every == 0 or last:
                     self.save()
                 if on_step is not None:

@@ -57,9 +57,16 @@ def test_timm_loads_our_checkpoint_and_gives_our_classifier_features(tmp_path, n
 def test_features_only_gives_the_maps_a_vitdet_neck_takes(tmp_path, net):
     path = addp.save_checkpoint(tmp_path / "addp.safetensors", net)
     x = torch.rand(2, 3, 32, 32)
-    backbone = create("addp_vit_small", path, features_only=True)
+    three = create("addp_vit_small", path, features_only=True)  # timm's ViT default: the last three blocks
+    depth = len(net.blocks)
+    assert three.feature_info.channels() == [64] * 3 and three.feature_info.reduction() == [4] * 3
+    backbone = create("addp_vit_small", path, features_only=True, out_indices=(-1,))
     assert backbone.feature_info.channels() == [64] and backbone.feature_info.reduction() == [4]
     with torch.no_grad():
+        maps = three(normalised(x))
+        reference3 = ours(net).forward_intermediates(x, indices=[depth - 3, depth - 2, depth - 1],
+                                                     intermediates_only=True)
+        assert len(maps) == 3 and all((a - b).abs().max() <= 1e-5 for a, b in zip(maps, reference3))
         (last,) = backbone(normalised(x))
         assert last.shape == (2, 64, 8, 8)  # the last block at stride = patch size
         expected = blocks_output(net, x)[:, 1:].transpose(1, 2).reshape(2, 64, 8, 8)
@@ -142,3 +149,29 @@ def test_names_cannot_clash_with_our_registry():
             timm_models._register(vit_base_patch16_224)
         finally:
             del timm_models.MODELS["vit_base_patch16_224"]
+
+
+# timm's own checks (timm 1.0.31, tests/test_models.py: test_model_forward_features and
+# test_model_forward_intermediates), restated for every addp_* model at a small input size.
+@pytest.mark.parametrize("name", sorted(timm.list_models("addp_*")))
+def test_timm_forward_features_and_intermediates(name):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    features = timm.create_model(name, pretrained=False, features_only=True, img_size=32).eval()
+    channels, reduction = features.feature_info.channels(), features.feature_info.reduction()
+    assert len(channels) >= 3  # timm: every model has at least three default feature levels
+    with torch.no_grad():
+        outputs = features(x)
+    assert len(outputs) == len(channels)
+    for out, c, r in zip(outputs, channels, reduction):
+        assert out.shape[:2] == (2, c) and out.shape[-2:] == (32 // r, 32 // r) and torch.isfinite(out).all()
+
+    model = timm.create_model(name, pretrained=False, img_size=32).eval()
+    info = model.feature_info
+    with torch.no_grad():
+        final, intermediates = model.forward_intermediates(x)
+        assert torch.allclose(final, model.forward_features(x))
+    assert len(intermediates) == len(info)
+    for out, level in zip(intermediates, info):
+        r = level["reduction"]
+        assert out.shape[:2] == (2, level["num_chs"]) and out.shape[-2:] == (32 // r, 32 // r)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from addp.runtime.distributed import first_host, launch_env
+from addp.runtime.distributed import expand_nodelist, first_host, launch_env
 from addp.models.registry import AddpError
 
 HERE = Path(__file__).parents[1]  # tests/, where dist_worker.py is
@@ -80,3 +80,46 @@ def test_contradictory_environment_is_one_line_from_the_command(tmp_path):
     err = proc.stderr.strip()
     assert proc.returncode == 2 and err.startswith("error: rank 3 does not fit a world of 2") and "\n" not in err
     assert not (tmp_path / "tokenizer").exists()
+
+
+# What `scontrol show hostnames` prints for each form (SLURM's hostlist syntax).
+NODELISTS = [
+    ("node7", ["node7"]),
+    ("node7,node8", ["node7", "node8"]),
+    ("gpu[03-05,9],cpu1", ["gpu03", "gpu04", "gpu05", "gpu9", "cpu1"]),
+    ("a-b[010-012]", ["a-b010", "a-b011", "a-b012"]),
+    ("n[8-11]", ["n8", "n9", "n10", "n11"]),
+    ("n[098-101]", ["n098", "n099", "n100", "n101"]),
+    ("a[1-2]b[3-4]", ["a1b3", "a1b4", "a2b3", "a2b4"]),
+    ("rack[1-2]-node[3-4]", ["rack1-node3", "rack1-node4", "rack2-node3", "rack2-node4"]),
+    ("[1-2]x", ["1x", "2x"]),
+    ("r[1,3]n[01-02].cluster,login", ["r1n01.cluster", "r1n02.cluster", "r3n01.cluster", "r3n02.cluster", "login"]),
+    ("c[5]", ["c5"]),
+    (" h[1-2] , h[4] ", ["h1", "h2", "h4"]),
+    ("x[1-2]y[7]z[0-1]", ["x1y7z0", "x1y7z1", "x2y7z0", "x2y7z1"]),
+]
+
+
+@pytest.mark.parametrize("nodelist, hosts", NODELISTS)
+def test_node_lists_expand_as_slurm_does(nodelist, hosts, monkeypatch):
+    monkeypatch.setenv("PATH", "")  # no scontrol: our own expansion
+    assert expand_nodelist(nodelist) == hosts
+    assert first_host(nodelist) == hosts[0]
+
+
+@pytest.mark.parametrize("nodelist, words", [
+    ("a[1-2", "unbalanced brackets"), ("a]1[", "unbalanced brackets"), ("a[[1]]", "unbalanced brackets"),
+    ("a[x-2]", "cannot read the range 'x-2'"), ("a[5-3]", "runs backwards"), ("a,,b", "empty host name"),
+])
+def test_bad_node_lists_are_one_line_errors(nodelist, words):
+    with pytest.raises(AddpError, match=words):
+        expand_nodelist(nodelist)
+
+
+def test_scontrol_is_asked_where_it_exists(tmp_path, monkeypatch):
+    """With `scontrol` on PATH, its `show hostnames` answer is the first host."""
+    fake = tmp_path / "scontrol"
+    fake.write_text('#!/bin/sh\n[ "$1 $2" = "show hostnames" ] && printf "from-scontrol\\nother\\n"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert first_host("n[1-2]") == "from-scontrol"
