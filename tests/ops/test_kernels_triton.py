@@ -23,6 +23,7 @@ try:
 except ImportError:
     HAS_TRITON = False
 RUNS_HERE = HAS_TRITON and (torch.cuda.is_available() or INTERPRET)
+pytestmark = pytest.mark.cuda  # the GPU check runs this module
 runs_here = pytest.mark.skipif(not RUNS_HERE, reason="no CUDA and not under TRITON_INTERPRET=1 (see the subprocess test)")
 
 

@@ -39,6 +39,7 @@ def test_generate_cli_cuda_graph_on_cpu_is_one_line_error(cpu_models, tmp_path, 
     assert code == 2 and len(err) == 1 and err[0].startswith("error:") and "CUDA" in err[0]
 
 
+@pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("parity", [False, True])
 def test_graph_replay_equals_eager_bitwise(cuda_models, parity):
@@ -55,6 +56,7 @@ def test_graph_replay_equals_eager_bitwise(cuda_models, parity):
                            torch.rand(4, generator=g_graph, device="cuda"))
 
 
+@pytest.mark.cuda
 @needs_cuda
 def test_default_on_cuda_uses_the_graph_and_global_rng(cuda_models):
     net, tok = cuda_models
@@ -67,6 +69,7 @@ def test_default_on_cuda_uses_the_graph_and_global_rng(cuda_models):
     assert any(k[0] == "graph" for k in S._cache(net))
 
 
+@pytest.mark.cuda
 @needs_cuda
 def test_autocast_state_gets_its_own_graph(cuda_models):
     net, tok = cuda_models
@@ -79,6 +82,7 @@ def test_autocast_state_gets_its_own_graph(cuda_models):
     assert sum(k[0] == "graph" and k[2] == 2 for k in S._cache(net)) == 2
 
 
+@pytest.mark.cuda
 @needs_cuda
 def test_cpu_generator_seeds_the_graph(cuda_models):
     """A CPU generator seeds the graph's private generator with one draw of its own."""
@@ -90,6 +94,7 @@ def test_cpu_generator_seeds_the_graph(cuda_models):
     assert torch.equal(graph, eager)
 
 
+@pytest.mark.cuda
 @needs_cuda
 def test_cpu_generator_with_the_model_on_cuda_draws_on_the_cpu(cuda_models, cpu_models):
     """Eager: the noise comes from the CPU generator (drawn there, moved), as on a CPU model."""
@@ -108,6 +113,7 @@ def test_cpu_generator_with_the_model_on_cuda_draws_on_the_cpu(cuda_models, cpu_
     assert torch.equal(torch.rand(4, generator=g_cuda_model), torch.rand(4, generator=g_cpu_model))
 
 
+@pytest.mark.cuda
 @needs_cuda
 def test_pipeline_with_a_cpu_generator_on_cuda(cuda_models):
     from addp.sampling.pipeline import ADDPPipeline
@@ -120,6 +126,7 @@ def test_pipeline_with_a_cpu_generator_on_cuda(cuda_models):
     assert per_image.shape == (2, 3, 32, 32)
 
 
+@pytest.mark.cuda
 @needs_cuda
 def test_eager_only_options_with_cuda_graph_are_errors(cuda_models):
     net, tok = cuda_models
