@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# CI leg on the software of the GPU machines, on the CPU: Python 3.12, torch 2.11.0,
+# triton 3.6.0, torchvision 0.26.0. Makes a venv inside the clone (.venv-py312, git-ignored;
+# pip's cache stays inside it too), installs the package editable with its test extras, then
+# runs what matters on a GPU: models, sampler, op references, the Triton kernels under
+# TRITON_INTERPRET=1, their ahead-of-time compile for sm_90, and the GPU check's rehearsal.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+leg_start=$(date +%s)
+VENV=.venv-py312
+PY312=python3.12
+if ! "$PY312" -c "" 2>/dev/null; then  # a pyenv shim without 3.12 selected: take its 3.12 directly
+  PY312=$(ls -d "$(pyenv root 2>/dev/null)"/versions/3.12*/bin/python3.12 2>/dev/null | tail -1)
+fi
+[ -n "$PY312" ] && "$PY312" -c "" || { echo "error: no python3.12 on this machine"; exit 1; }
+
+t=$(date +%s)
+"$PY312" -m venv "$VENV"
+export PIP_CACHE_DIR="$PWD/$VENV/pip-cache"
+"$VENV/bin/pip" install -q torch==2.11.0 triton==3.6.0 torchvision==0.26.0 setuptools wheel ninja
+echo "python 3.12 leg: torch 2.11.0 + triton 3.6.0 + torchvision 0.26.0 installed in $(( $(date +%s) - t )) s"
+t=$(date +%s)
+MAX_JOBS=$(nproc) "$VENV/bin/pip" install -q --no-build-isolation -e ".[test]"
+echo "python 3.12 leg: addp installed (editable, addp._C built) in $(( $(date +%s) - t )) s"
+"$VENV/bin/python" -c "import sys, torch, triton, addp.ops as o; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'addp._C', o.has_compiled_ops())"
+
+t=$(date +%s)
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider \
+  tests/test_models.py tests/test_sampler.py tests/test_cuda_graph.py tests/test_ops.py tests/test_ops_unmask.py \
+  tests/test_ops_loss.py tests/test_ops_dropout.py tests/test_ops_norm_silu.py tests/test_ops_winograd.py \
+  tests/test_kernels_triton.py tests/test_kernels_aot.py tests/test_run_folders.py tests/test_gpu_check_args.py
+echo "python 3.12 leg: tests in $(( $(date +%s) - t )) s"
+
+PYTHON="$VENV/bin/python" bash benchmarks/gpu_check.sh --dry-run --out "$VENV/gpu-check-rehearsal"
+echo "python 3.12 leg: $(( $(date +%s) - leg_start )) s in all"
