@@ -25,10 +25,8 @@ echo "python 3.12 leg: addp installed (editable, addp._C built) in $(( $(date +%
 "$VENV/bin/python" -c "import sys, torch, triton, addp.ops as o; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'addp._C', o.has_compiled_ops())"
 
 t=$(date +%s)
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider \
-  tests/test_models.py tests/test_sampler.py tests/test_cuda_graph.py tests/test_ops.py tests/test_ops_unmask.py \
-  tests/test_ops_loss.py tests/test_ops_dropout.py tests/test_ops_norm_silu.py tests/test_ops_winograd.py \
-  tests/test_kernels_triton.py tests/test_kernels_aot.py tests/test_run_folders.py tests/test_gpu_check_args.py
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/models tests/sampling tests/ops tests/runs \
+  tests/commands/test_gpu_check_args.py
 echo "python 3.12 leg: tests in $(( $(date +%s) - t )) s"
 
 PYTHON="$VENV/bin/python" bash benchmarks/gpu_check.sh --dry-run --out "$VENV/gpu-check-rehearsal"
