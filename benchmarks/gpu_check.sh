@@ -33,7 +33,7 @@ done
 
 MARGIN=15  # seconds kept for the last summary line and the log
 # caps in seconds: environment, build, GPU tests (the correctness part), then the timings
-CAP_ENV=30 CAP_BUILD=150 CAP_TESTS=180 CAP_OPS=60 CAP_E2E=100 CAP_BREAKDOWN=60 CAP_VQ=120 CAP_E2E_COMPILE=240
+CAP_ENV=30 CAP_BUILD=150 CAP_TESTS=180 CAP_OPS=60 CAP_E2E=150 CAP_BREAKDOWN=120 CAP_VQ=120 CAP_E2E_COMPILE=240
 CORRECTNESS=$(( CAP_ENV + CAP_BUILD + CAP_TESTS + MARGIN ))
 [ "$BUDGET" -ge "$CORRECTNESS" ] || \
   fail "--budget $BUDGET is too small for the correctness steps (they may take up to $CORRECTNESS s)"
