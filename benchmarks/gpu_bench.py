@@ -1,20 +1,33 @@
 """GPU speed of the fused ops at the ViT-B/256 shapes vs their references (run by gpu_check.sh).
 
-Prints, per op and backend: median time (CUDA events), speedup vs the reference, achieved
-bandwidth (minimum bytes the op must move / time) and its fraction of the measured
-device-to-device copy bandwidth.
+Prints, per op and backend: median time (CUDA events; wall clock on a CPU), speedup vs the
+reference, achieved bandwidth (minimum bytes the op must move / time) and its fraction of the
+measured device-to-device copy bandwidth. ``--device cpu`` runs the same code on the CPU
+(the rehearsal of the GPU check, at tiny shapes).
 """
 import argparse
 import statistics
+import time
 
 import torch
 
 from addp import ops
 
 
-def time_ms(fn, iters=50, warmup=5):
+ITERS = 50
+
+
+def time_ms(fn, iters=None, warmup=5):
+    iters = iters or ITERS
     for _ in range(warmup):
         fn()
+    if not torch.cuda.is_available():
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
     torch.cuda.synchronize()
     times = []
     for _ in range(iters):
@@ -27,10 +40,10 @@ def time_ms(fn, iters=50, warmup=5):
     return statistics.median(times)
 
 
-def copy_bandwidth(nbytes=2 << 30):
-    x = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+def copy_bandwidth(device, nbytes):
+    x = torch.empty(nbytes, dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
-    ms = time_ms(lambda: y.copy_(x), iters=20)
+    ms = time_ms(lambda: y.copy_(x), iters=min(20, ITERS))
     return 2 * nbytes / ms / 1e6  # GB/s: read + write
 
 
@@ -41,7 +54,7 @@ def available(op, backend, x):
 def bench(name, op, make_call, nbytes, x, copy_gbs):
     ref_ms = time_ms(make_call("reference"))
     print(f"{name}: reference {ref_ms:.3f} ms")
-    for backend in ("triton", "cuda"):
+    for backend in ("cpu", "triton", "cuda"):
         if not available(op, backend, x):
             print(f"{name}: {backend} unavailable")
             continue
@@ -52,17 +65,19 @@ def bench(name, op, make_call, nbytes, x, copy_gbs):
 
 
 def main(args):
-    B, L, K, D = args.B, args.L, args.K, args.D
-    V = K + 2
+    global ITERS
+    B, L, K, D, dev = args.B, args.L, args.K, args.D, args.device
+    V, ITERS = K + 2, args.iters
     torch.manual_seed(0)
-    copy_gbs = copy_bandwidth()
-    print(f"device {torch.cuda.get_device_name()}; copy bandwidth {copy_gbs:.0f} GB/s; B={B} L={L} K={K} D={D} V={V}")
+    copy_gbs = copy_bandwidth(dev, 2 << 30 if dev == "cuda" else 64 << 20)
+    name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
+    print(f"device {name}; copy bandwidth {copy_gbs:.0f} GB/s; B={B} L={L} K={K} D={D} V={V}")
     for dtype in (torch.float32, torch.bfloat16):
         es = torch.tensor([], dtype=dtype).element_size()
-        logits = (torch.randn(B, L, V, device="cuda") * 3).to(dtype)
-        codebook = torch.randn(K, D, device="cuda").to(dtype)
-        ids = torch.randint(0, K, (B, L), device="cuda")
-        mask = torch.rand(B, L, device="cuda") < 0.5
+        logits = (torch.randn(B, L, V, device=dev) * 3).to(dtype)
+        codebook = torch.randn(K, D, device=dev).to(dtype)
+        ids = torch.randint(0, K, (B, L), device=dev)
+        mask = torch.rand(B, L, device=dev) < 0.5
         tag = str(dtype).replace("torch.", "")
 
         def ws(backend):
@@ -70,18 +85,19 @@ def main(args):
         bench(f"codebook_weighted_sum {tag}", "codebook_weighted_sum", ws,
               B * L * K * es + K * D * es + B * L * D * es, logits, copy_gbs)
 
-        u1 = torch.rand(B, L, K, device="cuda")
-        u2 = torch.rand(B, L, device="cuda", dtype=torch.float64)
-        mask_len = torch.tensor(L // 3, device="cuda")
+        u1 = torch.rand(B, L, K, device=dev)
+        u2 = torch.rand(B, L, device=dev, dtype=torch.float64)
+        mask_len = torch.tensor(L // 3, device=dev)
 
         def gt(backend):
-            fn = {"reference": ops.gumbel_topk_unmask_reference, "triton": torch.ops.addp.gumbel_topk_unmask,
+            fused = torch.ops.addp.gumbel_topk_unmask  # the dispatcher: Triton on CUDA, C++ on a CPU
+            fn = {"reference": ops.gumbel_topk_unmask_reference, "triton": fused, "cpu": fused,
                   "cuda": torch.ops.addp.gumbel_topk_unmask_cuda}[backend]
             return lambda: fn(logits[..., :K], u1, u2, ids, mask, mask_len, 3.0, None)
         bench(f"gumbel_topk_unmask (noise given) {tag}", "gumbel_topk_unmask", gt,
               mask.float().mean().item() * B * L * K * (es + 4) + B * L * 26, logits, copy_gbs)
 
-        target = torch.softmax(torch.randn(B, L, K, device="cuda"), -1)
+        target = torch.softmax(torch.randn(B, L, K, device=dev), -1)
         x = logits.detach().requires_grad_(True)
 
         def ce(backend):
@@ -101,4 +117,6 @@ if __name__ == "__main__":
     p.add_argument("--L", type=int, default=256)
     p.add_argument("--K", type=int, default=1024)
     p.add_argument("--D", type=int, default=256)
+    p.add_argument("--iters", type=int, default=50, help="timed calls per op and backend (median)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     main(p.parse_args())

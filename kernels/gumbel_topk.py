@@ -29,7 +29,7 @@ TINY64 = tl.constexpr(2.2250738585072014e-308)  # torch.finfo(torch.float64).tin
 
 @triton.jit
 def _sample_kernel(x_ptr, sx0, sx1, sx2, u1_ptr, u2_ptr, ids_ptr, mask_ptr, keep_ptr,
-                   new_ids_ptr, conf_ptr, N, L, K, tau,
+                   new_ids_ptr, conf_ptr, N, L, K, tau_ptr,
                    HAS_KEEP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     in_rows = rows < N
@@ -66,6 +66,7 @@ def _sample_kernel(x_ptr, sx0, sx1, sx2, u1_ptr, u2_ptr, ids_ptr, mask_ptr, keep
     x_s = tl.load(x_row + new_id * sx2, mask=active, other=0.0).to(tl.float32)
     logp = tl.log(tl.exp(x_s - m) / s)
     u2 = tl.load(u2_ptr + rows, mask=active, other=0.5)
+    tau = tl.load(tau_ptr)  # float64: a scalar argument would be rounded to float32
     choice = (tau * -tl.log(-tl.log(tl.maximum(u2, TINY64)))).to(tl.float32)
     conf = tl.where(unrel, logp + choice, float("inf"))
     tl.store(new_ids_ptr + rows, new_id, mask=in_rows)
@@ -106,7 +107,7 @@ def gumbel_topk_unmask(logits: torch.Tensor, u1: torch.Tensor, u2: torch.Tensor,
     BLOCK_R = max(1, min(16, 4096 // BLOCK_K))
     _sample_kernel[(triton.cdiv(N, BLOCK_R),)](
         logits, *logits.stride(), u1, u2, ids, mask.view(torch.int8), (keep if keep is not None else mask).view(torch.int8),
-        new_ids, conf, N, L, K, float(tau),
+        new_ids, conf, N, L, K, torch.full((1,), tau, dtype=torch.float64, device=logits.device),
         HAS_KEEP=keep is not None, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, num_warps=4)
     BLOCK_L = triton.next_power_of_2(L)
     BLOCK_J = max(1, min(64, 16384 // BLOCK_L))

@@ -12,7 +12,9 @@ path a GPU runs. Devices without a kernel use the plain-PyTorch reference.
 
 The override (``backend=`` argument, else the env var ``ADDP_OPS_BACKEND``, else ``auto``)
 only chooses between what the dispatcher runs, the reference, and the CUDA C++ unmasking
-kernel (``backend="cuda"``; never chosen by ``auto``).
+kernel (``backend="cuda"``; never chosen by ``auto``). ``cuda`` names the CUDA C++ kernels:
+an op that has none (every op but unmasking) runs what ``auto`` picks, so
+``ADDP_OPS_BACKEND=cuda`` switches the unmasking kernel and leaves the other ops as they are.
 """
 from __future__ import annotations
 
@@ -141,8 +143,6 @@ def _why_not(op: str, name: str, device: torch.device, cuda_op: Optional[str]) -
         if not HAS_TRITON:
             return "triton is not installed"
         return f"it needs CUDA tensors (or TRITON_INTERPRET=1), got {device}"
-    if cuda_op is None:  # name == "cuda"
-        return "not implemented in this build (only gumbel_topk_unmask has a CUDA C++ kernel)"
     if _compiled_error is not None:
         return f"addp._C did not load ({_compiled_error})"
     if device.type != "cuda":
@@ -156,11 +156,13 @@ def choose(op: str, backend: Optional[str], device: torch.device, needs_referenc
 
     ``backend`` None reads ADDP_OPS_BACKEND (default "auto"). Auto takes what the dispatcher
     runs on the device, or the reference when there is no kernel or ``needs_reference`` (autograd
-    needs a gradient the kernels do not compute). An explicit backend that cannot run raises a
-    one-line RuntimeError.
+    needs a gradient the kernels do not compute). "cuda" on an op without a CUDA C++ kernel
+    (``cuda_op`` None) is auto. An explicit backend that cannot run raises a one-line RuntimeError.
     """
     name = (backend or os.environ.get(BACKEND_ENV) or "auto").strip().lower()
     here = routed(op, device)
+    if name == "cuda" and cuda_op is None:  # no CUDA C++ kernel for this op
+        name = "auto"
     if name == "auto":
         return "reference" if needs_reference or here is None else here
     if name not in BACKENDS:

@@ -145,7 +145,9 @@ def init_distributed(device: str | None = None) -> DistInfo:
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
+        # device_id binds NCCL's communicator to this rank's GPU at once (no guessed device in barrier)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world,
+                                device_id=dev if dev.type == "cuda" else None)
     return DistInfo(rank, world, local, dev)
 
 

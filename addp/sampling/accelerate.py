@@ -92,6 +92,15 @@ class _CompiledWhole(nn.Module):
         return self.run(*args, **kwargs)
 
 
+def uncached_autocast() -> torch.autocast:
+    """The caller's CUDA autocast state with autocast's weight cache off. The cache holds the
+    low-precision copies of the weights only until the outermost autocast block exits; a graph
+    captured with them would replay reads of freed memory. Without the cache, the casts are
+    kernels of the graph and their outputs live in its memory pool."""
+    return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"),
+                          cache_enabled=False)
+
+
 class CudaGraphSampler:
     """``sample_batch`` for one (network, tokenizer, batch size, config), captured as one
     CUDA graph and replayed: the T steps launch as a single graph, with no Python between
@@ -118,12 +127,13 @@ class CudaGraphSampler:
         self.generator = torch.Generator(device)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side), torch.no_grad():  # compiles Triton kernels, picks cuDNN algorithms
+        # warm-up: compiles the Triton kernels and picks the cuDNN algorithms before the capture
+        with torch.cuda.stream(side), torch.no_grad(), uncached_autocast():
             self._run()
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         self.graph.register_generator_state(self.generator)
-        with torch.cuda.graph(self.graph), torch.no_grad():
+        with torch.cuda.graph(self.graph), torch.no_grad(), uncached_autocast():
             self.images = self._run()
 
     def _run(self) -> torch.Tensor:

@@ -164,7 +164,7 @@ def test_backends_follow_the_override(monkeypatch):
     assert ops.backends("cpu", "reference") == {name: "reference" for name in expected_names}
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda", "nonsense"])
+@pytest.mark.parametrize("backend", ["triton", "nonsense"])
 def test_unavailable_backend_raises(backend, monkeypatch):
     logits, codebook, _, _ = make_inputs(1, 2, 4, 3, 4, masked=False)
     with pytest.raises(RuntimeError, match=backend) as err:
@@ -173,6 +173,23 @@ def test_unavailable_backend_raises(backend, monkeypatch):
     monkeypatch.setenv("ADDP_OPS_BACKEND", backend)
     with pytest.raises(RuntimeError, match=backend):
         codebook_weighted_sum(logits, codebook)
+
+
+def test_cuda_backend_applies_to_unmasking_only(monkeypatch):
+    """The CUDA C++ kernels exist for unmasking only: the other ops run what auto picks."""
+    logits, codebook, _, _ = make_inputs(1, 2, 4, 3, 4, masked=False)
+    monkeypatch.setenv("ADDP_OPS_BACKEND", "cuda")
+    auto = ops.backends("cpu", "auto")
+    chosen = ops.backends("cpu")
+    assert {k: v for k, v in chosen.items() if k != "gumbel_topk_unmask"} == \
+        {k: v for k, v in auto.items() if k != "gumbel_topk_unmask"}
+    assert "backend 'cuda' is unavailable" in chosen["gumbel_topk_unmask"]
+    torch.testing.assert_close(codebook_weighted_sum(logits, codebook),
+                               codebook_weighted_sum(logits, codebook, backend="auto"), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable for gumbel_topk_unmask") as err:
+        ops.gumbel_topk_unmask(torch.randn(2, 6, 5), torch.zeros(2, 6, dtype=torch.long),
+                               torch.ones(2, 6, dtype=torch.bool), 3, 1.0)
+    assert "\n" not in str(err.value)
 
 
 def _bad_inputs():

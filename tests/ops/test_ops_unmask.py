@@ -156,6 +156,7 @@ needs_cuda_kernel = pytest.mark.skipif(not _cuda_kernel_built(), reason="no CUDA
                                        "without its CUDA kernels (ADDP_BUILD_CUDA=1)")
 
 
+@pytest.mark.cuda
 @needs_cuda_kernel
 @pytest.mark.parametrize("i", range(len(SHAPES)), ids=[str(s) for s in SHAPES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -169,6 +170,7 @@ def test_parity_cuda(i, dtype):
             assert_same(a, b)
 
 
+@pytest.mark.cuda
 @needs_cuda_kernel
 def test_cuda_ties_all_reliable_and_infinite_logits():
     flat = torch.zeros(2, 6, 4, device="cuda")
@@ -185,6 +187,7 @@ def test_cuda_ties_all_reliable_and_infinite_logits():
     assert new_ids.tolist() == [[3, 3, 3]]
 
 
+@pytest.mark.cuda
 @needs_cuda_kernel
 def test_cuda_kernel_opcheck():
     logits, ids, mask = (t.cuda() for t in make_inputs(2, 6, 20))

@@ -113,6 +113,7 @@ def test_step_loop_has_no_host_sync(models, monkeypatch):
         S.sample_batch(*models, 2, S.SamplerConfig(steps=3, top_p=0.9), torch.Generator().manual_seed(0))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_no_host_sync_on_cuda(models):
     net, tok = (m.cuda() for m in models)
