@@ -5,7 +5,7 @@ With no `--data-path` it builds the digits canvases (`addp.dense.canvas`) and ru
 with `--data-path root` it reads `root/annotations/instances_{train,val}2017.json` and
 `root/{train,val}2017/` (COCO as is). Runs on `trainer.Trainer` (DDP under torchrun or srun,
 atomic checkpoints, exact resume); writes `detector.safetensors`, `checkpoint-{best,last}`,
-`metrics.jsonl`, `report.json` and `predictions.png` (the first validation image) to
+`log.jsonl`, `report.json` and `predictions.png` (the first validation image) to
 `--output-dir`.
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@ With no `--data-path` it builds the digits canvases (`addp.dense.canvas`) and ru
 (`images/{training,validation}`, `annotations/...` PNGs, 0 ignored; `--num-classes`, 150 for
 ADE20k). Evaluation is whole-image, or sliding `--input-size` windows when an image is larger.
 Runs on `trainer.Trainer` (DDP under torchrun or srun, atomic checkpoints, exact resume); writes
-`segmenter.safetensors`, `checkpoint-{best,last}`, `metrics.jsonl`, `report.json` and
+`segmenter.safetensors`, `checkpoint-{best,last}`, `log.jsonl`, `report.json` and
 `predictions.png` to `--output-dir`.
 """
 from __future__ import annotations
