@@ -17,18 +17,18 @@ from pathlib import Path
 import torch
 import torch.distributed as tdist
 
-from . import recipes
-from .checkpoint import save_checkpoint
+from .training import recipes
+from .models.checkpoint import save_checkpoint
 from .cli import RESUMABLE, ArgumentParser, run_command
 from .dense import engine
 from .dense import recipes as _dense_recipes  # noqa: F401  (registers the Tab. 18 recipes)
 from .dense.coco import CocoInstances, coco_metrics, to_results
 from .dense.detection import DetectionObjective, Detector, DetectorConfig, predict
 from .dense.pictures import draw_detections
-from .distributed import init_distributed
-from .files import remove_stale_temp_files, write_json
-from .run_folder import sha256_file
-from .trainer import Trainer, identity_of
+from .runtime.distributed import init_distributed
+from .runs.files import remove_stale_temp_files, sha256_file, write_json
+from .training.config import identity_of
+from .training.trainer import Trainer
 
 log = engine.log
 

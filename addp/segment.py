@@ -19,8 +19,8 @@ import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
 
-from . import recipes
-from .checkpoint import save_checkpoint
+from .training import recipes
+from .models.checkpoint import save_checkpoint
 from .cli import RESUMABLE, ArgumentParser, positive_int, run_command
 from .dense import engine
 from .dense import recipes as _dense_recipes  # noqa: F401  (registers the Tab. 19 recipes)
@@ -28,9 +28,10 @@ from .dense.ade import AdeSegmentation
 from .dense.metrics import confusion, segmentation_metrics
 from .dense.pictures import draw_segmentation
 from .dense.segmentation import SegmentationObjective, Segmenter, SegmenterConfig, predict
-from .distributed import init_distributed
-from .files import remove_stale_temp_files, write_json
-from .trainer import Trainer, identity_of
+from .runtime.distributed import init_distributed
+from .runs.files import remove_stale_temp_files, sha256_file, write_json
+from .training.config import identity_of
+from .training.trainer import Trainer
 
 log = engine.log
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import addp
+from addp.models.registry import preset_config
 from addp.dense.backbone import ViTDetBackbone, backbone_config_for
 
 pytestmark = pytest.mark.study  # ~1-2 minutes on 2 CPU cores
@@ -24,7 +25,7 @@ def _step(model, x):
 
 
 def test_bench_windowed_vs_global_backbone(benchmark, report_ratio):
-    cfg = backbone_config_for(addp.registry.preset_config("addp_vit_base_patch16"), 1024, "detection")
+    cfg = backbone_config_for(preset_config("addp_vit_base_patch16"), 1024, "detection")
     windowed = ViTDetBackbone(cfg)
     plain = ViTDetBackbone(dataclasses.replace(cfg, global_blocks=tuple(range(12)), rel_pos=False))
     x = torch.randn(1, 3, 1024, 1024)

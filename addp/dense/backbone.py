@@ -21,8 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, PatchEmbed, resample_abs_pos_embed
 
-from ..checkpoint import CheckpointError
-from ..registry import check_config
+from ..errors import CheckpointError
+from ..models.registry import check_config
 
 log = logging.getLogger(__name__)
 ENCODER_PREFIXES = ("patch_embed.", "blocks.", "tokenizer_norm.", "norm.")

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from ..data import load_digits
-from ..files import atomic_write
+from ..training.data import load_digits
+from ..runs.files import atomic_write
 
 SPLITS = {"train": ("train", "train2017", "training"), "val": ("heldout", "val2017", "validation")}
 

@@ -22,8 +22,8 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import MultiScaleRoIAlign
 
-from ..model import IMAGENET_MEAN, IMAGENET_STD
-from ..registry import check_config, register_model_class
+from ..models.addp import IMAGENET_MEAN, IMAGENET_STD
+from ..models.registry import check_config, register_model_class
 from .backbone import BackboneConfig, ViTDetBackbone
 from .necks import BackboneWithPyramid
 

@@ -11,16 +11,19 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from .. import recipes, registry
-from ..checkpoint import CheckpointError, load_components, save_checkpoint
+from ..models import registry
+from ..training import recipes
+from ..errors import CheckpointError
+from ..models.checkpoint import load_components, save_checkpoint
 from ..cli import (ArgumentParser, device, existing_file, fraction, integer, non_negative_float, non_negative_int,
                    number, output_folder, positive_float, positive_int, random_seed)
-from ..data import StepBatchSampler
-from ..distributed import barrier
+from ..training.data import StepBatchSampler
+from ..runtime.distributed import barrier
 from ..errors import AddpError
-from ..files import atomic_write
-from ..precision import PRECISIONS
-from ..trainer import TrainConfig, Trainer
+from ..runs.files import atomic_write
+from ..runtime.precision import PRECISIONS
+from ..training.config import TrainConfig
+from ..training.trainer import Trainer
 from . import canvas
 from .backbone import backbone_config_for, load_encoder
 

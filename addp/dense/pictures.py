@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from ..files import atomic_write
+from ..runs.files import atomic_write
 
 
 def _save(image: torch.Tensor, path) -> Path:

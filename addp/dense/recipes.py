@@ -8,7 +8,7 @@ blr 2e-4 for detection, 8e-4 for segmentation) are ViTDet's value for ViT-B, our
 """
 from __future__ import annotations
 
-from .. import recipes
+from ..training import recipes
 
 TAB18 = "ADDP paper App. Tab. 18 (COCO, Mask R-CNN); 1024 px input and blr from ViTDet"
 TAB19 = "ADDP paper App. Tab. 19 (ADE20k, UperNet); 512 px input and blr from BEiT"

@@ -18,8 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from segmentation_models_pytorch.decoders.upernet.decoder import UPerNetDecoder
 
-from ..classifier import _Normalise
-from ..registry import check_config, register_model_class
+from ..models.classifier import _Normalise
+from ..models.registry import check_config, register_model_class
 from .backbone import BackboneConfig, ViTDetBackbone
 from .necks import MultiLevelNeck
 

@@ -14,7 +14,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 import addp
-from addp import recipes
+from addp.models.registry import preset_config
+from addp.training import recipes
 from addp.dense import recipes as dense_recipes
 from addp.dense.ade import AdeSegmentation
 from addp.dense.backbone import ViTDetBackbone, backbone_config_for, load_encoder
@@ -24,7 +25,7 @@ from addp.dense.metrics import confusion, segmentation_metrics
 from addp.dense.segmentation import Segmenter, SegmenterConfig
 from addp.errors import AddpError
 
-sys.path.insert(0, str(Path(__file__).parents[1]))
+sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
 from test_official_layout import fake_state, official_keys  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,7 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_official_addp_b_encoder_loads_strictly_into_both_backbones(task):
     state = fake_state({k: v for k, v in official_keys("addp_vit_base_patch16").items()
                         if not k.startswith(("vqgan.", "token_predictor."))})
-    cfg = backbone_config_for(addp.registry.preset_config("addp_vit_base_patch16"), 64, task)
+    cfg = backbone_config_for(preset_config("addp_vit_base_patch16"), 64, task)
     assert cfg.global_blocks == (2, 5, 8, 11) and cfg.window_size == 14  # ViTDet's split
     assert cfg.out_indices == ((11,) if task == "detection" else (3, 5, 7, 11))  # BEiT's blocks
     bb = ViTDetBackbone(cfg)
@@ -47,7 +48,7 @@ def test_official_addp_b_encoder_loads_strictly_into_both_backbones(task):
 
 
 def test_large_split_is_vitdets():
-    cfg = backbone_config_for(addp.registry.preset_config("addp_vit_large_patch16"), 1024, "segmentation")
+    cfg = backbone_config_for(preset_config("addp_vit_large_patch16"), 1024, "segmentation")
     assert cfg.global_blocks == (5, 11, 17, 23) and cfg.out_indices == (7, 11, 15, 23)
 
 
@@ -70,7 +71,7 @@ def test_global_attention_at_zero_rel_pos_is_the_plain_encoder():
 
 
 def test_models_build_and_train_one_step_on_larger_inputs():
-    net_cfg = addp.registry.preset_config("addp_vit_small")
+    net_cfg = preset_config("addp_vit_small")
     b = dataclasses.asdict(backbone_config_for(net_cfg, 64, "detection"))
     det = Detector(DetectorConfig(backbone=b, num_classes=3, out_channels=32, fc_dim=64, anchor_size=8,
                                   proposals=(64, 32), rois_per_image=32))
