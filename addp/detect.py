@@ -1,0 +1,139 @@
+"""`python -m addp.detect`: object detection and instance segmentation (Mask R-CNN, ViTDet
+style) on an ADDP encoder, trained and evaluated with COCO's metrics (pycocotools' COCOeval).
+
+With no `--data-path` it builds the digits canvases (`addp.dense.canvas`) and runs on them;
+with `--data-path root` it reads `root/annotations/instances_{train,val}2017.json` and
+`root/{train,val}2017/` (COCO as is). Runs on `trainer.Trainer` (DDP under torchrun or srun,
+atomic checkpoints, exact resume); writes `detector.safetensors`, `checkpoint-{best,last}`,
+`log.jsonl`, `report.json` and `predictions.png` (the first validation image) to
+`--output-dir`.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+
+from .training import recipes
+from .models.checkpoint import save_checkpoint
+from .cli import RESUMABLE, ArgumentParser, run_command
+from .dense import engine
+from .dense import recipes as _dense_recipes  # noqa: F401  (registers the Tab. 18 recipes)
+from .dense.coco import CocoInstances, coco_metrics, to_results
+from .dense.detection import DetectionObjective, Detector, DetectorConfig, predict
+from .dense.pictures import draw_detections
+from .runtime.distributed import init_distributed
+from .runs.files import remove_stale_temp_files, sha256_file, write_json
+from .training.config import identity_of
+from .training.trainer import Trainer
+
+log = engine.log
+
+
+def get_args_parser() -> ArgumentParser:
+    p = ArgumentParser("detect", description=__doc__.split("\n\n")[0])
+    engine.add_dense_args(p, "detect", steps=300, blr=1e-3, layer_decay=0.8)
+    p.add_argument("--score-threshold", type=float, default=0.5, help="boxes drawn in predictions.png")
+    return p
+
+
+@torch.no_grad()
+def evaluate(model: Detector, dataset: CocoInstances, batch_size: int = 8) -> dict:
+    """COCOeval box and mask metrics on `dataset`, sharded over the DDP ranks."""
+    rank, world = (tdist.get_rank(), tdist.get_world_size()) if tdist.is_initialized() else (0, 1)
+    device = next(model.parameters()).device
+    indices = list(range(rank, len(dataset), world))
+    results = []
+    for start in range(0, len(indices), batch_size):
+        items = [dataset[i] for i in indices[start:start + batch_size]]
+        preds = predict(model, torch.stack([im for im, _, _ in items]).to(device))
+        for pred, (_, target, _) in zip(preds, items):
+            results += to_results({k: v.cpu() for k, v in pred.items()}, target, dataset.cat_ids)
+    if world > 1:
+        gathered = [None] * world
+        tdist.all_gather_object(gathered, results)
+        results = [r for part in gathered for r in part]
+    return coco_metrics(dataset.coco, results)
+
+
+def main(args) -> dict:
+    dist = init_distributed(args.device)
+    torch.manual_seed(args.seed)
+    started = time.perf_counter()
+    recipe = engine.resolve_recipe(args, "detect")
+    explicit = getattr(args, "explicit", set())
+    line = recipes.split_global_batch(args, dist.world_size, explicit)
+    if line:
+        log.info(line)
+    out = Path(args.output_dir)
+    if dist.is_main:
+        remove_stale_temp_files(out)
+    root = engine.data_root(args, dist, "coco")
+    canvases = not args.data_path
+    args.input_size = args.input_size or (96 if canvases else 1024)
+    jitter = tuple(args.jitter or ((0.8, 1.25) if canvases else (0.1, 2.0)))
+    train_set = CocoInstances(root, "train2017", args.input_size, train=True, jitter=jitter, seed=args.seed)
+    val_set = CocoInstances(root, "val2017", args.input_size)
+    if args.epochs is not None:
+        args.steps = recipes.epochs_to_steps(args.epochs, len(train_set), args.batch_size, dist.world_size,
+                                             args.accum_steps)
+
+    def config(addp_config):
+        wide = addp_config.embed_dim >= 256
+        return DetectorConfig(backbone=engine.backbone_dict(args, addp_config, "detection"),
+                              num_classes=len(train_set.cat_ids), out_channels=256 if wide else 64,
+                              fc_dim=1024 if wide else 256, anchor_size=32 if args.input_size >= 512 else 8,
+                              categories=tuple(train_set.cat_ids),
+                              # a canvas holds at most 4 digits: far fewer proposals and RoIs than COCO
+                              **({} if wide else dict(proposals=(256, 128), rois_per_image=128,
+                                                      detections_per_image=20)))
+
+    model, source = engine.starting_point(args, "detector", Detector, config)
+    engine.check_sizes(args, model.config.backbone_config.patch_size)
+    stage = engine.DenseStage("detect", model, DetectionObjective(model), args.layer_decay)
+    cfg = engine.train_config(args)
+    identity = identity_of(cfg, model.config, {
+        "finetune": str(args.finetune), "finetune_sha256": sha256_file(args.finetune) if args.finetune and
+        Path(args.finetune).is_file() else None, "layer_decay": args.layer_decay, "jitter": jitter,
+        "data": args.data_path or "digits canvases", "world_size": dist.world_size, "recipe": recipe})
+    trainer = Trainer(stage, cfg, out, dist, identity)
+    report = {"output_dir": str(out), "start": source, "num_classes": model.config.num_classes,
+              "train_images": len(train_set), "val_images": len(val_set), "input_size": args.input_size}
+    run_eval = lambda m: evaluate(m, val_set)  # noqa: E731
+    if args.eval_only:
+        if args.resume:
+            trainer.load(Path(args.resume))
+        metrics = run_eval(trainer.final_model())
+    else:
+        trainer.maybe_resume(args.resume, args.force)
+        periodic = engine.PeriodicEvaluation(trainer, run_eval, "bbox_AP", args.eval_every, out)
+        trainer.fit(lambda start: engine.make_loader(train_set, cfg.batch_size, cfg.seed, dist.rank, dist.world_size,
+                                                     start, cfg.num_workers), on_step=periodic)
+        report.update(steps=cfg.steps, best=periodic.best)
+        metrics = periodic.last or run_eval(trainer.final_model())
+    report.update(metrics)
+    final = trainer.final_model()
+    if dist.is_main:
+        if not args.eval_only:
+            report["detector"] = str(save_checkpoint(out / "detector.safetensors", final))
+        image, _, _ = val_set[0]
+        pred = predict(final, image[None].to(dist.device))[0]
+        names = [val_set.coco.cats[c]["name"] for c in val_set.cat_ids]
+        report["picture"] = str(draw_detections(image, {k: v.cpu() for k, v in pred.items()},
+                                                out / "predictions.png", names, args.score_threshold))
+        report["wall_time_s"] = round(time.perf_counter() - started, 1)
+        write_json(out / "report.json", report)
+        log.info(f"[detect] AP box {report['bbox_AP']:.2f}  AP mask {report['segm_AP']:.2f}  "
+                 f"(AP50 box {report['bbox_AP50']:.2f}; {len(val_set)} images)")
+    return report
+
+
+def cli(argv=None) -> int:
+    return run_command("detect", recipes.record_explicit(get_args_parser(), argv), main, argv, interrupted=RESUMABLE)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,136 @@
+"""`python -m addp.segment`: semantic segmentation (UperNet) on an ADDP encoder, trained and
+evaluated with mIoU / pixel accuracy.
+
+With no `--data-path` it builds the digits canvases (`addp.dense.canvas`) and runs on them
+(11 classes: background and the ten digits); with `--data-path root` it reads an ADE20k root
+(`images/{training,validation}`, `annotations/...` PNGs, 0 ignored; `--num-classes`, 150 for
+ADE20k). Evaluation is whole-image, or sliding `--input-size` windows when an image is larger.
+Runs on `trainer.Trainer` (DDP under torchrun or srun, atomic checkpoints, exact resume); writes
+`segmenter.safetensors`, `checkpoint-{best,last}`, `log.jsonl`, `report.json` and
+`predictions.png` to `--output-dir`.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+import torch.nn.functional as F
+
+from .training import recipes
+from .models.checkpoint import save_checkpoint
+from .cli import RESUMABLE, ArgumentParser, positive_int, run_command
+from .dense import engine
+from .dense import recipes as _dense_recipes  # noqa: F401  (registers the Tab. 19 recipes)
+from .dense.ade import AdeSegmentation
+from .dense.metrics import confusion, segmentation_metrics
+from .dense.pictures import draw_segmentation
+from .dense.segmentation import SegmentationObjective, Segmenter, SegmenterConfig, predict
+from .runtime.distributed import init_distributed
+from .runs.files import remove_stale_temp_files, sha256_file, write_json
+from .training.config import identity_of
+from .training.trainer import Trainer
+
+log = engine.log
+
+
+def get_args_parser() -> ArgumentParser:
+    p = ArgumentParser("segment", description=__doc__.split("\n\n")[0])
+    engine.add_dense_args(p, "segment", steps=300, blr=2e-3, layer_decay=0.85)
+    p.add_argument("--num-classes", type=positive_int, default=None, help="default: 11 on the canvases, 150 else")
+    return p
+
+
+def padded_predict(model: Segmenter, image: torch.Tensor, crop: int) -> torch.Tensor:
+    """(3, H, W) -> class map (H, W): padded to a multiple of the patch and 32, then `predict`."""
+    H, W = image.shape[1:]
+    ph, pw = -H % 32, -W % 32
+    scores = predict(model, F.pad(image, (0, pw, 0, ph)), crop)
+    return scores[:, :H, :W].argmax(0)
+
+
+@torch.no_grad()
+def evaluate(model: Segmenter, dataset: AdeSegmentation, crop: int) -> dict:
+    """mIoU, aAcc, mAcc (%) over `dataset`, sharded over the DDP ranks (confusion summed)."""
+    rank, world = (tdist.get_rank(), tdist.get_world_size()) if tdist.is_initialized() else (0, 1)
+    device = next(model.parameters()).device
+    k = model.config.num_classes
+    matrix = torch.zeros(k, k, dtype=torch.int64, device=device)
+    for i in range(rank, len(dataset), world):
+        image, labels, _ = dataset[i]
+        matrix += confusion(padded_predict(model, image.to(device), crop), labels.to(device), k)
+    if world > 1:
+        tdist.all_reduce(matrix)
+    return segmentation_metrics(matrix.cpu())
+
+
+def main(args) -> dict:
+    dist = init_distributed(args.device)
+    torch.manual_seed(args.seed)
+    started = time.perf_counter()
+    recipe = engine.resolve_recipe(args, "segment")
+    line = recipes.split_global_batch(args, dist.world_size, getattr(args, "explicit", set()))
+    if line:
+        log.info(line)
+    out = Path(args.output_dir)
+    if dist.is_main:
+        remove_stale_temp_files(out)
+    root = engine.data_root(args, dist, "ade")
+    canvases = not args.data_path
+    args.input_size = args.input_size or (96 if canvases else 512)
+    num_classes = args.num_classes or (11 if canvases else 150)
+    jitter = tuple(args.jitter or ((0.8, 1.25) if canvases else (0.5, 2.0)))
+    train_set = AdeSegmentation(root, "training", num_classes, args.input_size, True, jitter, args.seed)
+    val_set = AdeSegmentation(root, "validation", num_classes, args.input_size)
+    if args.epochs is not None:
+        args.steps = recipes.epochs_to_steps(args.epochs, len(train_set), args.batch_size, dist.world_size,
+                                             args.accum_steps)
+
+    def config(addp_config):
+        return SegmenterConfig(backbone=engine.backbone_dict(args, addp_config, "segmentation"),
+                               num_classes=num_classes, decoder_channels=512 if addp_config.embed_dim >= 256 else 64)
+
+    model, source = engine.starting_point(args, "segmenter", Segmenter, config)
+    engine.check_sizes(args, model.config.backbone_config.patch_size)
+    stage = engine.DenseStage("segment", model, SegmentationObjective(model), args.layer_decay)
+    cfg = engine.train_config(args)
+    identity = identity_of(cfg, model.config, {
+        "finetune": str(args.finetune), "layer_decay": args.layer_decay, "jitter": jitter,
+        "data": args.data_path or "digits canvases", "world_size": dist.world_size, "recipe": recipe})
+    trainer = Trainer(stage, cfg, out, dist, identity)
+    report = {"output_dir": str(out), "start": source, "num_classes": num_classes, "train_images": len(train_set),
+              "val_images": len(val_set), "input_size": args.input_size}
+    run_eval = lambda m: evaluate(m, val_set, args.input_size)  # noqa: E731
+    if args.eval_only:
+        if args.resume:
+            trainer.load(Path(args.resume))
+        metrics = run_eval(trainer.final_model())
+    else:
+        trainer.maybe_resume(args.resume, args.force)
+        periodic = engine.PeriodicEvaluation(trainer, run_eval, "mIoU", args.eval_every, out)
+        trainer.fit(lambda start: engine.make_loader(train_set, cfg.batch_size, cfg.seed, dist.rank, dist.world_size,
+                                                     start, cfg.num_workers), on_step=periodic)
+        report.update(steps=cfg.steps, best={k: v for k, v in (periodic.best or {}).items() if k != "IoU"})
+        metrics = periodic.last or run_eval(trainer.final_model())
+    report.update(metrics)
+    final = trainer.final_model()
+    if dist.is_main:
+        if not args.eval_only:
+            report["segmenter"] = str(save_checkpoint(out / "segmenter.safetensors", final))
+        image, _, _ = val_set[0]
+        classes = padded_predict(final, image.to(dist.device), args.input_size).cpu()
+        report["picture"] = str(draw_segmentation(image, classes, out / "predictions.png", num_classes))
+        report["wall_time_s"] = round(time.perf_counter() - started, 1)
+        write_json(out / "report.json", report)
+        log.info(f"[segment] mIoU {report['mIoU']:.2f}  aAcc {report['aAcc']:.2f}  ({len(val_set)} images)")
+    return report
+
+
+def cli(argv=None) -> int:
+    return run_command("segment", recipes.record_explicit(get_args_parser(), argv), main, argv, interrupted=RESUMABLE)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
