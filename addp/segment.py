@@ -29,7 +29,7 @@ from .dense.metrics import confusion, segmentation_metrics
 from .dense.pictures import draw_segmentation
 from .dense.segmentation import SegmentationObjective, Segmenter, SegmenterConfig, predict
 from .runtime.distributed import init_distributed
-from .runs.files import remove_stale_temp_files, sha256_file, write_json
+from .runs.files import remove_stale_temp_files, write_json
 from .training.config import identity_of
 from .training.trainer import Trainer
 
