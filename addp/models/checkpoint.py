@@ -21,11 +21,9 @@ import tempfile
 from pathlib import Path
 
 import torch.nn as nn
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-
 from ..errors import CheckpointError, first_line
-from ..runs.files import atomic_write
+from ..runs.files import TEMP_PREFIX, apply_umask, atomic_write, make_folder
+from .weights_io import check_regular_file, member, read_tensors, save_safetensors
 from .addp import check_tokenizer_fits
 from .official import components_from_official
 from .state import load_strict, read_state
@@ -94,8 +92,8 @@ def save_checkpoint(path: str | os.PathLike, models: nn.Module | dict[str, nn.Mo
         components[name] = dataclasses.asdict(model.config)
         for key, value in model.state_dict().items():
             tensors[f"{name}.{key}"] = value.detach().cpu().contiguous()
-    metadata = {"addp_format": FORMAT_VERSION, "addp_components": json.dumps(components)}
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    metadata = {"addp_format": FORMAT_VERSION, "addp_components": json.dumps(components, sort_keys=True)}
+    return atomic_write(path, lambda tmp: save_safetensors(tensors, tmp, metadata))
 
 
 # -- save_pretrained folders -------------------------------------------------------------
@@ -110,83 +108,89 @@ def save_pretrained(folder: str | os.PathLike, models: nn.Module | dict[str, nn.
     class_name: the index's `_class_name`; default `ADDPPipeline` when the models are an
     ADDP network and its tokenizer, else `dict` (a plain set of components).
 
-    The folder is written under a temporary name beside `folder` and renamed into place, so
-    `folder` is never half-written. An existing `folder` is replaced only when it is itself a
-    save_pretrained folder (it holds `model_index.json`) or empty.
+    A new folder is written under a temporary name beside `folder` and renamed into place, so
+    it is never half-written. Into an existing save_pretrained folder (it holds
+    `model_index.json`) each file is replaced atomically, the index last; other files in it
+    (a README, other components) are left as they are. Any other non-empty folder is refused.
     """
-    from .. import __version__
-
     folder = Path(folder)
     models = _by_name(models)
-    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / MODEL_INDEX).exists())):
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise CheckpointError(f"{folder} exists and is not a folder; not replacing it")
+    existing = folder.exists() and any(folder.iterdir())
+    if existing and not (folder / MODEL_INDEX).is_file():
         raise CheckpointError(f"{folder} exists and is not a save_pretrained folder; not replacing it")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.{os.getpid()}.", suffix=".tmp"))
+    files = _pretrained_files(models, class_name)
+    if existing:
+        for rel, write in files.items():
+            sub = folder / rel
+            if sub.parent.is_symlink() or (sub.parent.exists() and not sub.parent.is_dir()):
+                raise CheckpointError(f"{sub.parent} is not a plain folder; not writing into it")
+            atomic_write(sub, write)
+        return folder
+    make_folder(folder.parent)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{TEMP_PREFIX}{folder.name}.{os.getpid()}.", suffix=".tmp"))
     try:
-        if class_name is None:
-            class_name = "ADDPPipeline" if {"addp", "tokenizer"} <= set(models) else "dict"
-        index = {"_class_name": class_name, "_addp_version": __version__}
-        for name, model in models.items():
-            (tmp / name).mkdir()
-            (tmp / name / "config.json").write_text(json.dumps(dataclasses.asdict(model.config), indent=2) + "\n")
-            state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-            save_file(state, tmp / name / "model.safetensors", metadata={"format": "pt"})
-            index[name] = ["addp", type(model).__name__]
-        (tmp / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        _swap_in(tmp, folder)
+        apply_umask(tmp, folder=True)
+        for rel, write in files.items():
+            atomic_write(tmp / rel, write)
+        os.replace(tmp, folder)  # onto a missing or empty folder
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
 
 
-def _swap_in(new: Path, folder: Path) -> None:
-    """Rename the finished folder `new` onto `folder`; an old `folder` is moved aside first
-    and deleted after (a folder cannot be renamed over a non-empty one)."""
-    old = None
-    if folder.exists():
-        old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".old"))
-        os.replace(folder, old / folder.name)
-    try:
-        os.replace(new, folder)
-    except BaseException:
-        if old is not None:
-            os.replace(old / folder.name, folder)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+def _pretrained_files(models: dict[str, nn.Module], class_name: str | None) -> dict[str, object]:
+    """Relative path -> writer(tmp) of every file of a save_pretrained folder, the index last."""
+    from .. import __version__
+
+    if class_name is None:
+        class_name = "ADDPPipeline" if {"addp", "tokenizer"} <= set(models) else "dict"
+    index = {"_class_name": class_name, "_addp_version": __version__}
+    files = {}
+    for name, model in models.items():
+        member(".", name, "component")
+        config = json.dumps(dataclasses.asdict(model.config), indent=2) + "\n"
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        files[f"{name}/config.json"] = lambda tmp, text=config: Path(tmp).write_text(text)
+        files[f"{name}/model.safetensors"] = lambda tmp, st=state: save_safetensors(st, tmp, {"format": "pt"})
+        index[name] = ["addp", type(model).__name__]
+    text = json.dumps(index, indent=2) + "\n"
+    files[MODEL_INDEX] = lambda tmp: Path(tmp).write_text(text)
+    return files
 
 
 def load_folder(folder: str | os.PathLike) -> dict[str, nn.Module]:
     """The models of a save_pretrained folder, by component name."""
     folder = Path(folder)
+    if not (folder / MODEL_INDEX).exists():
+        raise CheckpointError(f"{folder} is a folder without {MODEL_INDEX}: not a save_pretrained folder")
     try:
-        index = json.loads((folder / MODEL_INDEX).read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{folder} is a folder without {MODEL_INDEX}: not a save_pretrained folder") from None
+        index = json.loads(check_regular_file(folder / MODEL_INDEX, MODEL_INDEX).read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{folder / MODEL_INDEX} is not readable JSON ({first_line(e)})") from None
+    if not isinstance(index, dict):
+        raise CheckpointError(f"{folder / MODEL_INDEX} is not a JSON object")
     names = [k for k in index if not k.startswith("_")]
     if not names:
         raise CheckpointError(f"{folder / MODEL_INDEX} names no component")
     models = {}
     for name in names:
-        sub = folder / name
+        sub = member(folder, name, "component")
         for file in ("config.json", "model.safetensors"):
-            if not (sub / file).is_file():
+            if not (sub / file).exists():
                 raise CheckpointError(f"{folder}: component {name} lacks {file}")
         try:
-            config_dict = json.loads((sub / "config.json").read_text())
-            state = load_file(str(sub / "model.safetensors"))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{sub} is not readable ({first_line(e)})") from None
+            config_dict = json.loads(check_regular_file(sub / "config.json", "config").read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{sub / 'config.json'} is not readable JSON ({first_line(e)})") from None
+        if not isinstance(config_dict, dict):
+            raise CheckpointError(f"{sub / 'config.json'} is not a JSON object")
+        state, _ = read_tensors(sub / "model.safetensors")
         models[name] = load_strict(_build(config_dict, str(sub)), state, str(sub))
     return models
+
 
 
 def pipeline_models(name_or_path: str | os.PathLike, filename: str | None = None, revision: str | None = None,

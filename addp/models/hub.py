@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 
 from ..errors import CheckpointError
+from .weights_io import member
 
 # The index file of a save_pretrained folder (diffusers' name): it names the components.
 MODEL_INDEX = "model_index.json"
@@ -38,6 +39,8 @@ def resolve(name_or_path: str | os.PathLike, filename: str | None = None, revisi
     save_pretrained folder (``model_index.json``). `revision` is a branch, tag or commit.
     """
     local = Path(name_or_path)
+    if filename is not None:
+        member(name_or_path, filename, "filename")  # no `..` or absolute path, locally or on the Hub
     if local.exists():
         if filename is None:
             return local

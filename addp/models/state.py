@@ -4,51 +4,22 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
-from ..errors import CheckpointError, first_line
+from ..errors import CheckpointError
+from .weights_io import check_tensors, read_tensors
 
 
 # -- reading raw files ---------------------------------------------------------------------
 def read_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """Tensors of a checkpoint file and, for our format, its component description."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
-    if path.suffix == ".safetensors":
-        tensors, components = _read_safetensors(path)
-    else:
-        tensors, components = _read_torch(path), None
-    check_finite(tensors, str(path))
-    return tensors, components
-
-
-
-def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Refuse weights holding NaN or Inf, naming the first such tensor."""
-    for name, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise CheckpointError(f"{source}: tensor {name} holds non-finite values (NaN or Inf); refusing to load it")
-
-
-
-def _read_safetensors(path: Path):
-    try:
-        tensors = load_file(str(path))
-        with open(path, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(header_len))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({first_line(e)})") from None
-    metadata = (header.get("__metadata__") if isinstance(header, dict) else None) or {}
+    """Tensors of a checkpoint file (checked by `weights_io.read_tensors`) and, for our format,
+    its component description."""
+    tensors, metadata = read_tensors(path)
+    if Path(path).suffix != ".safetensors":
+        return tensors, None
     if "addp_components" not in metadata:
         raise CheckpointError(f"{path} is a safetensors file without an addp component description")
     try:
@@ -60,23 +31,9 @@ def _read_safetensors(path: Path):
     return tensors, components
 
 
-
-def _read_torch(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path} holds Python objects other than tensors; refusing to unpickle it "
-                              f"({first_line(e)})") from None
-    except Exception as e:  # truncated zip, not a torch file at all, ...
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({first_line(e)})") from None
-    for key in ("model", "state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path} does not hold a state dict of tensors")
-    return obj
-
+def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse weights that are not tensors or hold NaN or Inf, naming the first such tensor."""
+    check_tensors(tensors, source)
 
 
 # -- strict loading ------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from timm.models.vision_transformer import VisionTransformer
 from .classifier import GLOBAL_POOLS, classifier_config_for, encoder_state_from_addp, resample_pos_embed, vit_kwargs
 from ..errors import AddpError
 from .registry import list_models, preset_config
+from .weights_io import check_tensors
 
 HUB_ID = "Changyao/ADDP"
 # timm name -> (our preset it is built from, the official file on the Hub or None)
@@ -94,7 +95,9 @@ def checkpoint_filter_fn(state: dict[str, torch.Tensor], model: VisionTransforme
     layout (our classifiers, `addp.export` files) is taken as it is. Position embeddings are
     resampled to the model's image size; a missing head keeps the model's fresh one.
     """
-    state = _component(state)
+    if not isinstance(state, dict):
+        check_tensors(state, "the pretrained weights")  # raises: not a state dict
+    state = check_tensors(_component(state), "the pretrained weights")
     size = model.patch_embed.img_size[0]
     if "tokenizer_norm.weight" in state or "decoder_pos_mask_embed" in state:  # an ADDP network
         if model.global_pool not in GLOBAL_POOLS:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import addp
+from conftest import PicklePayload
 from addp.models.checkpoint import CheckpointError, atomic_write
 
 
@@ -118,20 +119,12 @@ def test_official_style_file_of_unknown_layout(tmp_path):
     assert "not an ADDP, MAGE or VQGAN checkpoint" in _one_line(e)
 
 
-class _Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_malicious_pickle_is_never_executed(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
     with open(path, "wb") as f:
-        pickle.dump({"model": _Payload(marker)}, f)
-    torch.save({"model": _Payload(marker)}, tmp_path / "evil_zip.pth")
+        pickle.dump({"model": PicklePayload(marker)}, f)
+    torch.save({"model": PicklePayload(marker)}, tmp_path / "evil_zip.pth")
     for p in (path, tmp_path / "evil_zip.pth"):
         with pytest.raises(CheckpointError) as e:
             addp.load_checkpoint(p)

@@ -69,7 +69,7 @@ def test_save_pretrained_of_a_classifier_and_the_single_file_format_still_load(t
             assert loaded.config == cls.config and torch.equal(loaded(x), cls(x))
 
 
-def test_save_pretrained_replaces_its_own_folder_and_never_leaves_half_a_folder(tmp_path, pipe, monkeypatch):
+def test_save_pretrained_rewrites_its_own_files_and_keeps_the_users(tmp_path, pipe, monkeypatch):
     target = tmp_path / "pipe"
     pipe.save_pretrained(target)
     before = {p.relative_to(target): p.read_bytes() for p in target.rglob("*") if p.is_file()}
@@ -78,15 +78,18 @@ def test_save_pretrained_replaces_its_own_folder_and_never_leaves_half_a_folder(
     def fail(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ckpt, "save_file", fail)  # the write dies after model_index.json's folder exists
+    monkeypatch.setattr(ckpt, "save_safetensors", fail)  # the write dies after model_index.json's folder exists
     with pytest.raises(KeyboardInterrupt):
         pipe.save_pretrained(target)
     monkeypatch.undo()
     assert {p.relative_to(target): p.read_bytes() for p in target.rglob("*") if p.is_file()} == before
     assert sorted(os.listdir(tmp_path)) == ["pipe"]  # no temporary folder left behind
+    (target / "README.md").write_text("my notes")
     other = addp.create_model("vqgan_small")
-    addp.save_pretrained(target, other)  # a save_pretrained folder is replaced as a whole
-    assert sorted(os.listdir(target)) == ["model_index.json", "tokenizer"]
+    addp.save_pretrained(target, other)  # our files are replaced, nothing else is deleted
+    assert sorted(os.listdir(target)) == ["README.md", "addp", "model_index.json", "tokenizer"]
+    assert (target / "README.md").read_text() == "my notes"
+    assert list(addp.load_components(target)) == ["tokenizer"]  # the index names what was saved
     assert sorted(os.listdir(tmp_path)) == ["pipe"]
 
 
