@@ -88,6 +88,12 @@ def load_stats(path) -> ReferenceStats:
         raise AddpError(f"{path}: 'mu' and 'sigma' must be floating point, got {mu.dtype} and {sigma.dtype}")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise AddpError(f"{path}: 'mu' or 'sigma' holds NaN or Inf")
+    if not np.allclose(sigma, sigma.T, rtol=1e-5, atol=1e-8) or np.linalg.eigvalsh(sigma).min() < -1e-6 * max(1.0, np.abs(sigma).max()):
+        raise AddpError(f"{path}: 'sigma' is not a covariance matrix (not symmetric positive semi-definite)")
+    for key, value in meta.items():
+        if not isinstance(value, list if key == "image_size" else str):
+            want = "a list (H, W)" if key == "image_size" else "text"
+            raise AddpError(f"{path}: '{key}' must be {want}, got {value!r}")
     if features is not None and (features.ndim != 2 or features.shape[1] != len(mu)):
         raise AddpError(f"{path}: 'features' must be (N, {len(mu)}), got {features.shape}")
     return ReferenceStats(mu.astype(np.float64), sigma.astype(np.float64), features, num, meta)

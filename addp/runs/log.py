@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .files import atomic_write, finite_or_none
+from ..errors import AddpError
+from .files import atomic_write, finite_or_none, open_append
 
 
 class RunLog:
@@ -18,7 +19,7 @@ class RunLog:
             from torch.utils.tensorboard import SummaryWriter
             out.mkdir(parents=True, exist_ok=True)
             _truncate_log(out / "log.jsonl", start_step)
-            self.jsonl = open(out / "log.jsonl", "a")
+            self.jsonl = open_append(out / "log.jsonl")
             self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)
 
     def write(self, step: int, values: dict) -> None:
@@ -38,6 +39,8 @@ class RunLog:
 
 def _truncate_log(path: Path, last_step: int) -> None:
     """Keep the JSONL entries up to `last_step` (and drop a line cut short by a kill)."""
+    if path.is_symlink():
+        raise AddpError(f"{path} is a symbolic link; refusing to write through it")
     if not path.exists():
         return
     kept = []

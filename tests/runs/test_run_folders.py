@@ -305,8 +305,9 @@ def test_temp_files_of_a_killed_save_are_removed_at_the_next_start(tmp_path, cap
     assert len(left) == 1 and ckpt.read_bytes() == b"the last complete checkpoint"
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        mine = ckpt.parent / f".checkpoint.pt.{live.pid}.abcd1234.tmp"  # a writer still running
-        other = [ckpt.parent / "notes.tmp", out / ".hidden.tmp"]  # not our names
+        mine = ckpt.parent / f".addp-checkpoint.pt.{live.pid}.abcd1234.tmp"  # a writer still running
+        other = [ckpt.parent / "notes.tmp", out / ".hidden.tmp",  # not our names
+                 ckpt.parent / f".checkpoint.pt.{2 ** 22 + 1}.word.tmp"]
         for p in [mine, *other]:
             p.write_text("x")
         assert train.cli(["--output-dir", str(out), *TINY, "--stage", "tokenizer"]) == 2  # the bad checkpoint
