@@ -29,7 +29,7 @@ from .cli import (ArgumentParser, add_checkpoint_args, add_runtime_args, add_sam
 from .runtime.distributed import DistInfo, init_distributed
 from .errors import AddpError
 from .runs.images import save_png
-from .runs.files import atomic_write, sha256_file
+from .runs.files import atomic_write, sha256_file, make_folder, probe_writable
 from .runs.lock import FolderLock
 from .runs.npz_stream import NpzImageWriter
 from .runs.progress import Progress
@@ -97,13 +97,8 @@ def checkpoint_hashes(checkpoint: str, tokenizer: str | None) -> dict:
 
 
 def _check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise AddpError(f"cannot write to output folder {out} ({e.strerror or type(e).__name__})") from None
+    make_folder(out)
+    probe_writable(out)  # a file of our own, never through a link planted in the folder
 
 
 def _read_record(out: Path) -> dict | None:

@@ -10,16 +10,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import AddpError
+from ..errors import AddpError, first_line
+from .extractor_weights import INCEPTION_FILE, INCEPTION_URL, checked_weights, inception_weights  # noqa: F401
 from ..runs.files import sha256_file
 from ..runtime.extras import require
 
 
 METRICS = ("fid", "isc", "kid", "prc")
-INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
-
-
-INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
 
 
 def _module_hash(model: nn.Module) -> str:
@@ -88,21 +85,6 @@ def load_classifier(path) -> nn.Module:
     return load_checkpoint(path, "classifier").eval()
 
 
-# --------------------------------------------------------------------------- inception
-def inception_weights(path: str | None) -> str:
-    """The local Inception weights file: the one given, or torch-fidelity's cached copy."""
-    if path is not None:
-        if not Path(path).is_file():
-            raise AddpError(f"Inception weights file not found: {path}")
-        return str(path)
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
-    if cached.is_file():
-        return str(cached)
-    raise AddpError(f"no Inception weights here and nothing is downloaded: fetch {INCEPTION_URL} on a machine "
-                    f"with internet and pass --inception-weights FILE (or copy it to {cached}), "
-                    f"or use --feature-extractor <classifier.safetensors>")
-
-
 # --------------------------------------------------------------------------- features
 class Features:
     """A torch-fidelity feature extractor, the layer each metric reads, and what identifies it."""
@@ -118,7 +100,8 @@ class Features:
         else:
             name = "inception-v3-compat"
             weights = inception_weights(inception_weights_path)
-            kwargs = {"feature_extractor_weights_path": weights}
+            # torch-fidelity unpickles what it is given: it gets only our checked copy of the tensors
+            kwargs = {"feature_extractor_weights_path": checked_weights(weights)}
             self.identity = f"{name}:{sha256_file(weights)}"
         cls = FEATURE_EXTRACTORS_REGISTRY[name]
         self.layers = {m: cls.get_default_feature_layer_for_metric(m) for m in METRICS}
@@ -127,7 +110,10 @@ class Features:
         self.reference_layer = self.layers["fid"]
         wanted = sorted({self.layers[m] for m in metrics} | {self.reference_layer})
         self.cuda = cuda
-        self.extractor = create_feature_extractor(name, wanted, cuda=cuda, verbose=False, **kwargs)
+        try:
+            self.extractor = create_feature_extractor(name, wanted, cuda=cuda, verbose=False, **kwargs)
+        except RuntimeError as e:  # load_state_dict: the file holds other weights
+            raise AddpError(f"the feature extractor's weights do not fit it ({first_line(e)})") from None
 
     def dim(self, dataset) -> int:
         """The width of the reference layer, from the first image of ``dataset``."""
