@@ -31,7 +31,8 @@ from .cli import (RESUMABLE, ArgumentParser, device, existing_file, existing_pat
                   non_negative_float, non_negative_int, number, output_folder, positive_float, positive_int,
                   probability, random_seed, run_command)
 from .errors import AddpError
-from .runs.files import remove_stale_temp_files, write_json
+from .runs.files import write_json
+from .runs.lock import lock_run_folder
 from .runtime.precision import PRECISIONS
 from .runs.records import sha256_file
 from .training.config import identity_of
@@ -125,8 +126,16 @@ def main(args) -> dict:
     if line:
         say(line)
     out = Path(args.output_dir)
-    if dist.is_main:
-        remove_stale_temp_files(out)
+    lock = lock_run_folder(out, dist.is_main)
+    try:
+        return _finetune(args, dist, out, recipe, started)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _finetune(args, dist, out: Path, recipe, started: float) -> dict:
+    say = log.info
     config = build_classifier_for(args, image_size=args.input_size)  # sizes the data
     resolve_defaults(args, config)
     train_set, val_set, num_classes = build_datasets(args, config.image_size)

@@ -33,7 +33,7 @@ from .runs.files import atomic_write, write_json
 from .training.loss import TARGETS
 from .models.addp import TOKEN_INPUTS, check_tokenizer_fits
 from .runtime.precision import PRECISIONS
-from .runs.records import clean_run_folder
+from .runs.lock import lock_run_folder
 from .sampling import SamplerConfig
 from .training.stages import ADDPStage, masked_token_accuracy, reconstruction_psnr
 from .training.run_stages import (STAGES, build_dataset, heldout_images, predictor_for, refuse_or_retrain, train_config,
@@ -172,8 +172,15 @@ def main(args) -> dict:
     torch.manual_seed(args.seed)
     resolve_recipe(args, dist)
     out = Path(args.output_dir)
-    if dist.is_main:
-        clean_run_folder(out, STAGES)
+    lock = lock_run_folder(out, dist.is_main, [out / s for s in STAGES])
+    try:
+        return _train(args, dist, out)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(args, dist, out: Path) -> dict:
     overrides, net_config = args.model_overrides, args.net_config
     tok_preset, pred_preset = family_presets(args.model)
     dataset = build_dataset(args, net_config.image_size)

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from ..errors import AddpError
+from .files import make_folder, remove_stale_temp_files
 
 
 class FolderLock:
@@ -55,3 +56,15 @@ def _holder(folder: Path) -> int | None:
         if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5].split(":")[-1] == str(inode):
             return int(fields[4])
     return None
+
+
+def lock_run_folder(out, is_main: bool, folders=()) -> FolderLock | None:
+    """On rank 0: make the run folder `out`, take its lock (a second run into it is refused in
+    one line naming the holder), then remove the temporary files a killed run of ours left in
+    `out` and `folders`. Other ranks: None (rank 0 writes the folder)."""
+    if not is_main:
+        return None
+    lock = FolderLock(make_folder(out)).acquire()
+    for folder in [Path(out), *map(Path, folders)]:
+        remove_stale_temp_files(folder)
+    return lock

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .files import atomic_write, sha256_file, remove_stale_temp_files
+from .files import atomic_write, sha256_file
 
 RECORD = "output.json"
 
@@ -81,11 +81,3 @@ def check_inputs(out: Path, stage: str, file: Path, inputs: dict) -> str | None:
     if differing_keys(recorded, inputs):
         return f"was trained against other inputs ({describe_differences(recorded, inputs)})"
     return None
-
-
-def clean_run_folder(out: Path, stages) -> list[Path]:
-    """Remove the temporary files a killed save left in `out` and its stage folders."""
-    removed = []
-    for folder in [Path(out)] + [Path(out) / s for s in stages]:
-        removed += remove_stale_temp_files(folder)
-    return removed

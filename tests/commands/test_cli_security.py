@@ -75,3 +75,32 @@ def test_train_never_appends_through_a_dangling_log_link(run_module, tmp_path):
                                                 "--batch-size", "8", "--num-samples", "0", "--warmup-steps", "0"])
     assert code == 2 and "symbolic link" in stderr and "Traceback" not in stderr, stderr
     assert not (tmp_path / "elsewhere.jsonl").exists()
+
+
+HOLDER = """
+import sys, time
+from addp.runs.lock import FolderLock
+FolderLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("module, argv", [
+    ("addp.train", ["--stage", "tokenizer", "--tokenizer-steps", "2", "--batch-size", "8", "--num-samples", "0"]),
+    ("addp.finetune", ["--steps", "1", "--batch-size", "8"]),
+])
+def test_a_second_writer_of_a_run_folder_is_refused(run_module, tmp_path, module, argv):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "kept.txt").write_text("an earlier run's file")
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).parents[2])
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code, _, stderr = run_module(module, ["--output-dir", out, *argv])
+        one_error_line(code, stderr, f"in use by process {holder.pid}")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(p.name for p in out.iterdir()) == ["kept.txt"]  # nothing of the refused run
