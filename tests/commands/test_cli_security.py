@@ -104,3 +104,15 @@ def test_a_second_writer_of_a_run_folder_is_refused(run_module, tmp_path, module
         holder.kill()
         holder.wait()
     assert sorted(p.name for p in out.iterdir()) == ["kept.txt"]  # nothing of the refused run
+
+
+def test_retraining_an_identical_config_gives_identical_files(run_module, tmp_path):
+    files = {}
+    for run in ("a", "b"):
+        out = tmp_path / run
+        code, _, stderr = run_module("addp.train", ["--output-dir", out, "--stage", "tokenizer", "--tokenizer-steps",
+                                                    "2", "--batch-size", "8", "--num-samples", "0", "--device", "cpu"])
+        assert code == 0, stderr
+        files[run] = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*.safetensors"))}
+        files[run].update({p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("output.json"))})
+    assert files["a"] and files["a"] == files["b"]
