@@ -162,6 +162,8 @@ def _save_pt2(program: torch.export.ExportedProgram, path) -> None:
 
 
 def main(args) -> dict:
+    if Path(args.output).resolve() == Path(args.checkpoint).resolve():
+        raise AddpError("--output is the --checkpoint file; give another path (the checkpoint is never replaced)")
     if args.format != "timm":
         model = backbone(args.checkpoint, args.img_size, args.global_pool, args.keep_head)
         size = model.config.image_size

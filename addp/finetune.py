@@ -121,6 +121,8 @@ def main(args) -> dict:
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     say = log.info
+    if args.eval_only and not (args.finetune or args.resume):
+        raise AddpError("--eval-only evaluates trained weights: give --finetune or --resume")
     recipe = resolve_recipe(args, say)
     line = recipes.split_global_batch(args, dist.world_size, getattr(args, "explicit", set()))
     if line:
@@ -185,7 +187,8 @@ def _finetune(args, dist, out: Path, recipe, started: float) -> dict:
         report["classifier"] = str(save_checkpoint(out / "classifier.safetensors", final.cpu()))
     report["wall_time_s"] = round(time.perf_counter() - started, 1)
     if dist.is_main:
-        write_json(out / "report.json", report)
+        # an evaluation of a run's weights never replaces the run's own report
+        write_json(out / ("eval.json" if args.eval_only else "report.json"), report)
         log.info(f"[finetune] val top-1 {report['val_top1']:.2f}%  top-5 {report['val_top5']:.2f}%  "
                  f"({report['val_num_images']} images, chance {report['chance_top1']:.1f}%)")
     return report

@@ -68,6 +68,7 @@ def _metrics_from_features(f1: dict, ref: ReferenceStats, features: Features, me
     # precision/recall holds PRC_ROWS x N distances at a time (torch-fidelity's default: 10,000 rows)
     kw = dict(verbose=False, cuda=cuda, save_cpu_ram=True, prc_batch_size=PRC_ROWS)
     samples = f1[features.reference_layer]
+    _check_counts(metrics, len(samples), None if ref.features is None else len(ref.features))
     result = {}
     if "isc" in metrics:
         result.update(isc_featuresdict_to_metric(f1, features.layers["isc"], isc_splits=min(10, len(samples)), **kw))
@@ -82,6 +83,19 @@ def _metrics_from_features(f1: dict, ref: ReferenceStats, features: Features, me
         if "prc" in metrics:
             result.update(prc_features_to_metric(samples, real, **kw))
     return {k: float(v) for k, v in result.items()}
+
+
+# the fewest images each side needs: a covariance and KID's unbiased estimate divide by n - 1,
+# precision/recall finds each image's 3 nearest neighbours among the others
+MIN_IMAGES = {"fid": 2, "isc": 2, "kid": 2, "prc": 4}
+
+
+def _check_counts(metrics, num_samples: int, num_reference: int | None) -> None:
+    """Refuse a metric that is undefined (NaN) or meaningless for so few images, in one line."""
+    for m in metrics:
+        for side, n in (("sample", num_samples), ("reference", num_reference if m in ("kid", "prc") else None)):
+            if n is not None and n < MIN_IMAGES[m]:
+                raise AddpError(f"{m} needs at least {MIN_IMAGES[m]} {side} images, got {n}")
 
 
 def small_sample_warnings(num_samples: int, num_reference: int | None, dim: int) -> list[str]:

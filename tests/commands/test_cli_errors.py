@@ -3,6 +3,7 @@ written; success: one JSON summary line of the same shape for every command."""
 import errno
 import hashlib
 import json
+import os
 
 import numpy as np
 import pytest
@@ -36,6 +37,12 @@ def files(tmp_path_factory, tiny_checkpoint):
     (d / "corrupt.safetensors").write_bytes(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
     save_file({"addp.x": torch.zeros(1)}, str(d / "not_object.safetensors"),
               metadata={"addp_format": "1", "addp_components": "[1, 2]"})
+    os.mkfifo(d / "fifo.safetensors")  # reading it would block forever
+    json_dir = d / "nan_folder"
+    addp.save_pretrained(json_dir, {"tokenizer": addp.create_model("vqgan_small")})
+    index = json.loads((json_dir / "model_index.json").read_text())
+    index["../tok_only"] = index.pop("tokenizer")
+    (json_dir / "model_index.json").write_text(json.dumps(index))
     return {"ckpt": tiny_checkpoint, **{p.stem: p for p in d.iterdir()}, "missing": d / "missing.png"}
 
 
@@ -138,6 +145,11 @@ CASES = [
     ("addp.export", EXP + ["--checkpoint", "{not_object}"], "not a JSON object"),
     ("addp.export", EXP + ["--output", "{out}"], "is a folder"),
     ("addp.export", EXP + ["--format", "tflite"], "--format"),
+    # hostile files, and outputs that would replace inputs
+    ("addp.generate", ["--checkpoint", "{fifo}", "--output-dir", "{out}"], "not a regular file"),
+    ("addp.generate", ["--checkpoint", "{nan_folder}", "--output-dir", "{out}"], "not a path inside the folder"),
+    ("addp.export", ["--checkpoint", "{ckpt}", "--output", "{ckpt}"], "--output is the --checkpoint"),
+    ("addp.finetune", FT + ["--eval-only"], "--eval-only evaluates trained weights"),
     # evaluate
     ("addp.evaluate", EVAL + ["--batch-size", "0"], "--batch-size"),
     ("addp.evaluate", EVAL + ["--metrics", "fid,xyz"], "unknown metrics"),

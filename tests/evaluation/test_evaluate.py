@@ -235,3 +235,19 @@ def test_bad_reference_inputs_are_one_line_and_write_nothing(folders, classifier
         assert err.startswith("error:") and match in err and "\n" not in err, (name, err)
         assert not out.exists() and not saved.exists()
         assert not [p for p in tmp_path.rglob("*.tmp")]
+
+
+@pytest.mark.parametrize("count, metric, match", [
+    (1, "kid", "kid needs at least 2 sample images, got 1"),
+    (1, "fid", "fid needs at least 2 sample images, got 1"),
+    (3, "prc", "prc needs at least 4 sample images, got 3"),
+])
+def test_too_few_samples_for_a_metric_is_one_line_not_nan(folders, classifier_path, tmp_path, capsys,
+                                                          count, metric, match):
+    a, _, _ = folders
+    few = write_folder(tmp_path / "few", EI.load_images("digits")[:count].permute(0, 2, 3, 1).numpy())
+    capsys.readouterr()
+    assert E.cli(["--samples", str(few), "--reference", str(a), "--metrics", metric,
+                  "--feature-extractor", str(classifier_path)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the reference's log line
+    assert last == f"error: {match}"
