@@ -9,7 +9,8 @@ Exactly one mode:
 Writes --output (default ``<image stem>_inpainted.png`` in the current folder) and
 ``<output stem>_side_by_side.png`` next to it: the input, with the hole painted mid-grey
 and placed on the result's canvas, | the result. Pixels outside the hole are the input's,
-unchanged. Prints one JSON summary line.
+unchanged. Prints one JSON summary line. An existing output file is replaced only with
+--overwrite, and an input (--image, --mask) never.
 """
 from __future__ import annotations
 
@@ -47,6 +48,8 @@ def get_args_parser() -> ArgumentParser:
                    help="uncrop: the canvas is SCALE (> 1) times the image")
     p.add_argument("--output", default=None, type=output_file,
                    help="result PNG; default: <image stem>_inpainted.png in the current folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --output and its _side_by_side.png (never --image or --mask)")
     add_sampler_args(p)
     add_runtime_args(p, compile=False, cuda_graph=False)
     p.add_check(_check_mode)
@@ -76,6 +79,20 @@ def _check_mode(args) -> None:
                         + " ".join(f"--{k} {v}" for k, v in margins.items()))
     if args.output is None:
         args.output = str(check_output_file(Path.cwd() / f"{Path(args.image).stem}_inpainted.png"))
+    _check_not_replacing(args)
+
+
+def _check_not_replacing(args) -> None:
+    """The outputs are PNG files that are neither an input nor, without --overwrite, an existing file."""
+    output = Path(args.output)
+    if output.suffix.lower() != ".png":
+        raise AddpError(f"--output is written as PNG: give a .png path, got {output}")
+    inputs = {Path(p).resolve() for p in (args.image, args.mask) if p}
+    for path in (output, side_by_side_path(output)):
+        if path.resolve() in inputs:
+            raise AddpError(f"{path} is an input of this command; give another --output")
+        if path.exists() and not args.overwrite:
+            raise AddpError(f"{path} exists; pass --overwrite to replace it, or give another --output")
 
 
 def _input_panel(image: Image.Image, mode: str, args, result_size: tuple[int, int],

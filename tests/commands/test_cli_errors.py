@@ -150,6 +150,12 @@ CASES = [
     ("addp.generate", ["--checkpoint", "{nan_folder}", "--output-dir", "{out}"], "not a path inside the folder"),
     ("addp.export", ["--checkpoint", "{ckpt}", "--output", "{ckpt}"], "--output is the --checkpoint"),
     ("addp.finetune", FT + ["--eval-only"], "--eval-only evaluates trained weights"),
+    ("addp.inpaint", ["--checkpoint", "{ckpt}", "--image", "{image}", "--mask", "{mask}", "--output", "{image}"],
+     "is an input of this command"),
+    ("addp.inpaint", ["--checkpoint", "{ckpt}", "--image", "{image}", "--mask", "{mask}", "--output", "{out}/kept.txt"],
+     "give a .png path"),
+    ("addp.inpaint", ["--checkpoint", "{ckpt}", "--image", "{image}", "--mask", "{mask}", "--output", "{notes}"],
+     "exists; pass --overwrite"),
     # evaluate
     ("addp.evaluate", EVAL + ["--batch-size", "0"], "--batch-size"),
     ("addp.evaluate", EVAL + ["--metrics", "fid,xyz"], "unknown metrics"),
