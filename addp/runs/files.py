@@ -227,6 +227,10 @@ def _check_creatable(folder: Path) -> None:
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    """The SHA-256 of a file's bytes (hex), read in chunks."""
-    with open(path, "rb") as f:
+    """The SHA-256 of a regular file's bytes (hex), read in chunks; a device file or FIFO, which
+    would never end or block forever, is one error line."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO opens without a writer
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise AddpError(f"{path} is not a regular file (a device, FIFO or socket); refusing to read it")
         return hashlib.file_digest(f, "sha256").hexdigest()

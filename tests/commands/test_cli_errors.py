@@ -38,7 +38,7 @@ def files(tmp_path_factory, tiny_checkpoint):
     save_file({"addp.x": torch.zeros(1)}, str(d / "not_object.safetensors"),
               metadata={"addp_format": "1", "addp_components": "[1, 2]"})
     os.mkfifo(d / "fifo.safetensors")  # reading it would block forever
-    json_dir = d / "nan_folder"
+    json_dir = d / "escaping_folder"
     addp.save_pretrained(json_dir, {"tokenizer": addp.create_model("vqgan_small")})
     index = json.loads((json_dir / "model_index.json").read_text())
     index["../tok_only"] = index.pop("tokenizer")
@@ -147,7 +147,7 @@ CASES = [
     ("addp.export", EXP + ["--format", "tflite"], "--format"),
     # hostile files, and outputs that would replace inputs
     ("addp.generate", ["--checkpoint", "{fifo}", "--output-dir", "{out}"], "not a regular file"),
-    ("addp.generate", ["--checkpoint", "{nan_folder}", "--output-dir", "{out}"], "not a path inside the folder"),
+    ("addp.export", ["--checkpoint", "{escaping_folder}", "--output", "{out}/e.safetensors"], "not a path inside the folder"),
     ("addp.export", ["--checkpoint", "{ckpt}", "--output", "{ckpt}"], "--output is the --checkpoint"),
     ("addp.finetune", FT + ["--eval-only"], "--eval-only evaluates trained weights"),
     ("addp.inpaint", ["--checkpoint", "{ckpt}", "--image", "{image}", "--mask", "{mask}", "--output", "{image}"],
