@@ -10,7 +10,7 @@ import torch
 import addp
 from addp.runtime.precision import autocast_dtype, resolve_precision
 
-sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
+sys.path.append(str(Path(__file__).parents[2] / "benchmarks"))  # after tests/: benchmarks has a conftest too
 from reference_loop import vq_decode_grid as reference_decode  # noqa: E402
 from reference_loop import vq_encode_latents as reference_encode  # noqa: E402
 

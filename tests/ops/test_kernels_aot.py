@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("triton")
-sys.path.insert(0, str(Path(__file__).parents[2] / "tools"))
+sys.path.append(str(Path(__file__).parents[2] / "tools"))
 import triton_aot  # noqa: E402
 
 RESULTS = Path(__file__).parents[2] / "benchmarks" / "results" / "triton_aot_resources.md"

@@ -7,7 +7,7 @@ import torch
 
 import addp
 
-sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
+sys.path.append(str(Path(__file__).parents[2] / "benchmarks"))  # after tests/: benchmarks has a conftest too
 import reference_loop as R  # noqa: E402
 
 
