@@ -37,6 +37,7 @@ from .config import Stage, TrainConfig
 from ..runs.records import describe_differences
 from ..runtime.tuning import tune_for_device
 
+WARMUP_START = 1e-3  # the warm-up starts at this fraction of the peak lr (not 0: the first step moves)
 CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "ema", "step", "skipped", "losses", "rng", "identity")
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class Trainer:
         self.optimizer = stage.make_optimizer(stage.param_groups(config.weight_decay), self.lr, config.betas)
         warm = config.warmup_steps
         self.scheduler = CosineLRScheduler(self.optimizer, t_initial=config.steps - warm, lr_min=config.min_lr,
-                                           warmup_t=warm, warmup_lr_init=self.lr * 1e-3 if warm else self.lr,
+                                           warmup_t=warm, warmup_lr_init=self.lr * WARMUP_START if warm else self.lr,
                                            warmup_prefix=True, t_in_epochs=False)
         self.amp_dtype = autocast_dtype(config.precision, dist.device, training=True)
         tune_for_device(dist.device)
