@@ -284,7 +284,8 @@ def add_sampler_args(parser: ArgumentParser, prefix: str = "", defaults=None) ->
     add("top-p", type=number(0, 1, low_open=True),
         help=f"nucleus sampling of candidate ids; 1 samples from the full distribution (default: {defaults.top_p:g})")
     add("parity", action=argparse.BooleanOptionalAction,
-        help="the official last step: one position stays soft (default: every position ends reliable)")
+        help="the official last step: one position per image stays unreliable and is decoded as a soft token "
+             "(its probability-weighted codebook sum); default: every position ends a hard token")
     add("protocol", choices=tuple(SAMPLER_PROTOCOLS),
         help="named settings of the official release; the flags above override them")
     names = {f.name for f in dataclasses.fields(SamplerConfig)}
