@@ -5,8 +5,9 @@ memory) is one `error:` line on stderr and exit code 2; Ctrl-C or SIGTERM is one
 exit code 130; success prints one JSON line on stdout, `{"command": ..., "status": "ok", ...}`.
 Log lines go to stderr. `ArgumentParser` turns argparse's usage errors into the same one line
 and runs the checks of option combinations right after parsing, before any work starts.
-The argument types below check one value each; `add_sampler_args` and `add_runtime_args`
-give every command that samples the same flags.
+The argument types below check one value each; `add_runtime_args` declares the run options
+(--seed, --device, --precision, --compile) of every command, `add_sampler_args` the sampler
+flags of every command that samples.
 """
 from __future__ import annotations
 
@@ -230,18 +231,25 @@ def add_checkpoint_args(parser: ArgumentParser) -> None:
                         help="VQGAN checkpoint when --checkpoint holds no tokenizer")
 
 
-def add_runtime_args(parser: ArgumentParser, precision: str = "auto", compile: bool = True,
-                     cuda_graph: bool = True) -> None:
-    """--seed, --device, --precision and (where they apply) --compile and --cuda-graph."""
-    parser.add_argument("--seed", type=random_seed, default=0, help="seed of the sampling noise")
-    parser.add_argument("--device", type=device, default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--precision", default=precision, choices=PRECISIONS,
-                        help="autocast of the networks; auto: bf16 on GPUs and on CPUs with native bf16 "
-                             "(AVX512-BF16/AMX), else fp32; fp32 for bitwise-reproducible images across machines")
-    if compile:
-        parser.add_argument("--compile", action="store_true",
-                            help="torch.compile the ADDP network and the tokenizer's decoder (pays off for many "
-                                 "batches)")
+SEED_HELP = "seed of the command's random draws (initial weights, data order, masks, sampling noise)"
+DEVICE_HELP = "where to run: cpu, cuda, cuda:N or mps; none given: cuda when available, else cpu"
+PRECISION_HELP = ("autocast of the networks; auto: bf16 on GPUs (fp16 on GPUs without bf16), on CPUs bf16 for "
+                  "sampling where it is native (AVX512-BF16/AMX) and fp32 for training; fp32 for "
+                  "bitwise-reproducible images across machines")
+
+
+def add_runtime_args(parser: ArgumentParser, *, seed: bool = True, precision: str | None = "auto",
+                     compile: str | None = None, cuda_graph: bool = False) -> None:
+    """The run options, declared here once for every command: --seed (when `seed`), --device,
+    --precision (default `precision`; None: not taken), --compile (`compile` says what it
+    compiles; None: not taken) and --cuda-graph (when `cuda_graph`)."""
+    if seed:
+        parser.add_argument("--seed", type=random_seed, default=0, help=SEED_HELP)
+    parser.add_argument("--device", type=device, default=None, help=DEVICE_HELP)
+    if precision is not None:
+        parser.add_argument("--precision", default=precision, choices=PRECISIONS, help=PRECISION_HELP)
+    if compile is not None:
+        parser.add_argument("--compile", action="store_true", help=f"torch.compile {compile}")
     if cuda_graph:
         parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                             help="replay each batch as one captured CUDA graph (default: on for GPUs; same images)")
@@ -276,7 +284,8 @@ def add_sampler_args(parser: ArgumentParser, prefix: str = "", defaults=None) ->
     add("top-p", type=number(0, 1, low_open=True),
         help=f"nucleus sampling of candidate ids; 1 samples from the full distribution (default: {defaults.top_p:g})")
     add("parity", action=argparse.BooleanOptionalAction,
-        help="the official last step: one position stays soft (default: every position ends reliable)")
+        help="the official last step: one position per image stays unreliable and is decoded as a soft token "
+             "(its probability-weighted codebook sum); default: every position ends a hard token")
     add("protocol", choices=tuple(SAMPLER_PROTOCOLS),
         help="named settings of the official release; the flags above override them")
     names = {f.name for f in dataclasses.fields(SamplerConfig)}

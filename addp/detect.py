@@ -25,8 +25,7 @@ from .dense import recipes as _dense_recipes  # noqa: F401  (registers the Tab. 
 from .dense.coco import CocoInstances, coco_metrics, to_results
 from .dense.detection import DetectionObjective, Detector, DetectorConfig, predict
 from .dense.pictures import draw_detections
-from .runtime.distributed import init_distributed
-from .runs.files import remove_stale_temp_files, sha256_file, write_json
+from .runs.files import sha256_file, write_json
 from .training.config import identity_of
 from .training.trainer import Trainer
 
@@ -60,17 +59,7 @@ def evaluate(model: Detector, dataset: CocoInstances, batch_size: int = 8) -> di
 
 
 def main(args) -> dict:
-    dist = init_distributed(args.device)
-    torch.manual_seed(args.seed)
-    started = time.perf_counter()
-    recipe = engine.resolve_recipe(args, "detect")
-    explicit = getattr(args, "explicit", set())
-    line = recipes.split_global_batch(args, dist.world_size, explicit)
-    if line:
-        log.info(line)
-    out = Path(args.output_dir)
-    if dist.is_main:
-        remove_stale_temp_files(out)
+    dist, recipe, out, started = engine.start_run(args, "detect")
     root = engine.data_root(args, dist, "coco")
     canvases = not args.data_path
     args.input_size = args.input_size or (96 if canvases else 1024)
@@ -102,18 +91,7 @@ def main(args) -> dict:
     trainer = Trainer(stage, cfg, out, dist, identity)
     report = {"output_dir": str(out), "start": source, "num_classes": model.config.num_classes,
               "train_images": len(train_set), "val_images": len(val_set), "input_size": args.input_size}
-    run_eval = lambda m: evaluate(m, val_set)  # noqa: E731
-    if args.eval_only:
-        if args.resume:
-            trainer.load(Path(args.resume))
-        metrics = run_eval(trainer.final_model())
-    else:
-        trainer.maybe_resume(args.resume, args.force)
-        periodic = engine.PeriodicEvaluation(trainer, run_eval, "bbox_AP", args.eval_every, out)
-        trainer.fit(lambda start: engine.make_loader(train_set, cfg.batch_size, cfg.seed, dist.rank, dist.world_size,
-                                                     start, cfg.num_workers), on_step=periodic)
-        report.update(steps=cfg.steps, best=periodic.best)
-        metrics = periodic.last or run_eval(trainer.final_model())
+    metrics = engine.train_or_evaluate(args, trainer, train_set, lambda m: evaluate(m, val_set), "bbox_AP", report)
     report.update(metrics)
     final = trainer.final_model()
     if dist.is_main:

@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 
-from .cli import ArgumentParser, device, existing_file, output_file, positive_int, run_command
+from .cli import ArgumentParser, add_runtime_args, existing_file, output_file, positive_int, run_command
 from .errors import AddpError
 from .runs.files import atomic_write
 from .evaluation.features import INCEPTION_FILE, METRICS, load_classifier
@@ -56,7 +56,7 @@ def get_args_parser() -> ArgumentParser:
     p.add_argument("--save-reference-stats", type=output_file, default=None, metavar="PATH",
                    help="write the reference statistics here (ADM's .npz convention: mu, sigma, features)")
     p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--device", type=device, default=None)
+    add_runtime_args(p, seed=False, precision=None)
     p.add_argument("--output", type=output_file, default=None, help="also write the result as JSON here")
     p.add_check(_check_options)
     return p

@@ -27,13 +27,13 @@ from .models.checkpoint import save_checkpoint
 from .models.classifier import GLOBAL_POOLS
 from .training.data import make_loader
 from .runtime.distributed import init_distributed
-from .cli import (RESUMABLE, ArgumentParser, device, existing_file, existing_path, fraction, integer,
+from .runtime.tuning import tune_for_device
+from .cli import (RESUMABLE, ArgumentParser, add_runtime_args, existing_file, existing_path, fraction, integer,
                   non_negative_float, non_negative_int, number, output_folder, positive_float, positive_int,
-                  probability, random_seed, run_command)
+                  probability, run_command)
 from .errors import AddpError
 from .runs.files import write_json
 from .runs.lock import lock_run_folder
-from .runtime.precision import PRECISIONS
 from .runs.records import sha256_file
 from .training.config import identity_of
 from .training.trainer import Trainer
@@ -103,14 +103,11 @@ def get_args_parser() -> ArgumentParser:
     p.add_argument("--beta1", type=fraction, default=0.9, help="AdamW beta1 (fine-tuning)")
     p.add_argument("--beta2", type=fraction, default=0.999, help="AdamW beta2 (fine-tuning)")
     p.add_argument("--ema-decay", type=fraction, default=0.0, help="EMA of the weights (0: off)")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS)
-    p.add_argument("--compile", action="store_true")
+    add_runtime_args(p, compile="the training step")
     p.add_argument("--log-every", type=positive_int, default=50)
     p.add_argument("--ckpt-every", type=positive_int, default=500)
-    p.add_argument("--seed", type=random_seed, default=0)
     p.add_argument("--num-workers", type=integer(0, 256), default=None,
                    help="default: 0 for digits, min(8, CPU cores) for folders")
-    p.add_argument("--device", type=device, default=None)
     p.add_argument("--resume", type=existing_file, default=None, help="a checkpoint.pt of this run to continue from")
     p.add_argument("--force", action="store_true", help="start over in an output folder of another run")
     return p
@@ -118,6 +115,7 @@ def get_args_parser() -> ArgumentParser:
 
 def main(args) -> dict:
     dist = init_distributed(args.device)
+    tune_for_device(dist.device)
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     say = log.info

@@ -32,7 +32,9 @@ from .runs.lock import FolderLock
 from .runs.progress import Progress
 from .sampling.image_io import to_uint8
 from .sampling.pipeline import ADDPPipeline
-from .runtime.precision import autocast, resolve_precision
+from .runtime.precision import resolve_precision
+from .runtime.seeds import batch_seed
+from .runtime.tuning import tune_for_device
 from .models.registry import build_model
 
 
@@ -46,13 +48,8 @@ def get_args_parser() -> ArgumentParser:
     p.add_argument("--output-dir", type=output_folder, default="output/generate")
     p.add_argument("--overwrite", action="store_true", help="start over in a folder made with other settings")
     add_sampler_args(p)
-    add_runtime_args(p)
+    add_runtime_args(p, compile="the ADDP network and the tokenizer's decoder (pays off for many batches)", cuda_graph=True)
     return p
-
-
-def batch_seed(seed: int, batch_index: int) -> int:
-    """The seed of batch ``batch_index``'s generator (distinct for every (seed, batch))."""
-    return (seed * 1_000_003 + batch_index) % (2 ** 63)
 
 
 # --------------------------------------------------------------------------- ranks
@@ -96,6 +93,8 @@ def main(args) -> dict:
     config = args.sampler_config
     out, N, B = Path(args.output_dir), args.num_images, args.batch_size
     dist = init_distributed(args.device)
+    tune_for_device(dist.device)
+    args.precision = resolve_precision(args.precision, dist.device)  # once per run; recorded with the images
     lock = FolderLock(out) if dist.is_main else None
     try:
         return _generate(args, config, out, N, B, dist, lock)
@@ -111,7 +110,7 @@ def _generate(args, config, out: Path, N: int, B: int, dist: DistInfo, lock: Fol
         values = {**vars(args), **dataclasses.asdict(config)}
         settings = {k: values[k] for k in SETTINGS if k in values}
         settings.update(checkpoint_hashes(args.checkpoint, args.tokenizer), checkpoint=str(Path(args.checkpoint)))
-        settings["precision"] = resolve_precision(args.precision, dist.device)  # what made the images
+        settings["precision"] = args.precision
         return settings, prepare_folder(out, settings, N, args.overwrite)
 
     settings, record = _on_rank0(check_folder, dist)
@@ -154,9 +153,8 @@ def _make_batch(args, config, pipe, out: Path, N: int, B: int, b: int) -> int:
     indices = batch_range(b, B, N)
     todo = [i for i in indices if not (out / image_name(i)).exists()]
     g = torch.Generator(pipe.device).manual_seed(batch_seed(args.seed, b))
-    with autocast(args.precision, pipe.device):
-        images = pipe(num_images=B, generator=g, output_type="pt", cuda_graph=args.cuda_graph,
-                      compile=args.compile, config=config).images
+    images = pipe(num_images=B, generator=g, output_type="pt", cuda_graph=args.cuda_graph,
+                  compile=args.compile, config=config, precision=args.precision).images
     arr = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
     for i in todo:
         save_png(out / image_name(i), arr[i - indices.start])

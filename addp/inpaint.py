@@ -28,7 +28,8 @@ from .runs.images import save_png
 from .runs.files import check_output_file
 from .sampling.image_io import mask_tensor, resize_images, to_uint8
 from .runs.images import open_image
-from .runtime.precision import autocast
+from .runtime.precision import resolve_precision
+from .runtime.tuning import tune_for_device
 
 HOLE_GREY = 128  # how the hole is shown in the side-by-side's input panel
 GAP = 2  # pixels between the two panels of the side-by-side
@@ -51,7 +52,7 @@ def get_args_parser() -> ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --output and its _side_by_side.png (never --image or --mask)")
     add_sampler_args(p)
-    add_runtime_args(p, compile=False, cuda_graph=False)
+    add_runtime_args(p)
     p.add_check(_check_mode)
     return p
 
@@ -151,14 +152,15 @@ def main(args) -> dict:
     output = Path(args.output)
 
     pipe = load_pipeline(args)
-    options = dict(config=args.sampler_config, generator=torch.Generator(pipe.device).manual_seed(args.seed))
-    with autocast(args.precision, pipe.device):
-        if mode == "inpaint":
-            result = pipe.inpaint(image, mask, **options)
-        elif mode == "outpaint":
-            result = pipe.outpaint(image, **margins, **options)
-        else:
-            result = pipe.uncrop(image, args.uncrop, **options)
+    tune_for_device(pipe.device)
+    options = dict(config=args.sampler_config, generator=torch.Generator(pipe.device).manual_seed(args.seed),
+                   precision=resolve_precision(args.precision, pipe.device))
+    if mode == "inpaint":
+        result = pipe.inpaint(image, mask, **options)
+    elif mode == "outpaint":
+        result = pipe.outpaint(image, **margins, **options)
+    else:
+        result = pipe.uncrop(image, args.uncrop, **options)
 
     result_arr = np.asarray(result.convert("RGB"), dtype=np.uint8)
     panel, canvas_hole = _input_panel(image, mode, args, result.size, hole)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as tdist
@@ -28,8 +27,7 @@ from .dense.ade import AdeSegmentation
 from .dense.metrics import confusion, segmentation_metrics
 from .dense.pictures import draw_segmentation
 from .dense.segmentation import SegmentationObjective, Segmenter, SegmenterConfig, predict
-from .runtime.distributed import init_distributed
-from .runs.files import remove_stale_temp_files, write_json
+from .runs.files import write_json
 from .training.config import identity_of
 from .training.trainer import Trainer
 
@@ -67,16 +65,7 @@ def evaluate(model: Segmenter, dataset: AdeSegmentation, crop: int) -> dict:
 
 
 def main(args) -> dict:
-    dist = init_distributed(args.device)
-    torch.manual_seed(args.seed)
-    started = time.perf_counter()
-    recipe = engine.resolve_recipe(args, "segment")
-    line = recipes.split_global_batch(args, dist.world_size, getattr(args, "explicit", set()))
-    if line:
-        log.info(line)
-    out = Path(args.output_dir)
-    if dist.is_main:
-        remove_stale_temp_files(out)
+    dist, recipe, out, started = engine.start_run(args, "segment")
     root = engine.data_root(args, dist, "ade")
     canvases = not args.data_path
     args.input_size = args.input_size or (96 if canvases else 512)
@@ -102,18 +91,10 @@ def main(args) -> dict:
     trainer = Trainer(stage, cfg, out, dist, identity)
     report = {"output_dir": str(out), "start": source, "num_classes": num_classes, "train_images": len(train_set),
               "val_images": len(val_set), "input_size": args.input_size}
-    run_eval = lambda m: evaluate(m, val_set, args.input_size)  # noqa: E731
-    if args.eval_only:
-        if args.resume:
-            trainer.load(Path(args.resume))
-        metrics = run_eval(trainer.final_model())
-    else:
-        trainer.maybe_resume(args.resume, args.force)
-        periodic = engine.PeriodicEvaluation(trainer, run_eval, "mIoU", args.eval_every, out)
-        trainer.fit(lambda start: engine.make_loader(train_set, cfg.batch_size, cfg.seed, dist.rank, dist.world_size,
-                                                     start, cfg.num_workers), on_step=periodic)
-        report.update(steps=cfg.steps, best={k: v for k, v in (periodic.best or {}).items() if k != "IoU"})
-        metrics = periodic.last or run_eval(trainer.final_model())
+    metrics = engine.train_or_evaluate(args, trainer, train_set, lambda m: evaluate(m, val_set, args.input_size),
+                                       "mIoU", report)
+    if not args.eval_only:  # the per-class IoU list stays in the metrics, not in the best summary
+        report["best"] = {k: v for k, v in (report["best"] or {}).items() if k != "IoU"}
     report.update(metrics)
     final = trainer.final_model()
     if dist.is_main:

@@ -23,16 +23,16 @@ from . import ops
 from .training import recipes
 from .models import registry
 from .models.checkpoint import load_checkpoint
-from .cli import (RESUMABLE, ArgumentParser, add_sampler_args, device, existing_file, fraction, integer,
+from .cli import (RESUMABLE, ArgumentParser, add_runtime_args, add_sampler_args, existing_file, fraction, integer,
                   non_negative_float, non_negative_int, number, output_folder, positive_float, positive_int,
-                  random_seed, run_command)
+                  run_command)
 from .training.diffusion import CONDITIONS, MAPPINGS, MASKINGS, DiffusionConfig
 from .runtime.distributed import init_distributed
+from .runtime.tuning import tune_for_device
 from .errors import AddpError
 from .runs.files import atomic_write, write_json
 from .training.loss import TARGETS
 from .models.addp import TOKEN_INPUTS, check_tokenizer_fits
-from .runtime.precision import PRECISIONS
 from .runs.lock import lock_run_folder
 from .sampling import SamplerConfig
 from .training.stages import ADDPStage, masked_token_accuracy, reconstruction_psnr
@@ -89,11 +89,8 @@ def get_args_parser() -> ArgumentParser:
     p.add_argument("--clip-grad", type=non_negative_float, default=3.0, help="gradient norm clip (0: off)")
     p.add_argument("--beta1", type=fraction, default=0.9, help="AdamW beta1")
     p.add_argument("--beta2", type=fraction, default=0.95, help="AdamW beta2 (the paper's ResNet-50: 0.98)")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="autocast of the whole step, frozen passes included; auto: bf16 on GPUs, fp32 on CPUs "
-                        "(bf16 is faster on CPUs with AVX512-BF16/AMX: docs/speed.md)")
+    add_runtime_args(p, compile="the training step")
     p.add_argument("--ema-decay", type=fraction, default=0.0, help="EMA of the weights (0: off)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training step")
     p.add_argument("--mapping", default="weighted_sum", choices=MAPPINGS)
     p.add_argument("--condition", default="next", choices=CONDITIONS,
                    help="predictor condition of the inputs: reliable tokens of t+1 (paper) or of t")
@@ -107,10 +104,8 @@ def get_args_parser() -> ArgumentParser:
                         "official run (0.1, MAGE's); 0: the predictor runs in eval mode")
     p.add_argument("--log-every", type=positive_int, default=20)
     p.add_argument("--ckpt-every", type=positive_int, default=500)
-    p.add_argument("--seed", type=random_seed, default=0)
     p.add_argument("--num-workers", type=integer(0, 256), default=None,
                    help="default: 0 for digits, min(8, CPU cores) for folders")
-    p.add_argument("--device", type=device, default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--resume", type=existing_file, default=None, help="a training checkpoint.pt to continue from")
     p.add_argument("--force", action="store_true", help="start over in an output folder of another run")
     p.add_argument("--num-samples", type=non_negative_int, default=64, help="samples in the final grid (0: none)")
@@ -169,6 +164,7 @@ def resolve_recipe(args, dist) -> None:
 
 def main(args) -> dict:
     dist = init_distributed(args.device)
+    tune_for_device(dist.device)
     torch.manual_seed(args.seed)
     resolve_recipe(args, dist)
     out = Path(args.output_dir)

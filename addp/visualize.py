@@ -23,7 +23,8 @@ from .cli import (ArgumentParser, add_checkpoint_args, add_runtime_args, add_sam
                   output_file, positive_int, run_command, sampler_summary)
 from .runs.images import save_png
 from .sampling.image_io import to_uint8
-from .runtime.precision import autocast
+from .runtime.precision import resolve_precision
+from .runtime.tuning import tune_for_device
 
 MIN_TILE = 64  # default --scale: the smallest integer making a tile at least this many pixels
 MARGIN = 4  # around the figure
@@ -44,7 +45,7 @@ def get_args_parser() -> ArgumentParser:
                    help=f"integer upscaling of every tile; default: the smallest making tiles >= {MIN_TILE} px")
     p.add_argument("--output", type=output_file, default="denoising_steps.png", help="the figure (PNG)")
     add_sampler_args(p)
-    add_runtime_args(p, cuda_graph=False)  # every step is kept: no graph replay
+    add_runtime_args(p, compile="the ADDP network and the tokenizer's decoder (pays off for many batches)")  # no --cuda-graph: every step is kept, no graph replay
     return p
 
 
@@ -158,11 +159,12 @@ def _draw_labels(image: Image.Image, steps: list[int], T: int, th: int, tw: int)
 def main(args) -> dict:
     config = args.sampler_config
     pipe = load_pipeline(args)
+    tune_for_device(pipe.device)
     scale = args.scale if args.scale is not None else default_scale(pipe.image_size)
     generator = torch.Generator(pipe.device).manual_seed(args.seed)
-    with autocast(args.precision, pipe.device):
-        result = S.generate(pipe.net, pipe.tokenizer, args.num_images, config, generator=generator,
-                            return_intermediates=True, compile=args.compile)
+    result = S.generate(pipe.net, pipe.tokenizer, args.num_images, config, generator=generator,
+                        return_intermediates=True, compile=args.compile,
+                        precision=resolve_precision(args.precision, pipe.device))
     steps = shown_steps(config.steps, args.every)
     fig = make_figure(pipe.net, result, steps, scale)
     save_png(args.output, fig)

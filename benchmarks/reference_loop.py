@@ -45,7 +45,7 @@ def _autocast(device: torch.device, dtype):
 
 
 # --------------------------------------------------------------------------- VQGAN passes
-def _norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+def _group_norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     return F.silu(F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps))
 
 
@@ -54,7 +54,7 @@ def _conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 
 def _res_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    h = _conv(block.conv2, _norm_silu(block.norm2, _conv(block.conv1, _norm_silu(block.norm1, x))))
+    h = _conv(block.conv2, _group_norm_silu(block.norm2, _conv(block.conv1, _group_norm_silu(block.norm1, x))))
     return (x if block.nin_shortcut is None else _conv(block.nin_shortcut, h)) + h
 
 
@@ -67,7 +67,7 @@ def vq_decode_grid(decoder: nn.Module, z: torch.Tensor) -> torch.Tensor:
             h = _res_block(block, h)
         if hasattr(up, "upsample"):
             h = _conv(up.upsample.conv, F.interpolate(h, scale_factor=2.0, mode="nearest"))
-    return _conv(decoder.conv_out, _norm_silu(decoder.norm_out, h))
+    return _conv(decoder.conv_out, _group_norm_silu(decoder.norm_out, h))
 
 
 def vq_encode_latents(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -79,7 +79,7 @@ def vq_encode_latents(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
         if level != len(encoder.down) - 1:
             h = F.avg_pool2d(h, 2)
     h = _res_block(encoder.mid.block_2, _res_block(encoder.mid.block_1, h))
-    return _conv(encoder.conv_out, _norm_silu(encoder.norm_out, h))
+    return _conv(encoder.conv_out, _group_norm_silu(encoder.norm_out, h))
 
 
 def vq_decode(tokenizer: nn.Module, emb: torch.Tensor) -> torch.Tensor:

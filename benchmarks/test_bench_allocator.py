@@ -28,11 +28,11 @@ STEPS = {"generation": 8, "training": 4}
 
 
 def _generation(preset: str) -> dict:
-    from addp.runtime.precision import autocast
+    from addp.runtime.precision import precision_context
     from addp.sampling import SamplerConfig, sample_batch
     net, tok, _ = P.build(preset)
     config = SamplerConfig(steps=STEPS["generation"])
-    with torch.no_grad(), autocast("auto", P.DEVICE):
+    with torch.no_grad(), precision_context("auto", P.DEVICE):
         sample_batch(net, tok, P.batch_size(preset), config)  # warm-up
         run = P.timed_calls(lambda: sample_batch(net, tok, P.batch_size(preset), config), 1)
     return _per_step(run, STEPS["generation"])

@@ -39,7 +39,6 @@ WARMUP = {"generation": 1, "training": 1, "training-compiled": 5}  # compiled: s
 def _generation(side: str) -> dict:
     import reference_loop as R
     from addp import sampling as S
-    from addp.runtime.precision import autocast
     net, tok, _ = P.build(PRESET)
     B = P.batch_size(PRESET)
     if side == "reference":
@@ -49,9 +48,8 @@ def _generation(side: str) -> dict:
         config = S.SamplerConfig(steps=P.STEPS, parity=True)
 
         def run():
-            with autocast("auto", P.DEVICE):
-                S.generate(net, tok, B, config, generator=torch.Generator().manual_seed(0),
-                           compile=side == "ours-compiled")
+            S.generate(net, tok, B, config, generator=torch.Generator().manual_seed(0),
+                       compile=side == "ours-compiled", precision="auto")
     run()
     return P.timed_calls(run, CALLS["generation"])
 

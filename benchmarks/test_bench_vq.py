@@ -99,18 +99,18 @@ def _bf16(fn):
     return run
 
 
-def _torch_norm_silu(norm, x):
+def _torch_group_norm_silu(norm, x):
     return F.silu(norm(x))
 
 
 def _unfused(fn):
     """fn run with the tokenizer's GroupNorm + SiLU as torch's two ops."""
     def run():
-        fused, T._norm_silu = T._norm_silu, _torch_norm_silu
+        fused, T._group_norm_silu = T._group_norm_silu, _torch_group_norm_silu
         try:
             return fn()
         finally:
-            T._norm_silu = fused
+            T._group_norm_silu = fused
     return run
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import AddpError
+from ..runtime.seeds import item_seed
 from .segmentation import IGNORE
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -73,7 +74,7 @@ class AdeSegmentation(torch.utils.data.Dataset):
         image, labels = read_pair(*self.items[index], self.num_classes)
         if not self.train:
             return image, labels, 0
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 2_000_003 + index)
+        g = torch.Generator().manual_seed(item_seed(self.seed, epoch, index))
         factor = self.jitter[0] + (self.jitter[1] - self.jitter[0]) * float(torch.rand((), generator=g))
         scale = self.size * factor / min(image.shape[1:])
         h, w = max(1, round(image.shape[1] * scale)), max(1, round(image.shape[2] * scale))

@@ -24,6 +24,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from ..errors import AddpError
+from ..runtime.seeds import item_seed
 
 log = logging.getLogger(__name__)
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -95,7 +96,7 @@ class CocoInstances(torch.utils.data.Dataset):
         boxes = torch.tensor([self._box(a) for a in anns], dtype=torch.float32).reshape(-1, 4)
         masks = torch.from_numpy(np.stack([self.coco.annToMask(a) for a in anns])) if anns else \
             torch.zeros(0, *image.shape[1:], dtype=torch.uint8)
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 2_000_003 + index)
+        g = torch.Generator().manual_seed(item_seed(self.seed, epoch, index))
         factor = self.jitter[0] + (self.jitter[1] - self.jitter[0]) * float(torch.rand((), generator=g))
         scale = self.size / max(image.shape[1:]) * (factor if self.train else 1.0)
         image, boxes, masks, offset = self._fit(image, boxes, masks, scale, g)

@@ -1,10 +1,12 @@
-"""What `addp.detect` and `addp.segment` share: their flags, the encoder to start from, the
-training stage (layer-wise lr decay AdamW on `trainer.Trainer`), the data loader and the
-periodic evaluation that keeps `checkpoint-best` / `checkpoint-last`."""
+"""What `addp.detect` and `addp.segment` share: their flags, the start of a run, the encoder
+to start from, the training stage (layer-wise lr decay AdamW on `trainer.Trainer`), the data
+loader, and training with the periodic evaluation that keeps `checkpoint-best` /
+`checkpoint-last`."""
 from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -15,13 +17,13 @@ from ..models import registry
 from ..training import recipes
 from ..errors import CheckpointError
 from ..models.checkpoint import load_components, save_checkpoint
-from ..cli import (ArgumentParser, device, existing_file, fraction, integer, non_negative_float, non_negative_int,
-                   number, output_folder, positive_float, positive_int, random_seed)
+from ..cli import (ArgumentParser, add_runtime_args, existing_file, fraction, integer, non_negative_float, non_negative_int,
+                   number, output_folder, positive_float, positive_int)
 from ..training.data import StepBatchSampler
-from ..runtime.distributed import barrier
+from ..runtime.distributed import DistInfo, barrier, init_distributed
+from ..runtime.tuning import tune_for_device
 from ..errors import AddpError
-from ..runs.files import atomic_write
-from ..runtime.precision import PRECISIONS
+from ..runs.files import atomic_write, remove_stale_temp_files
 from ..training.config import TrainConfig
 from ..training.trainer import Trainer
 from . import canvas
@@ -63,13 +65,11 @@ def add_dense_args(p: ArgumentParser, command: str, steps: int, blr: float, laye
     p.add_argument("--beta1", type=fraction, default=0.9)
     p.add_argument("--beta2", type=fraction, default=0.999)
     p.add_argument("--clip-grad", type=non_negative_float, default=None)
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    add_runtime_args(p, precision="fp32")
     p.add_argument("--eval-only", action="store_true", help="evaluate --finetune (or --resume) and stop")
     p.add_argument("--log-every", type=positive_int, default=20)
     p.add_argument("--ckpt-every", type=positive_int, default=500)
-    p.add_argument("--seed", type=random_seed, default=0)
     p.add_argument("--num-workers", type=integer(0, 256), default=0)
-    p.add_argument("--device", type=device, default=None)
     p.add_argument("--resume", type=existing_file, default=None, help="a checkpoint.pt of this run to continue from")
     p.add_argument("--force", action="store_true", help="start over in an output folder of another run")
 
@@ -81,6 +81,24 @@ def resolve_recipe(args, command: str) -> dict | None:
     filled = recipes.apply(args, args.recipe, command, explicit)
     log.info(recipes.describe(args.recipe, filled, explicit))
     return {"name": args.recipe, "source": recipes.RECIPES[args.recipe].source, "filled": filled}
+
+
+def start_run(args, command: str) -> tuple[DistInfo, dict | None, Path, float]:
+    """What a dense command does first: processes, the device's settings, the seed, the recipe,
+    the batch split and the run folder's leftover temp files. Returns (dist, recipe, output
+    folder, start time)."""
+    dist = init_distributed(args.device)
+    tune_for_device(dist.device)
+    torch.manual_seed(args.seed)
+    started = time.perf_counter()
+    recipe = resolve_recipe(args, command)
+    line = recipes.split_global_batch(args, dist.world_size, getattr(args, "explicit", set()))
+    if line:
+        log.info(line)
+    out = Path(args.output_dir)
+    if dist.is_main:
+        remove_stale_temp_files(out)
+    return dist, recipe, out, started
 
 
 def data_root(args, dist, key: str) -> Path:
@@ -209,6 +227,23 @@ class PeriodicEvaluation:
             log.info(f"[{self.trainer.stage.name}] step {step}: {self.key} {metrics[self.key]:.2f} "
                      f"(best {self.best[self.key]:.2f} at step {self.best['step']})")
         return {k: v for k, v in metrics.items() if isinstance(v, float)}
+
+
+def train_or_evaluate(args, trainer: Trainer, train_set, run_eval, key: str, report: dict) -> dict:
+    """The metrics of the run: with --eval-only those of its weights as they are (after
+    --resume, when given); else after training with the periodic evaluation (`key` picks the
+    best), adding the steps and the best metrics to `report`."""
+    if args.eval_only:
+        if args.resume:
+            trainer.load(Path(args.resume))
+        return run_eval(trainer.final_model())
+    cfg, dist = trainer.cfg, trainer.dist
+    trainer.maybe_resume(args.resume, args.force)
+    periodic = PeriodicEvaluation(trainer, run_eval, key, args.eval_every, trainer.out)
+    trainer.fit(lambda start: make_loader(train_set, cfg.batch_size, cfg.seed, dist.rank, dist.world_size,
+                                          start, cfg.num_workers), on_step=periodic)
+    report.update(steps=cfg.steps, best=periodic.best)
+    return periodic.last or run_eval(trainer.final_model())
 
 
 def check_sizes(args, patch: int) -> None:

@@ -17,6 +17,7 @@ from .reference_stats import (ReferenceStats, cache_key, is_stats_file, load_sta
 
 
 PRC_ROWS = 1000
+KID_SUBSET_SIZE = 1000  # torch-fidelity's default size of KID's subsets
 
 
 # --------------------------------------------------------------------------- reference statistics
@@ -79,7 +80,7 @@ def _metrics_from_features(f1: dict, ref: ReferenceStats, features: Features, me
     if {"kid", "prc"} & set(metrics):
         real = torch.from_numpy(ref.features).to(samples.dtype)
         if "kid" in metrics:
-            result.update(kid_features_to_metric(samples, real, kid_subset_size=min(1000, len(samples), len(real)), **kw))
+            result.update(kid_features_to_metric(samples, real, kid_subset_size=min(KID_SUBSET_SIZE, len(samples), len(real)), **kw))
         if "prc" in metrics:
             result.update(prc_features_to_metric(samples, real, **kw))
     return {k: float(v) for k, v in result.items()}

@@ -26,6 +26,9 @@ from ..errors import AddpError
 META_KEYS = ("feature_extractor", "image_size", "preprocess")
 
 
+# how far from a symmetric positive semi-definite matrix a stored sigma may be (relative)
+SYMMETRY_RTOL, SYMMETRY_ATOL, NEGATIVE_EIGENVALUE = 1e-5, 1e-8, 1e-6
+
 def default_cache_dir() -> Path:
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(root) / "addp" / "reference-stats"
@@ -88,7 +91,9 @@ def load_stats(path) -> ReferenceStats:
         raise AddpError(f"{path}: 'mu' and 'sigma' must be floating point, got {mu.dtype} and {sigma.dtype}")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise AddpError(f"{path}: 'mu' or 'sigma' holds NaN or Inf")
-    if not np.allclose(sigma, sigma.T, rtol=1e-5, atol=1e-8) or np.linalg.eigvalsh(sigma).min() < -1e-6 * max(1.0, np.abs(sigma).max()):
+    # float rounding of a covariance estimate: slightly asymmetric, eigenvalues slightly below 0
+    symmetric = np.allclose(sigma, sigma.T, rtol=SYMMETRY_RTOL, atol=SYMMETRY_ATOL)
+    if not symmetric or np.linalg.eigvalsh(sigma).min() < -NEGATIVE_EIGENVALUE * max(1.0, np.abs(sigma).max()):
         raise AddpError(f"{path}: 'sigma' is not a covariance matrix (not symmetric positive semi-definite)")
     for key, value in meta.items():
         if not isinstance(value, list if key == "image_size" else str):

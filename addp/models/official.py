@@ -55,6 +55,11 @@ def _count(state, prefix: str) -> int:
 
 
 
+# the codebook of vqgan_jax_strongaug.ckpt; an official ADDP token embedding holds its rows
+# first, then the extra tokens (classes and mask)
+OFFICIAL_CODEBOOK_SIZE = 1024
+
+
 def official_config(kind: str, state: dict[str, torch.Tensor]):
     """The config of an official component, read from its tensor shapes."""
     if kind == "tokenizer":
@@ -69,7 +74,7 @@ def official_config(kind: str, state: dict[str, torch.Tensor]):
     dec = state["decoder_embed.weight"].shape[0]
     return preset_config(f"addp_vit_{size}_patch16", embed_dim=width, depth=_count(state, "blocks."),
                          decoder_embed_dim=dec, decoder_depth=_count(state, "decoder_blocks."),
-                         extra_tokens=state["token_emb.weight"].shape[0] - 1024)
+                         extra_tokens=state["token_emb.weight"].shape[0] - OFFICIAL_CODEBOOK_SIZE)
 
 
 

@@ -64,7 +64,7 @@ def _norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels, eps=1e-6)
 
 
-def _norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+def _group_norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     """silu(norm(x)) as one op: ``addp.ops.group_norm_silu``, fused on CPUs when no gradient is
     needed."""
     return ops.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps)
@@ -110,10 +110,10 @@ class ResBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(out_ch, out_ch, 1, bias=False) if in_ch != out_ch else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(_norm_silu(self.norm1, x))
+        h = self.conv1(_group_norm_silu(self.norm1, x))
         if self.nin_shortcut is None:
-            return self.conv2(_norm_silu(self.norm2, h), residual=x)
-        h = self.conv2(_norm_silu(self.norm2, h))
+            return self.conv2(_group_norm_silu(self.norm2, h), residual=x)
+        h = self.conv2(_group_norm_silu(self.norm2, h))
         return self.nin_shortcut(h) + h
 
 
@@ -160,7 +160,7 @@ class Encoder(nn.Module):
             if level != len(self.down) - 1:
                 h = F.avg_pool2d(h, 2)
         h = self.mid.block_2(self.mid.block_1(h))
-        return self.conv_out(_norm_silu(self.norm_out, h)).contiguous()
+        return self.conv_out(_group_norm_silu(self.norm_out, h)).contiguous()
 
 
 class Decoder(nn.Module):
@@ -192,7 +192,7 @@ class Decoder(nn.Module):
                 h = block(h)
             if hasattr(up, "upsample"):
                 h = up.upsample(h)
-        return self.conv_out(_norm_silu(self.norm_out, h)).contiguous()
+        return self.conv_out(_group_norm_silu(self.norm_out, h)).contiguous()
 
 
 class Quantizer(nn.Module):

@@ -1,11 +1,11 @@
 """Fused ops of addp, one module each, and the backend each runs on a device.
 
-    codebook_weighted_sum        weighted_sum.py   softmax(logits[..., :K] / T) @ codebook
-    gumbel_topk_unmask           gumbel_topk.py    one unmasking step of the sampler
-    soft_target_cross_entropy    soft_ce.py        the training loss, forward and backward
-    dropout                      philox_dropout.py dropout with a counter-based (Philox) mask
-    group_norm_silu              norm_silu.py      silu(group_norm(x)), the VQ blocks' pre-activation
-    conv3x3_winograd             winograd_conv.py  3x3 convolution by Winograd F(4x4, 3x3), the VQ blocks' convs
+    codebook_weighted_sum        weighted_sum.py    softmax(logits[..., :K] / T) @ codebook
+    gumbel_topk_unmask           gumbel_topk.py     one unmasking step of the sampler
+    soft_target_cross_entropy    soft_ce.py         the training loss, forward and backward
+    dropout                      philox_dropout.py  dropout with a counter-based (Philox) mask
+    group_norm_silu              group_norm_silu.py silu(group_norm(x)), the VQ blocks' pre-activation
+    conv3x3_winograd             winograd_conv.py   3x3 convolution by Winograd F(4x4, 3x3), the VQ blocks' convs
 
 Each is a ``torch.library`` op (``torch.ops.addp.*``) with a fake, so ``torch.compile`` and
 CUDA graph capture see one opaque op with static shapes, and a plain-PyTorch reference (its
@@ -25,12 +25,13 @@ from typing import Optional, Union
 
 import torch
 
-from . import _dispatch, gumbel_topk, norm_silu, philox_dropout, soft_ce, weighted_sum, winograd_conv
+from . import _dispatch, gumbel_topk, philox_dropout, soft_ce, weighted_sum, winograd_conv
+from . import group_norm_silu as _group_norm_silu  # the module; the name group_norm_silu is its function
 from ._dispatch import BACKEND_ENV, BACKENDS
 from .gumbel_topk import (
     gumbel, gumbel_topk_unmask, gumbel_topk_unmask_reference, lowest_k_mask_reference, nucleus_keep,
 )
-from .norm_silu import group_norm_silu, group_norm_silu_reference
+from .group_norm_silu import group_norm_silu, group_norm_silu_reference
 from .philox_dropout import dropout, dropout_reference
 from .soft_ce import soft_target_cross_entropy, soft_target_cross_entropy_reference
 from .weighted_sum import codebook_weighted_sum, codebook_weighted_sum_reference
@@ -48,7 +49,7 @@ __all__ = [
 
 # op (torch.ops.addp.<op>, also the public function's name) -> its CUDA C++ op for backend="cuda", if any
 _OPS = {module.OP: getattr(module, "CUDA_OP", None)
-        for module in (weighted_sum, gumbel_topk, soft_ce, philox_dropout, norm_silu, winograd_conv)}
+        for module in (weighted_sum, gumbel_topk, soft_ce, philox_dropout, _group_norm_silu, winograd_conv)}
 _dispatch.record_routes(_OPS)
 
 

@@ -33,7 +33,7 @@ SETTINGS = ("checkpoint_sha256", "tokenizer_sha256", "random_init", "steps", "sc
 
 
 
-# settings added later: what older generate.json files used
+# what a generate.json that does not record one of these settings stands for
 SETTING_DEFAULTS = {"precision": "fp32", "temperature_schedule": "annealed", "parity": False}
 
 

@@ -30,6 +30,10 @@ class DistInfo:
         return self.world_size > 1
 
 
+# SLURM runs without MASTER_PORT take a port from the job id, in [20000, 40000): above the
+# well-known ports, and different for jobs whose ids differ by less than the span
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 20000
+
 def _int_env(env, name: str) -> int:
     try:
         return int(env[name])
@@ -124,7 +128,7 @@ def launch_env(env=None) -> tuple[int, int, int]:
                     raise AddpError("SLURM gives no node list (SLURM_NODELIST) and MASTER_ADDR is not set")
                 env["MASTER_ADDR"] = first_host(nodes)
             job = int(env["SLURM_JOB_ID"]) if env.get("SLURM_JOB_ID", "").isdigit() else 0
-            env.setdefault("MASTER_PORT", str(20000 + job % 20000))
+            env.setdefault("MASTER_PORT", str(SLURM_PORT_BASE + job % SLURM_PORT_SPAN))
             env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
     else:
         return 0, 1, 0

@@ -1,13 +1,13 @@
 """Numeric precision of the networks: the --precision names, what "auto" means on a device,
 and their autocast dtypes. The one place that decides the precision of generation,
-inpainting, visualisation and training."""
+inpainting, visualisation and training: a command resolves its --precision once per run
+(``resolve_precision``) and passes the result down; the device's process settings are a
+separate call (``addp.runtime.tuning.tune_for_device``)."""
 from __future__ import annotations
 
 import contextlib
 
 import torch
-
-from .tuning import tune_for_device
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -45,11 +45,16 @@ def autocast_dtype(precision: str, device: torch.device, training: bool = False)
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def autocast(precision: str, device: torch.device):
-    """A context running the networks at `precision` on `device` (a no-op for fp32); it also
-    applies the device's speed settings (``addp.runtime.tuning``)."""
-    tune_for_device(device)
-    dtype = autocast_dtype(precision, device)
-    if dtype is None:
+def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    """A context running the networks on ``device`` under autocast to ``dtype``; None turns
+    autocast off (plain fp32)."""
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def precision_context(precision: str | None, device: torch.device):
+    """The autocast of a precision name on ``device``; None leaves the caller's context as it
+    is (the Python API's default)."""
+    if precision is None:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    return autocast(device, autocast_dtype(precision, device))

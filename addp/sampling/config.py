@@ -33,8 +33,10 @@ class SamplerConfig:
     temperature: tau0 >= 0, the Gumbel noise scale of the choice of positions to fix.
     temperature_schedule: "annealed" (tau0 * (1 - (s+1)/T), the official `dynamic`) or "static".
     top_p: nucleus sampling of candidate ids when < 1; 1 samples from the full distribution.
-    parity: True reproduces the official last step (one soft position left); False ends
-        with every position reliable.
+    parity: what the last step does. True: as the official code, one position per image
+        stays unreliable, so the final image decodes it from its probability-weighted
+        codebook sum (a soft token). False (default): every position ends reliable and the
+        final image is decoded from hard tokens only.
     """
 
     steps: int = 20

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..runtime.precision import precision_context
 from .accelerate import compiled_models, graphed_sampler
 from .config import GenerationOutput, Generators, SamplerConfig, sampler_config
 from .step import StepCallback, check_generators, eval_mode, sample_batch
@@ -18,7 +19,7 @@ def generate(net: nn.Module, tokenizer: nn.Module, num_images: int, config: Opti
              callback: Optional[StepCallback] = None, *, protocol: Optional[str] = None,
              steps: Optional[int] = None, schedule: Optional[str] = None, temperature: Optional[float] = None,
              temperature_schedule: Optional[str] = None, top_p: Optional[float] = None,
-             parity: Optional[bool] = None):
+             parity: Optional[bool] = None, precision: Optional[str] = None):
     """Generate ``num_images`` images with the alternating denoising process.
 
     Args:
@@ -43,6 +44,9 @@ def generate(net: nn.Module, tokenizer: nn.Module, num_images: int, config: Opti
         compile: torch.compile the networks (the ADDP pixel encoder, its token decoder and
             the tokenizer's decoder; ``compiled_models``). The first batch pays the compilation.
         callback: called after every step of every batch (``denoise``).
+        precision: "auto", "fp32", "bf16" or "fp16", resolved as the commands' --precision
+            (``addp.runtime.precision``); None runs under the caller's autocast context, if
+            any (else fp32).
 
     Returns:
         images (N, 3, H, W) in [0, 1], or a ``GenerationOutput`` with lists of T tensors
@@ -57,7 +61,8 @@ def generate(net: nn.Module, tokenizer: nn.Module, num_images: int, config: Opti
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     check_generators(generator, num_images)
     per_image = isinstance(generator, (list, tuple))
-    on_cuda = next(net.parameters()).device.type == "cuda"
+    device = next(net.parameters()).device
+    on_cuda = device.type == "cuda"
     if cuda_graph and not on_cuda:
         raise ValueError("cuda_graph=True needs the network on a CUDA device")
     eager_only = return_intermediates or callback is not None or per_image
@@ -70,7 +75,7 @@ def generate(net: nn.Module, tokenizer: nn.Module, num_images: int, config: Opti
         from ..runs.progress import Progress
         starts = Progress(starts, desc="generating", unit="batch")
     results = []
-    with torch.no_grad(), eval_mode(net, tokenizer):
+    with torch.no_grad(), eval_mode(net, tokenizer), precision_context(precision, device):
         if compile:
             net, tokenizer = compiled_models(net, tokenizer)
         for start in starts:

@@ -36,6 +36,7 @@ from .schedule import Schedule
 from .step import StepCallback, check_generators, check_models, denoise, eval_mode
 from ..models.checkpoint import pipeline_models, save_pretrained
 from ..errors import AddpError
+from ..runtime.precision import precision_context
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -142,7 +143,7 @@ class ADDPPipeline:
                  protocol: Optional[str] = None, schedule: Optional[str] = None, temperature: Optional[float] = None,
                  temperature_schedule: Optional[str] = None, top_p: Optional[float] = None,
                  parity: Optional[bool] = None, batch_size: Optional[int] = None, progress: bool = False,
-                 cuda_graph: Optional[bool] = None, compile: bool = False):
+                 cuda_graph: Optional[bool] = None, compile: bool = False, precision: Optional[str] = None):
         """Generate ``num_images`` images.
 
         Args:
@@ -171,13 +172,16 @@ class ADDPPipeline:
             progress, cuda_graph, compile: as ``addp.sampling.generate`` (on a GPU each batch
                 replays a captured CUDA graph unless a callback or a list of generators
                 needs the eager loop).
+            precision: "auto", "fp32", "bf16" or "fp16", as the commands' --precision (the
+                same resolution); None runs under the caller's autocast context, if any.
         """
         _check_output_type(output_type)
         images = generate(self.net, self.tokenizer, num_images, generator=generator, batch_size=batch_size,
                             progress=progress, cuda_graph=cuda_graph, compile=compile,
                             callback=self._step_callback(callback_on_step_end), config=config, protocol=protocol,
                             steps=num_inference_steps, schedule=schedule, temperature=temperature,
-                            temperature_schedule=temperature_schedule, top_p=top_p, parity=parity)
+                            temperature_schedule=temperature_schedule, top_p=top_p, parity=parity,
+                            precision=precision)
         images = as_output_type(images, output_type)
         return ADDPPipelineOutput(images) if return_dict else (images,)
 
@@ -187,7 +191,7 @@ class ADDPPipeline:
                 generator: Generators = None, callback_on_step_end: Optional[Callable] = None, *,
                 config: Optional[SamplerConfig] = None, protocol: Optional[str] = None, schedule: Optional[str] = None,
                 temperature: Optional[float] = None, temperature_schedule: Optional[str] = None,
-                top_p: Optional[float] = None, parity: Optional[bool] = None):
+                top_p: Optional[float] = None, parity: Optional[bool] = None, precision: Optional[str] = None):
         """Fill the hole of ``image`` (``mask_image`` True / white) and return the image, of the
         same kind and size as the input (PIL for PIL or a path, a tensor for a tensor); pixels
         outside the hole are returned unchanged.
@@ -212,28 +216,29 @@ class ADDPPipeline:
             raise AddpError("the mask is all white: no pixel is known (use the pipeline's __call__ to generate)")
         check_generators(generator, x.shape[0])
         filled = self._inpaint_model_size(x.to(self.device), hole.to(self.device), config, generator,
-                                          self._step_callback(callback_on_step_end))
+                                          self._step_callback(callback_on_step_end), precision)
         out = torch.where(hole.to(self.device), filled, x.to(self.device))  # known pixels: the input, exactly
         return _like(out, image, was_pil)
 
-    def _inpaint_model_size(self, x, hole, config, generator, callback) -> torch.Tensor:
+    def _inpaint_model_size(self, x, hole, config, generator, callback, precision) -> torch.Tensor:
         """(B, 3, H, W), hole (1, 1, H, W) -> generated images (B, 3, H, W), not yet blended."""
         size = (self.image_size, self.image_size)
         H, W = x.shape[-2:]
         xs = resize_images(x, size)
         # resized: a model pixel is in the hole when it overlaps any hole pixel
         holes = hole if (H, W) == size else F.adaptive_max_pool2d(hole.float(), size) > 0
-        images = self.fill(xs, holes.expand(x.shape[0], -1, -1, -1), config, generator, callback)
+        images = self.fill(xs, holes.expand(x.shape[0], -1, -1, -1), config, generator, callback, precision)
         return resize_images(images.float(), (H, W))
 
     def fill(self, x: torch.Tensor, hole: torch.Tensor, config: SamplerConfig = SamplerConfig(),
-             generator: Generators = None, callback: Optional[StepCallback] = None) -> torch.Tensor:
+             generator: Generators = None, callback: Optional[StepCallback] = None,
+             precision: Optional[str] = None) -> torch.Tensor:
         """The alternating process from a partly known image, at the model size.
 
         x (B, 3, S, S) in [0, 1]; hole (B, 1, S, S) bool, the same in every row.
         Returns the generated images (B, 3, S, S) (not blended). ``callback``: see ``addp.sampling.denoise``.
         """
-        with eval_mode(self.net, self.tokenizer):
+        with eval_mode(self.net, self.tokenizer), precision_context(precision, self.device):
             visible = (~hole).float()
             mean = (x * visible).sum((2, 3), keepdim=True) / visible.sum((2, 3), keepdim=True).clamp_min(1)
             x = torch.where(hole, mean.expand_as(x), x)  # (B, 3, S, S): the hole holds the visible mean

@@ -19,6 +19,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ..runs.images import UnreadableImage, read_rgb
 from ..errors import AddpError
+from ..runtime.seeds import item_seed, shuffle_seed
 
 MAX_CONSECUTIVE_BAD = 20
 
@@ -48,10 +49,6 @@ def load_digits(split: str = "train", image_size: int = 32, holdout: float = 0.2
     return images[pick], labels[pick]
 
 
-def _sample_seed(seed: int, epoch: int, index: int) -> int:
-    return (seed * 1_000_003 + epoch) * 2_000_003 + index
-
-
 class DigitsDataset(Dataset):
     """The embedded digits, already at `image_size`; optional flip (off by default: a
     mirrored digit is another glyph). Items are (image, label, unreadable=0)."""
@@ -67,7 +64,7 @@ class DigitsDataset(Dataset):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         image = self.images[index]
         if self.flip:
-            g = torch.Generator().manual_seed(_sample_seed(self.seed, epoch, index))
+            g = torch.Generator().manual_seed(item_seed(self.seed, epoch, index))
             if torch.rand((), generator=g) < 0.5:
                 image = image.flip(-1)
         return image, self.labels[index], 0
@@ -107,7 +104,7 @@ class ImageFolderDataset(Dataset):
             except UnreadableImage:
                 continue  # truncated, corrupt, not an image, or a decompression bomb
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(_sample_seed(self.seed, epoch, index))
+                torch.manual_seed(item_seed(self.seed, epoch, index))
                 return self.transform(img), label, bad
         raise AddpError(f"{MAX_CONSECUTIVE_BAD} unreadable images in a row near {self.samples[index][0]}")
 
@@ -175,7 +172,7 @@ class StepBatchSampler:
 
     def batch_keys(self, k: int) -> list[tuple[int, int]]:
         epoch, pos = divmod(k, self.per_epoch)
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(shuffle_seed(self.seed, epoch)))
         span = self.batch * self.world
         chunk = perm[pos * span:(pos + 1) * span][self.rank::self.world]
         return [(int(i), epoch) for i in chunk]

@@ -1,6 +1,6 @@
 """The ADDP diffusion process: how one training sample (x_t, target) is built from an image.
 
-Per batch (DESIGN.md §1):
+Per batch:
   1. z0 = tokenizer.encode(x)
   2. a mask-ratio index i is drawn on a discrete grid weighted by a truncated normal, and
      i_next = min(i + U{1..5}, last); mask_t and mask_{t+1} mask ceil(L r_i) and

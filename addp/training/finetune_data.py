@@ -10,12 +10,18 @@ import torch.nn.functional as F
 from timm.data import create_transform
 from torch.utils.data import Dataset
 
-from .data import DigitsDataset, ImageFolderDataset, _sample_seed
+from .data import DigitsDataset, ImageFolderDataset
+from ..runtime.seeds import item_seed
 from ..models.addp import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import AddpError
 
 
 # -- data ------------------------------------------------------------------------------------
+# added to --seed for the shift draws, so that they differ from the base dataset's flip
+# draws of the same (epoch, item)
+SHIFT_SEED_OFFSET = 17
+
+
 class ShiftedDigits(Dataset):
     """Digits with a random shift of up to `shift` pixels (zero padding), drawn per (epoch, index)."""
 
@@ -30,7 +36,7 @@ class ShiftedDigits(Dataset):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         image, label, bad = self.base[key]
         if self.shift:
-            g = torch.Generator().manual_seed(_sample_seed(self.seed + 17, epoch, index))
+            g = torch.Generator().manual_seed(item_seed(self.seed + SHIFT_SEED_OFFSET, epoch, index))
             dy, dx = torch.randint(0, 2 * self.shift + 1, (2,), generator=g).tolist()
             s, (h, w) = self.shift, image.shape[-2:]
             image = F.pad(image, (s, s, s, s))[:, dy:dy + h, dx:dx + w]

@@ -22,6 +22,8 @@ STAGES = ("tokenizer", "predictor", "addp")
 # with a larger base lr and a short warm-up.
 OFFICIAL_BLR, OFFICIAL_WARMUP_EPOCHS = 1e-4, 40
 DEMO_BLR, DEMO_WARMUP_STEPS = 4e-3, 100
+# held-out images drawn (seed 0) from a --data-path's val/ for the report's numbers
+HELDOUT_FOLDER_IMAGES = 512
 log = logging.getLogger("addp.train")
 
 
@@ -158,7 +160,7 @@ def heldout_images(args, net_config) -> torch.Tensor:
         return load_digits("heldout", net_config.image_size)[0]
     root = Path(args.data_path)
     val = ImageFolderDataset(root / "val" if (root / "val").is_dir() else root, net_config.image_size, train=False)
-    pick = torch.randperm(len(val), generator=torch.Generator().manual_seed(0))[:512]
+    pick = torch.randperm(len(val), generator=torch.Generator().manual_seed(0))[:HELDOUT_FOLDER_IMAGES]
     return torch.stack([val[int(i)][0] for i in pick])
 
 

@@ -67,7 +67,7 @@ def reconstruction_psnr(tok: nn.Module, images: torch.Tensor, batch_size: int = 
     for x in images.split(batch_size):
         x = x.to(tok.codebook.device)
         recon = tok.decode_ids(tok.encode(x)).clamp(0, 1)
-        mse = (recon - x).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+        mse = (recon - x).pow(2).flatten(1).mean(1).clamp_min(1e-10)  # a perfect reconstruction scores 100 dB
         scores.append(10 * torch.log10(1 / mse))
     return float(torch.cat(scores).mean())
 

@@ -30,13 +30,13 @@ from .data import with_worker_causes
 from ..runtime.distributed import DistInfo, all_reduce_mean, barrier
 from ..errors import AddpError, first_line
 from ..runs.files import atomic_write
-from ..runtime.precision import autocast_dtype
+from ..runtime.precision import autocast, autocast_dtype
 from ..runs.log import RunLog
 from ..runs.progress import Progress
 from .config import Stage, TrainConfig
 from ..runs.records import describe_differences
-from ..runtime.tuning import tune_for_device
 
+WARMUP_START = 1e-3  # the warm-up starts at this fraction of the peak lr (not 0: the first step moves)
 CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "ema", "step", "skipped", "losses", "rng", "identity")
 
 log = logging.getLogger(__name__)
@@ -52,10 +52,9 @@ class Trainer:
         self.optimizer = stage.make_optimizer(stage.param_groups(config.weight_decay), self.lr, config.betas)
         warm = config.warmup_steps
         self.scheduler = CosineLRScheduler(self.optimizer, t_initial=config.steps - warm, lr_min=config.min_lr,
-                                           warmup_t=warm, warmup_lr_init=self.lr * 1e-3 if warm else self.lr,
+                                           warmup_t=warm, warmup_lr_init=self.lr * WARMUP_START if warm else self.lr,
                                            warmup_prefix=True, t_in_epochs=False)
         self.amp_dtype = autocast_dtype(config.precision, dist.device, training=True)
-        tune_for_device(dist.device)
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=self.amp_dtype == torch.float16)
         self.ema = ModelEmaV3(self.model, decay=config.ema_decay) if config.ema_decay > 0 else None
         self.generator = torch.Generator().manual_seed(config.seed * 1000 + dist.rank)
@@ -239,12 +238,11 @@ class Trainer:
             images = images.to(dev, non_blocking=True)
             # the frozen passes of `prepare` (tokenizer, predictor) run under the same autocast
             # as the model, as in the official code
-            autocast = torch.autocast(dev.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
-            with autocast:
+            with autocast(dev, self.amp_dtype):
                 inputs = self.stage.prepare(images, self.generator, labels.to(dev, non_blocking=True))
             sync = micro == cfg.accum_steps - 1 or not self.dist.enabled
             with self._compile_shapes():
-                with self._no_sync(sync), autocast:
+                with self._no_sync(sync), autocast(dev, self.amp_dtype):
                     loss = self.step_module(**inputs) / cfg.accum_steps
                 self.scaler.scale(loss).backward()
             step_loss += loss.detach()

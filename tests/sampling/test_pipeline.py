@@ -297,3 +297,39 @@ def test_to_moves_and_casts_both_networks(models):
     assert torch.equal(filled[..., ~hole_mask()], digit_like(1)[..., ~hole_mask()])
     p.to(dtype=torch.float32)
     assert p.dtype == torch.float32 and p.device.type == "cpu"
+
+
+# --------------------------------------------------------------------------- precision
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_precision_is_the_autocast_of_that_name(pipe, precision):
+    # reference: the same call inside the caller's own autocast context
+    dtype = {"bf16": torch.bfloat16, "fp32": None}[precision]
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        expected = pipe(num_images=2, num_inference_steps=STEPS, generator=gen(3), output_type="pt").images
+        expected_fill = pipe.inpaint(digit_like(), hole_mask(), num_inference_steps=STEPS, generator=gen(4))
+    got = pipe(num_images=2, num_inference_steps=STEPS, generator=gen(3), output_type="pt", precision=precision).images
+    got_fill = pipe.inpaint(digit_like(), hole_mask(), num_inference_steps=STEPS, generator=gen(4), precision=precision)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    torch.testing.assert_close(got_fill, expected_fill, rtol=0, atol=0)
+
+
+def test_explicit_fp32_turns_off_the_callers_autocast(pipe):
+    plain = pipe(num_images=2, num_inference_steps=STEPS, generator=gen(5), output_type="pt").images
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fp32 = pipe(num_images=2, num_inference_steps=STEPS, generator=gen(5), output_type="pt",
+                    precision="fp32").images
+    torch.testing.assert_close(fp32, plain, rtol=0, atol=0)
+
+
+def test_pipeline_and_generate_command_give_the_same_images(tiny_checkpoint, tmp_path):
+    from addp.generate import cli
+    from addp.runtime.seeds import batch_seed
+    from addp.sampling.image_io import to_uint8
+    args = ["--checkpoint", str(tiny_checkpoint), "--num-images", "2", "--batch-size", "2", "--steps", "3",
+            "--seed", "11", "--precision", "bf16", "--output-dir", str(tmp_path / "out")]
+    assert cli(args) == 0
+    command = np.stack([np.asarray(Image.open(tmp_path / "out" / f"{i:06d}.png").convert("RGB")) for i in range(2)])
+    api = ADDPPipeline.from_pretrained(tiny_checkpoint)
+    images = api(num_images=2, num_inference_steps=3, generator=gen(batch_seed(11, 0)), output_type="pt",
+                 precision="bf16").images
+    np.testing.assert_array_equal(to_uint8(images).permute(0, 2, 3, 1).numpy(), command)

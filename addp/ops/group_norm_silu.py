@@ -3,7 +3,7 @@
 ``addp::group_norm_silu(x, weight, bias, groups, eps) -> y`` with
 ``y = silu(group_norm(x, groups, weight, bias, eps))``: statistics per (sample, group) and
 the arithmetic in float32 or wider, y rounded once to x's dtype and laid out as x (channels-last
-stays channels-last). The CPU kernel (csrc/group_norm.cpp) reads x twice and writes y once,
+stays channels-last). The CPU kernel (csrc/group_norm_silu.cpp) reads x twice and writes y once,
 where torch's eager GroupNorm and SiLU take separate passes and inductor's fused kernel reads
 the channels-last 256 px activations slowly (timings: docs/speed.md). Inference only: inputs
 that need a gradient run the reference, which autograd differentiates.
