@@ -15,7 +15,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import signal
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from .runtime.distributed import cleanup
+from .runtime.distributed import cleanup, env_rank
 from .errors import AddpError, first_line
 from .runs.files import check_output_file, check_output_folder
 from .runtime.precision import PRECISIONS
@@ -65,9 +64,10 @@ def run_command(command: str, parser: ArgumentParser, main: Callable[[argparse.N
     `interrupted` is what the Ctrl-C line says about the outputs; it may name parsed options
     as `{output_dir}`."""
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    log_to_stderr()
     args = None
     try:
+        rank = env_rank()
+        log_to_stderr(rank)
         args = parser.parse_args(argv)
         outputs = main(args) or {}
     except KeyboardInterrupt:
@@ -76,15 +76,30 @@ def run_command(command: str, parser: ArgumentParser, main: Callable[[argparse.N
         return EXIT_INTERRUPTED
     except (torch.OutOfMemoryError, MemoryError) as e:
         return _error(f"out of memory ({first_line(e, None)}); try a smaller --batch-size")
+    except RuntimeError as e:
+        if not _is_allocation_failure(e):
+            raise
+        return _error(f"out of memory ({_allocation_line(e)}); ask for smaller sizes or a smaller --batch-size")
     except (AddpError, ValueError) as e:
         return _error(first_line(e, None))
     except OSError as e:
         return _error(_os_error(e))
     finally:
         cleanup()
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank == 0:
         print(json.dumps({"command": command, "status": "ok", **outputs}, default=str), flush=True)
     return 0
+
+
+def _is_allocation_failure(e: RuntimeError) -> bool:
+    """PyTorch's CPU allocator reports a failed allocation as a plain RuntimeError."""
+    text = str(e)
+    return "can't allocate memory" in text or "DefaultCPUAllocator" in text or "not enough memory" in text
+
+
+def _allocation_line(e: RuntimeError) -> str:
+    text = first_line(e, None)
+    return text[text.find("DefaultCPUAllocator"):] if "DefaultCPUAllocator" in text else text
 
 
 def _raise_interrupt(*_):
@@ -108,12 +123,12 @@ class _Stderr(logging.Handler):
         print(self.format(record), file=sys.stderr, flush=True)
 
 
-def log_to_stderr() -> None:
+def log_to_stderr(rank: int = 0) -> None:
     """The package's log lines (INFO and up; warnings only on ranks > 0) go to stderr."""
     logger = logging.getLogger("addp")
     if not any(isinstance(h, _Stderr) for h in logger.handlers):
         logger.addHandler(_Stderr())
-    logger.setLevel(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     logger.propagate = False
 
 
@@ -195,6 +210,13 @@ def output_folder(text: str) -> str:
 def output_file(text: str) -> str:
     """An argparse type: a file path whose folder exists or can be made, and can be written into."""
     return str(_as_type_error(check_output_file, text))
+
+
+def png_file(text: str) -> str:
+    """An argparse type: an output file (as `output_file`) whose name ends in .png, the format written."""
+    if Path(text).suffix.lower() != ".png":
+        raise argparse.ArgumentTypeError(f"the image is written as PNG: give a .png path, got {text}")
+    return output_file(text)
 
 
 def _as_type_error(check, text: str):
