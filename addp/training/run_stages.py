@@ -12,7 +12,7 @@ from ..models import registry
 from ..models.checkpoint import load_checkpoint, save_checkpoint
 from ..runtime.distributed import barrier
 from ..errors import AddpError
-from ..runs.records import check_inputs, compare_output, sha256_file, write_record
+from ..runs.records import check_inputs, compare_output, sha256_file, write_pending_record, write_record
 from .stages import PredictorStage, TokenizerStage
 from .config import step_schedule, train_config_from_args, TrainConfig, identity_of
 from .trainer import Trainer
@@ -114,6 +114,7 @@ def tokenizer_for(args, dist, dataset, net_config, preset: str, runs):
     if "tokenizer" not in runs:
         if not file.exists():
             raise AddpError(f"no tokenizer: pass --tokenizer, or run --stage tokenizer first (looked for {file})")
+        use_cached_input(args, "tokenizer", file, {})
         log.info(f"[tokenizer] cached: {file}")
         return load_checkpoint(file), sha256_file(file)
     config = registry.preset_config(args.tokenizer_model or preset, image_size=net_config.image_size)
@@ -166,6 +167,7 @@ def heldout_images(args, net_config) -> torch.Tensor:
 def save_stage_output(dist, path: Path, models, stage: str, identity: dict) -> str:
     """Write a stage output and its record (rank 0); every rank returns the file's SHA-256."""
     if dist.is_main:
+        write_pending_record(path.parent, stage, path, identity)
         save_checkpoint(path, models)
         write_record(path.parent, stage, path, identity)
     barrier()
