@@ -119,6 +119,9 @@ class ADDP(nn.Module):
     config_class = ADDPConfig
 
     def __init__(self, config: ADDPConfig):
+        if not isinstance(config, ADDPConfig):
+            raise AddpError(f"ADDP takes an ADDPConfig (addp.create_model builds one by name), "
+                            f"got {type(config).__name__}")
         super().__init__()
         c = self.config = config
         n = c.num_patches

@@ -218,6 +218,9 @@ class VQTokenizer(nn.Module):
     config_class = VQConfig
 
     def __init__(self, config: VQConfig):
+        if not isinstance(config, VQConfig):
+            raise AddpError(f"VQTokenizer takes a VQConfig (addp.create_model builds one by name), "
+                            f"got {type(config).__name__}")
         super().__init__()
         self.config = config
         self.encoder = Encoder(config)
