@@ -75,11 +75,11 @@ def run_command(command: str, parser: ArgumentParser, main: Callable[[argparse.N
         print(f"\ninterrupted: {note}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (torch.OutOfMemoryError, MemoryError) as e:
-        return _error(f"out of memory ({first_line(e, None)}); try a smaller --batch-size")
+        return _error(f"out of memory ({first_line(e, None)}){_smaller(args)}")
     except RuntimeError as e:
         if not _is_allocation_failure(e):
             raise
-        return _error(f"out of memory ({_allocation_line(e)}); ask for smaller sizes or a smaller --batch-size")
+        return _error(f"out of memory ({_allocation_line(e)}){_smaller(args)}")
     except (AddpError, ValueError) as e:
         return _error(first_line(e, None))
     except OSError as e:
@@ -100,6 +100,11 @@ def _is_allocation_failure(e: RuntimeError) -> bool:
 def _allocation_line(e: RuntimeError) -> str:
     text = first_line(e, None)
     return text[text.find("DefaultCPUAllocator"):] if "DefaultCPUAllocator" in text else text
+
+
+def _smaller(args) -> str:
+    """What to try after running out of memory, naming only an option this command has."""
+    return "; try a smaller --batch-size" if hasattr(args, "batch_size") else "; ask for smaller sizes"
 
 
 def _raise_interrupt(*_):

@@ -308,6 +308,18 @@ def test_runner_turns_device_and_os_failures_into_one_line(capsys, failure, matc
     assert captured.err.count("\n") == 1
 
 
+def test_a_failed_cpu_allocation_is_one_line_naming_only_options_the_command_has(capsys):
+    def main(args):
+        torch.empty(2 ** 62, dtype=torch.uint8)  # PyTorch's CPU allocator refuses it
+    parsers = {"demo": ArgumentParser("demo"), "batched": ArgumentParser("batched")}
+    parsers["batched"].add_argument("--batch-size", default=8)
+    for name, parser in parsers.items():
+        assert run_command(name, parser, main, []) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: out of memory") and err.count("\n") == 1, err
+        assert ("--batch-size" in err) == (name == "batched"), err
+
+
 def test_runner_interrupt_is_one_line_and_130(capsys, tmp_path):
     def main(args):
         raise KeyboardInterrupt
