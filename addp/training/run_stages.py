@@ -92,6 +92,9 @@ def refuse_or_retrain(args, name: str, file: Path, identity: dict, dist) -> str 
         raise AddpError(f"stage {name}: {file} {problem}; pass --force to retrain it, or pick another --output-dir")
     if problem:
         log.info(f"[{name}] {file} {problem}; --force: retraining it")
+    if sha and args.resume and args.stage == name and name != "addp":  # the ADDP stage always runs
+        raise AddpError(f"--resume: stage {name} is finished in {args.output_dir} ({file} matches this command), "
+                        "so nothing would be resumed; drop --resume, or pick another --output-dir")
     return sha
 
 

@@ -59,6 +59,17 @@ def test_another_command_over_an_unfinished_output_is_refused(monkeypatch, tmp_p
     assert (out / "tokenizer.safetensors").read_bytes() == before
 
 
+def test_resume_into_a_finished_stage_is_refused_not_ignored(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert train.cli(["--output-dir", str(out), *TOKENIZER_RUN]) == 0
+    before = (out / "tokenizer.safetensors").read_bytes()
+    capsys.readouterr()
+    resume = str(out / "tokenizer" / "checkpoint.pt")
+    assert train.cli(["--output-dir", str(out), *TOKENIZER_RUN, "--resume", resume]) == 2
+    assert "nothing would be resumed" in one_error_line(capsys)
+    assert (out / "tokenizer.safetensors").read_bytes() == before
+
+
 # -- the launch environment --------------------------------------------------------------------
 @pytest.mark.parametrize("env, name", [
     ({"RANK": "abc"}, "RANK"),
