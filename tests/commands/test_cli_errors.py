@@ -62,7 +62,11 @@ def _reliability_inputs(d, tiny_checkpoint):
     (d / "settings_list" / "generate.json").write_text("[1, 2]")
     np.savez(d / "empty_samples.npz", arr_0=np.zeros((0, 32, 32, 3), np.uint8))
     np.savez(d / "three_samples.npz", arr_0=np.zeros((3, 32, 32, 3), np.uint8))
-    addp.save_checkpoint(d / "classifier.safetensors", {"classifier": addp.create_model("vit_small_cls", depth=1)})
+    classifier = addp.create_model("vit_small_cls", depth=1)
+    addp.save_checkpoint(d / "classifier.safetensors", {"classifier": classifier})
+    with torch.no_grad():
+        classifier.patch_embed.proj.weight.mul_(1e38)  # finite weights, Inf features
+    addp.save_checkpoint(d / "overflowing_classifier.safetensors", {"classifier": classifier})
     np.savez(d / "numeric_extractor.npz", mu=np.zeros(64), sigma=np.eye(64), feature_extractor=np.array(5))
 
 
@@ -213,6 +217,8 @@ RELIABILITY_CASES = [
     ("addp.generate", GEN + ["--checkpoint", "{escaping_folder}"], "not a path inside the folder"),
     ("addp.finetune", FT + ["--finetune", "{escaping_folder}"], "not a path inside the folder"),
     ("addp.finetune", FT + ["--finetune", "{ckpt}", "--eval-only"], "--eval-only evaluates a trained classifier"),
+    ("addp.evaluate", EVAL + ["--samples", "{three_samples}", "--no-stats-cache", "--feature-extractor",
+                              "{overflowing_classifier}"], "non-finite features"),
     # tracebacks of bad input
     ("addp.train", TRAIN + ["--model-option", "codebook_size=8"], "codebook_size"),
     ("addp.train", TRAIN + ["--model-option", "codebook_size=100000000000000"], "codebook_size"),
