@@ -60,6 +60,8 @@ class ADDPConfig:
         if self.token_input != "none" and self.embed_dim != self.decoder_embed_dim:
             raise AddpError(f"{self.name}: token_input {self.token_input!r} needs embed_dim == decoder_embed_dim (the "
                             f"token embedding feeds the decoder directly), got {self.embed_dim} and {self.decoder_embed_dim}")
+        if self.encoder != "vit" and not timm.is_model(self.encoder):
+            raise AddpError(f"{self.name}: encoder {self.encoder!r} is neither 'vit' nor a timm model")
         if self.token_input == "encoder_decoder" and self.encoder != "vit":
             raise AddpError(f"{self.name}: token_input 'encoder_decoder' needs the ViT encoder, got {self.encoder!r}")
 

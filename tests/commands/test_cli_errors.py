@@ -55,7 +55,10 @@ def _reliability_inputs(d, tiny_checkpoint):
     next(t for t in state.values() if t.is_floating_point()).view(-1)[0] = float("nan")
     save_file(state, str(d / "nan_folder" / "addp" / "model.safetensors"), metadata={"format": "pt"})
     torch.save({"model": {"w": torch.zeros(2), "step": 3, "name": "x"}}, d / "non_tensors.pth")
-    addp.save_pretrained(d / "filename_escape", models)
+    addp.save_pretrained(d / "absolute_folder", models)
+    index = json.loads((d / "absolute_folder" / "model_index.json").read_text())
+    index[str(d / "nan_folder" / "addp")] = index.pop("addp")
+    (d / "absolute_folder" / "model_index.json").write_text(json.dumps(index))
     (d / "settings").mkdir()
     (d / "settings" / "generate.json").write_text("{not json")
     (d / "settings_list").mkdir()
@@ -222,6 +225,15 @@ RELIABILITY_CASES = [
     # tracebacks of bad input
     ("addp.train", TRAIN + ["--model-option", "codebook_size=8"], "codebook_size"),
     ("addp.train", TRAIN + ["--model-option", "codebook_size=100000000000000"], "codebook_size"),
+    ("addp.train", TRAIN + ["--model-option", "name=other"], "name is the preset's own"),
+    ("addp.train", TRAIN + ["--model-option", "kind=tokenizer"], "kind is the preset's own"),
+    ("addp.train", TRAIN + ["--model-option", "encoder=bogus"], "neither 'vit' nor a timm model"),
+    ("addp.finetune", FT + ["--finetune", "{fifo}"], "not a regular file"),
+    ("addp.train", TRAIN + ["--stage", "addp", "--tokenizer", "{fifo}"], "not a regular file"),
+    ("addp.evaluate", EVAL + ["--samples", "{three_samples}", "--feature-extractor", "{fifo}"], "not a regular file"),
+    ("addp.evaluate", EVAL + ["--samples", "{three_samples}", "--feature-extractor", "/dev/zero"], "not a regular file"),
+    ("addp.evaluate", EVAL + ["--samples", "{three_samples}", "--inception-weights", "/dev/zero"], "not a regular file"),
+    ("addp.generate", GEN + ["--checkpoint", "{absolute_folder}"], "not a path inside the folder"),
     ("addp.export", EXP + ["--img-size", "200000"], "--img-size"),
     ("addp.inpaint", INP + ["--left", "100000000"], "margin"),
     ("addp.generate", GEN + ["--output-dir", "{settings}"], "generate.json"),
