@@ -79,7 +79,8 @@ def run_command(command: str, parser: ArgumentParser, main: Callable[[argparse.N
     except RuntimeError as e:
         if not _is_allocation_failure(e):
             raise
-        return _error(f"out of memory ({_allocation_line(e)}){_smaller(args)}")
+        return _error(f"out of memory ({_allocation_line(e)}); ask for smaller sizes (model options, image "
+                      f"sizes{' or --batch-size' if hasattr(args, 'batch_size') else ''})")
     except (AddpError, ValueError) as e:
         return _error(first_line(e, None))
     except OSError as e:
