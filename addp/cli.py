@@ -220,9 +220,10 @@ def output_file(text: str) -> str:
 
 def png_file(text: str) -> str:
     """An argparse type: an output file (as `output_file`) whose name ends in .png, the format written."""
-    if Path(text).suffix.lower() != ".png":
+    path = output_file(text)
+    if Path(path).suffix.lower() != ".png":
         raise argparse.ArgumentTypeError(f"the image is written as PNG: give a .png path, got {text}")
-    return output_file(text)
+    return path
 
 
 def _as_type_error(check, text: str):
