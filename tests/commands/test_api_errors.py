@@ -62,6 +62,13 @@ CALLS = {
     "create_model(int)": (lambda a: addp.create_model(123), "unknown model"),
     "create_model(depth=-1)": (lambda a: addp.create_model("addp_vit_small", depth=-1), "depth"),
     "tune_for_device(bogus)": (lambda a: addp.tune_for_device("bogus"), "not a device"),
+    "tokenizer.encode(str)": (lambda a: a["tok"].encode("images"), "float image tensor"),
+    "tokenizer.encode(wrong channels)": (lambda a: a["tok"].encode(torch.rand(1, 1, 32, 32)), "expected images"),
+    "tokenizer.decode_ids(out of range)": (lambda a: a["tok"].decode_ids(torch.full((1, 64), 10 ** 6)), "[0, "),
+    "tokenizer.decode_ids(negative)": (lambda a: a["tok"].decode_ids(torch.full((1, 64), -1)), "[0, "),
+    "tokenizer.decode_ids(float)": (lambda a: a["tok"].decode_ids(torch.zeros(1, 64)), "integer tensor"),
+    "tokenizer.decode_ids(7 tokens)": (lambda a: a["tok"].decode_ids(torch.zeros(1, 7, dtype=torch.long)),
+                                       "square grid"),
     # sampling
     "generate(str net)": (lambda a: S.generate("net", a["tok"], 1), "net must be an ADDP network"),
     "generate(tokenizer as net)": (lambda a: S.generate(a["tok"], a["tok"], 1), "got a tokenizer model"),
