@@ -23,28 +23,32 @@ TOKENIZER_RUN = [*TINY, "--stage", "tokenizer"]
 
 
 # -- a kill between a stage output and its record ----------------------------------------------
-def _killed_before_the_record(monkeypatch, out):
-    """Run the tokenizer stage and stop it (as a kill would: no clean-up runs) right after its
-    output file is written, before the record that says what made it."""
+def _killed_before_the_record(monkeypatch, out, stage="tokenizer", argv=TOKENIZER_RUN):
+    """Run `argv` and stop it (as a kill would: no clean-up runs) right after `stage`'s output
+    file is written, before the record that says what made it."""
     write_record = run_stages.write_record
 
-    def killed(*args, **kwargs):
-        raise KeyboardInterrupt
+    def killed(folder, name, *args, **kwargs):
+        if name == stage:
+            raise KeyboardInterrupt
+        return write_record(folder, name, *args, **kwargs)
     monkeypatch.setattr(run_stages, "write_record", killed)
-    assert train.cli(["--output-dir", str(out), *TOKENIZER_RUN]) == 130
+    assert train.cli(["--output-dir", str(out), *argv]) == 130
     monkeypatch.setattr(run_stages, "write_record", write_record)
-    assert (out / "tokenizer.safetensors").exists() and read_record(out, "tokenizer")["pending"] is True
+    assert (out / f"{stage}.safetensors").exists() and read_record(out, stage)["pending"] is True
 
 
-def test_a_kill_between_the_output_and_its_record_is_recovered_by_the_same_command(monkeypatch, tmp_path, capsys):
+@pytest.mark.parametrize("stage, argv", [("tokenizer", TOKENIZER_RUN), ("addp", TINY)])
+def test_a_kill_between_the_output_and_its_record_is_recovered_by_the_same_command(monkeypatch, tmp_path, capsys,
+                                                                                   stage, argv):
     out = tmp_path / "o"
-    _killed_before_the_record(monkeypatch, out)
+    _killed_before_the_record(monkeypatch, out, stage, argv)
     capsys.readouterr()
-    assert train.cli(["--output-dir", str(out), *TOKENIZER_RUN]) == 0, capsys.readouterr().err
-    record = read_record(out, "tokenizer")
-    assert "pending" not in record and record["sha256"] == sha256_file(out / "tokenizer.safetensors")
-    # and the next stage takes it as a finished output
-    assert train.cli(["--output-dir", str(out), *TINY, "--stage", "predictor"]) == 0, capsys.readouterr().err
+    assert train.cli(["--output-dir", str(out), *argv]) == 0, capsys.readouterr().err
+    record = read_record(out, stage)
+    assert "pending" not in record and record["sha256"] == sha256_file(out / f"{stage}.safetensors")
+    if stage == "tokenizer":  # the next stage takes it as a finished output
+        assert train.cli(["--output-dir", str(out), *TINY, "--stage", "predictor"]) == 0, capsys.readouterr().err
 
 
 def test_another_command_over_an_unfinished_output_is_refused(monkeypatch, tmp_path, capsys):
