@@ -61,8 +61,10 @@ def _reliability_inputs(d, tiny_checkpoint):
     (d / "absolute_folder" / "model_index.json").write_text(json.dumps(index))
     (d / "settings").mkdir()
     (d / "settings" / "generate.json").write_text("{not json")
-    (d / "settings_list").mkdir()
-    (d / "settings_list" / "generate.json").write_text("[1, 2]")
+    for name, text in (("settings_list", "[1, 2]"), ("settings_count", '{"images": "many"}'),
+                       ("settings_outputs", '{"images": 2, "outputs": 5}')):
+        (d / name).mkdir()
+        (d / name / "generate.json").write_text(text)
     np.savez(d / "empty_samples.npz", arr_0=np.zeros((0, 32, 32, 3), np.uint8))
     np.savez(d / "three_samples.npz", arr_0=np.zeros((3, 32, 32, 3), np.uint8))
     classifier = addp.create_model("vit_small_cls", depth=1)
@@ -238,6 +240,8 @@ RELIABILITY_CASES = [
     ("addp.inpaint", INP + ["--left", "100000000"], "margin"),
     ("addp.generate", GEN + ["--output-dir", "{settings}"], "generate.json"),
     ("addp.generate", GEN + ["--output-dir", "{settings_list}"], "generate.json"),
+    ("addp.generate", GEN + ["--output-dir", "{settings_count}"], "generate.json"),
+    ("addp.generate", GEN + ["--output-dir", "{settings_outputs}"], "generate.json"),
     ("addp.finetune", FT + ["--aa", "garbage"], "--aa"),
     ("addp.finetune", FT + ["--aa", "randx"], "--aa"),
     ("addp.evaluate", EVAL + ["--samples", "{empty_samples}", "--feature-extractor", "{classifier}"], "no images"),
