@@ -67,6 +67,7 @@ def _reliability_inputs(d, tiny_checkpoint):
         (d / name / "generate.json").write_text(text)
     np.savez(d / "empty_samples.npz", arr_0=np.zeros((0, 32, 32, 3), np.uint8))
     np.savez(d / "three_samples.npz", arr_0=np.zeros((3, 32, 32, 3), np.uint8))
+    np.savez(d / "one_sample.npz", arr_0=np.zeros((1, 32, 32, 3), np.uint8))
     classifier = addp.create_model("vit_small_cls", depth=1)
     addp.save_checkpoint(d / "classifier.safetensors", {"classifier": classifier})
     with torch.no_grad():
@@ -245,6 +246,8 @@ RELIABILITY_CASES = [
     ("addp.finetune", FT + ["--aa", "garbage"], "--aa"),
     ("addp.finetune", FT + ["--aa", "randx"], "--aa"),
     ("addp.evaluate", EVAL + ["--samples", "{empty_samples}", "--feature-extractor", "{classifier}"], "no images"),
+    ("addp.evaluate", EVAL + ["--samples", "{one_sample}", "--metrics", "kid", "--no-stats-cache",
+                              "--feature-extractor", "{classifier}"], "kid needs at least 2"),
     ("addp.evaluate", EVAL + ["--samples", "{three_samples}", "--metrics", "prc", "--no-stats-cache",
                               "--feature-extractor", "{classifier}"], "prc needs at least 4"),
     ("addp.evaluate", EVAL + ["--samples", "{three_samples}", "--reference", "{numeric_extractor}",
