@@ -27,7 +27,7 @@ from .weights_io import check_regular_file, member, read_tensors, save_safetenso
 from .addp import check_tokenizer_fits
 from .official import components_from_official
 from .state import load_strict, read_state
-from .hub import MODEL_INDEX, resolve
+from .hub import MODEL_INDEX, check_name, resolve
 from .registry import build_model, config_from_dict
 
 FORMAT_VERSION = "1"
@@ -214,8 +214,7 @@ def pipeline_models(name_or_path: str | os.PathLike, filename: str | None = None
     tokenizer: a VQTokenizer or anything `load_checkpoint` takes (e.g. the path of
         ``vqgan_jax_strongaug.ckpt``); needed when the checkpoint holds no tokenizer.
     """
-    if not isinstance(name_or_path, (str, os.PathLike)):
-        raise CheckpointError(f"a checkpoint is named by a path or a Hub repo id, got {type(name_or_path).__name__}")
+    check_name(name_or_path)
     source, local = name_or_path, Path(name_or_path)
     if filename is None and local.is_dir() and not (local / MODEL_INDEX).exists():
         source = local / "addp.safetensors"

@@ -38,8 +38,7 @@ def resolve(name_or_path: str | os.PathLike, filename: str | None = None, revisi
     file (e.g. the official ``addp-vit-base-16.pth``); without it the repo must hold a
     save_pretrained folder (``model_index.json``). `revision` is a branch, tag or commit.
     """
-    if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
-        raise CheckpointError(f"a checkpoint is named by a path or a Hub repo id, got {_shown(name_or_path)}")
+    check_name(name_or_path)
     if filename is not None and not isinstance(filename, str):
         raise CheckpointError(f"filename must be a string, got {_shown(filename)}")
     local = Path(name_or_path)
@@ -57,6 +56,12 @@ def resolve(name_or_path: str | os.PathLike, filename: str | None = None, revisi
     if repo.endswith(_WEIGHT_SUFFIXES) or not _REPO_ID.match(repo) or ".." in repo:
         raise CheckpointError(f"checkpoint not found: {repo}")
     return _from_hub(repo, filename, revision, cache_dir, local_files_only)
+
+
+def check_name(name_or_path) -> None:
+    """Refuse what cannot name a checkpoint (None, a number, a tensor, an empty string)."""
+    if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
+        raise CheckpointError(f"a checkpoint is named by a path or a Hub repo id, got {_shown(name_or_path)}")
 
 
 def _shown(value) -> str:
