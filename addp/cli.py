@@ -16,7 +16,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import signal
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from .runtime.distributed import cleanup
+from .runtime.distributed import cleanup, env_rank
 from .errors import AddpError, first_line
 from .runs.files import check_output_file, check_output_folder
 from .runtime.precision import PRECISIONS
@@ -66,9 +65,10 @@ def run_command(command: str, parser: ArgumentParser, main: Callable[[argparse.N
     `interrupted` is what the Ctrl-C line says about the outputs; it may name parsed options
     as `{output_dir}`."""
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    log_to_stderr()
     args = None
     try:
+        rank = env_rank()
+        log_to_stderr(rank)
         args = parser.parse_args(argv)
         outputs = main(args) or {}
     except KeyboardInterrupt:
@@ -76,16 +76,37 @@ def run_command(command: str, parser: ArgumentParser, main: Callable[[argparse.N
         print(f"\ninterrupted: {note}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (torch.OutOfMemoryError, MemoryError) as e:
-        return _error(f"out of memory ({first_line(e, None)}); try a smaller --batch-size")
+        return _error(f"out of memory ({first_line(e, None)}){_smaller(args)}")
+    except RuntimeError as e:
+        if not _is_allocation_failure(e):
+            raise
+        return _error(f"out of memory ({_allocation_line(e)}); ask for smaller sizes (model options, image "
+                      f"sizes{' or --batch-size' if hasattr(args, 'batch_size') else ''})")
     except (AddpError, ValueError) as e:
         return _error(first_line(e, None))
     except OSError as e:
         return _error(_os_error(e))
     finally:
         cleanup()
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank == 0:
         print(json.dumps({"command": command, "status": "ok", **outputs}, default=str), flush=True)
     return 0
+
+
+def _is_allocation_failure(e: RuntimeError) -> bool:
+    """PyTorch's CPU allocator reports a failed allocation as a plain RuntimeError."""
+    text = str(e)
+    return "can't allocate memory" in text or "DefaultCPUAllocator" in text or "not enough memory" in text
+
+
+def _allocation_line(e: RuntimeError) -> str:
+    text = first_line(e, None)
+    return text[text.find("DefaultCPUAllocator"):] if "DefaultCPUAllocator" in text else text
+
+
+def _smaller(args) -> str:
+    """What to try after running out of memory, naming only an option this command has."""
+    return "; try a smaller --batch-size" if hasattr(args, "batch_size") else "; ask for smaller sizes"
 
 
 def _raise_interrupt(*_):
@@ -109,12 +130,12 @@ class _Stderr(logging.Handler):
         print(self.format(record), file=sys.stderr, flush=True)
 
 
-def log_to_stderr() -> None:
+def log_to_stderr(rank: int = 0) -> None:
     """The package's log lines (INFO and up; warnings only on ranks > 0) go to stderr."""
     logger = logging.getLogger("addp")
     if not any(isinstance(h, _Stderr) for h in logger.handlers):
         logger.addHandler(_Stderr())
-    logger.setLevel(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     logger.propagate = False
 
 
@@ -196,6 +217,14 @@ def output_folder(text: str) -> str:
 def output_file(text: str) -> str:
     """An argparse type: a file path whose folder exists or can be made, and can be written into."""
     return str(_as_type_error(check_output_file, text))
+
+
+def png_file(text: str) -> str:
+    """An argparse type: an output file (as `output_file`) whose name ends in .png, the format written."""
+    path = output_file(text)
+    if Path(path).suffix.lower() != ".png":
+        raise argparse.ArgumentTypeError(f"the image is written as PNG: give a .png path, got {text}")
+    return path
 
 
 def _as_type_error(check, text: str):

@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from .models.checkpoint import CheckpointError, load_components
 from .models.classifier import (GLOBAL_POOLS, ClassifierConfig, CNNClassifier, build_classifier, encoder_state_from_addp,
                          load_encoder_state, resample_pos_embed)
-from .cli import ArgumentParser, existing_path, output_file, positive_int, run_command
+from .cli import ArgumentParser, existing_path, integer, output_file, run_command
 from .errors import AddpError
 from .runs.files import atomic_write
 from .runtime.extras import require
@@ -43,6 +43,8 @@ from .runtime.extras import require
 FORMATS = ("timm", "torch-export", "onnx")
 CHECK_TOLERANCE = 1e-4  # largest |exported - eager| accepted before writing a program
 HEAD_KEYS = ("head.", "fc.", "classifier.")
+SUFFIXES = {"timm": ".safetensors", "torch-export": ".pt2", "onnx": ".onnx"}  # what each --format writes
+MAX_IMAGE_SIZE = 4096
 log = logging.getLogger("addp.export")  # a fixed name: run as `python -m`, __name__ is "__main__"
 
 
@@ -53,12 +55,21 @@ def get_args_parser() -> ArgumentParser:
     p.add_argument("--format", default="timm", choices=FORMATS)
     p.add_argument("--output", required=True, type=output_file,
                    help="the file to write (.safetensors, .pt2 or .onnx)")
-    p.add_argument("--img-size", type=positive_int, default=None, help="resample position embeddings to this size")
+    p.add_argument("--img-size", type=integer(1, MAX_IMAGE_SIZE), default=None,
+                   help="resample position embeddings to this size")
     p.add_argument("--global-pool", default=None, choices=GLOBAL_POOLS,
                    help="which final norm to write: fc_norm (avg) or norm (token); default: the checkpoint's, "
                         "avg for ADDP")
     p.add_argument("--keep-head", action="store_true", help="classifier checkpoints: keep the classification head")
+    p.add_check(_check_suffix)
     return p
+
+
+def _check_suffix(args) -> None:
+    want = SUFFIXES[args.format]
+    if Path(args.output).suffix.lower() != want:
+        raise AddpError(f"--format {args.format} writes a {want} file; give an --output ending in {want}, "
+                        f"got {args.output}")
 
 
 def timm_state(path: str, image_size: int | None = None, global_pool: str | None = None,

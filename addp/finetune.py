@@ -31,10 +31,9 @@ from .runtime.tuning import tune_for_device
 from .cli import (RESUMABLE, ArgumentParser, add_runtime_args, existing_file, existing_path, fraction, integer,
                   non_negative_float, non_negative_int, number, output_folder, positive_float, positive_int,
                   probability, run_command)
-from .errors import AddpError
-from .runs.files import write_json
+from .errors import AddpError, first_line
+from .runs.files import sha256_path, write_json
 from .runs.lock import lock_run_folder
-from .runs.records import sha256_file
 from .training.config import identity_of
 from .training.trainer import Trainer
 from .training.finetune_data import build_datasets
@@ -43,6 +42,19 @@ from .training.finetuning import (PROBE_OPTIMIZERS, ClassifierStage, PeriodicEva
 
 
 log = logging.getLogger("addp.finetune")  # a fixed name: run as `python -m`, __name__ is "__main__"
+
+
+def auto_augment(text: str) -> str:
+    """An argparse type: a timm auto-augment policy name ("" or "none": no auto-augment)."""
+    if text.strip().lower() in ("", "none"):
+        return ""
+    from timm.data import create_transform
+    try:
+        create_transform(32, is_training=True, auto_augment=text)
+    except Exception as e:  # timm asserts on an unknown policy
+        raise argparse.ArgumentTypeError(f"not a timm auto-augment policy: {text!r} ({first_line(e)}), e.g. "
+                                         "rand-m9-mstd0.5-inc1, augmix-m5, v0 or none") from None
+    return text
 
 
 def get_args_parser() -> ArgumentParser:
@@ -92,7 +104,7 @@ def get_args_parser() -> ArgumentParser:
                    help="mixup alpha (default 0.8; 0 on digits and probes)")
     p.add_argument("--cutmix", type=non_negative_float, default=None,
                    help="cutmix alpha (default 1.0; 0 on digits and probes)")
-    p.add_argument("--aa", default=None,
+    p.add_argument("--aa", default=None, type=auto_augment,
                    help="timm auto-augment policy (ImageFolder data); default rand-m9-mstd0.5-inc1, none for a "
                         "probe (crop and flip only, paper Tab. 16)")
     p.add_argument("--reprob", type=probability, default=None,
@@ -153,7 +165,7 @@ def _finetune(args, dist, out: Path, recipe, started: float) -> dict:
     cfg = train_config(args, sched)
     run_info = {"schedule": sched, **({"recipe": recipe} if recipe else {})}
     identity = identity_of(cfg, model.config, run_info, {
-        "finetune": str(args.finetune), "finetune_sha256": sha256_file(args.finetune) if args.finetune else None,
+        "finetune": str(args.finetune), "finetune_sha256": sha256_path(args.finetune) if args.finetune else None,
         "linear_probe": args.linear_probe, "layer_decay": args.layer_decay,
         "mixup": mixup, "cutmix": cutmix, "smoothing": args.smoothing, "probe_optimizer": args.probe_optimizer,
         "data": args.data_path or "digits", "labels_per_class": args.labels_per_class, "shift": args.shift,

@@ -35,6 +35,7 @@ HOLE_GREY = 128  # how the hole is shown in the side-by-side's input panel
 GAP = 2  # pixels between the two panels of the side-by-side
 GAP_COLOUR = 255
 MARGINS = ("left", "right", "top", "bottom")
+MAX_MARGIN = 16384  # pixels: a wider border could not be held in memory
 
 
 def get_args_parser() -> ArgumentParser:
@@ -78,6 +79,9 @@ def _check_mode(args) -> None:
     if args.mode == "outpaint" and (min(margins.values()) < 0 or max(margins.values()) == 0):
         raise AddpError("outpaint margins must be >= 0 with at least one > 0, got "
                         + " ".join(f"--{k} {v}" for k, v in margins.items()))
+    if max(margins.values()) > MAX_MARGIN:
+        raise AddpError(f"outpaint margins must be at most {MAX_MARGIN} pixels, got "
+                        + " ".join(f"--{k} {v}" for k, v in margins.items() if v > MAX_MARGIN))
     if args.output is None:
         args.output = str(check_output_file(Path.cwd() / f"{Path(args.image).stem}_inpainted.png"))
     _check_not_replacing(args)

@@ -82,7 +82,9 @@ def get_args_parser() -> ArgumentParser:
     p.add_argument("--predictor-lr", type=positive_float, default=3e-3)
     p.add_argument("--min-lr", type=non_negative_float, default=0.0)
     p.add_argument("--warmup-steps", type=non_negative_int, default=None,
-                   help="default: 100 for the small presets, else 40 epochs (the official runs)")
+                   help="ADDP warm-up, shorter than --steps (the tokenizer and predictor stages warm up for at most "
+                        "their length minus one step); default: 100 for the small presets, else 40 epochs (the "
+                        "official runs)")
     p.add_argument("--warmup-epochs", type=non_negative_float, default=None,
                    help="warm-up in epochs (replaces --warmup-steps)")
     p.add_argument("--weight-decay", type=non_negative_float, default=0.05)
@@ -120,6 +122,7 @@ def _check_configs(args) -> None:
     if args.token_input:
         overrides["token_input"] = args.token_input
     args.model_overrides = overrides
+    _check_used(args)
     try:
         args.net_config = registry.preset_config(args.model, **overrides)
     except AddpError as e:
@@ -127,6 +130,28 @@ def _check_configs(args) -> None:
     provisional = {"steps": args.steps, "warmup_steps": args.warmup_steps or 0}  # epochs need the data
     for stage in STAGES:
         train_config(args, stage, provisional)
+
+
+# Options that only shape a stage this command trains: ignored, they would be silently wrong.
+_TRAINS = {"tokenizer": ("tokenizer_steps", "tokenizer_lr", "tokenizer_model"),
+           "predictor": ("predictor_steps", "predictor_lr", "predictor_model")}
+
+
+def _check_used(args) -> None:
+    """Refuse options this command would ignore (as given on the command line)."""
+    explicit = getattr(args, "explicit", set())
+    if args.resume and args.stage == "all":
+        raise AddpError("--resume continues one stage: give --stage tokenizer, predictor or addp with it")
+    for stage, options in _TRAINS.items():
+        ignored = [o for o in options if o in explicit]
+        if ignored and getattr(args, stage):
+            flag = "--" + ignored[0].replace("_", "-")
+            raise AddpError(f"{flag} trains a {stage}, but --{stage} gives one; drop {flag}")
+    if "codebook_size" in args.model_overrides:
+        raise AddpError("--model-option codebook_size: the network's codebook is the tokenizer's; "
+                        "choose it with --tokenizer-model or --tokenizer")
+    if "warmup_steps" in explicit and args.epochs is None and args.warmup_steps >= args.steps:
+        raise AddpError(f"--warmup-steps {args.warmup_steps} must be shorter than --steps {args.steps}")
 
 
 # -- building blocks -----------------------------------------------------------------------

@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from . import sampling as S
 from .cli import (ArgumentParser, add_checkpoint_args, add_runtime_args, add_sampler_args, load_pipeline,
-                  output_file, positive_int, run_command, sampler_summary)
+                  png_file, positive_int, run_command, sampler_summary)
 from .runs.images import save_png
 from .sampling.image_io import to_uint8
 from .runtime.precision import resolve_precision
@@ -43,7 +43,7 @@ def get_args_parser() -> ArgumentParser:
     p.add_argument("--every", type=positive_int, default=1, help="show every k-th step (the first and last always)")
     p.add_argument("--scale", type=positive_int, default=None,
                    help=f"integer upscaling of every tile; default: the smallest making tiles >= {MIN_TILE} px")
-    p.add_argument("--output", type=output_file, default="denoising_steps.png", help="the figure (PNG)")
+    p.add_argument("--output", type=png_file, default="denoising_steps.png", help="the figure (PNG)")
     add_sampler_args(p)
     add_runtime_args(p, compile="the ADDP network and the tokenizer's decoder (pays off for many batches)")  # no --cuda-graph: every step is kept, no graph replay
     return p

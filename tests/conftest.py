@@ -102,6 +102,19 @@ def make_loss_inputs(B, L, V, K, dtype=torch.float32, t_dtype=None, layout="cont
 
 
 # -- command-line entry points -----------------------------------------------------------
+# `addp.train` options of a run folder that trains each stage for 2 steps
+TINY = ("--tokenizer-steps", "2", "--predictor-steps", "2", "--steps", "2", "--batch-size", "8",
+        "--num-samples", "0", "--log-every", "1", "--warmup-steps", "0")
+
+
+def one_error_line(capsys) -> str:
+    """The one `error:` line a failed command printed last (progress bars may precede it)."""
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and err.strip().endswith(errors[0]) and "Traceback" not in err, err
+    return errors[0]
+
+
 ENTRY_POINTS = ("addp", "addp.train", "addp.finetune", "addp.generate", "addp.inpaint", "addp.visualize",
                 "addp.evaluate", "addp.export")
 

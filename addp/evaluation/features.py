@@ -143,4 +143,8 @@ class Features:
                 for k, v in feats.items():
                     out[k][start:start + len(v)] = v
                 start += len(batch)
+        bad = [k for k, v in out.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:  # else the metrics fail deep inside scipy, or give NaN
+            raise AddpError(f"the feature extractor gives non-finite features ({bad[0]}: NaN or Inf): its "
+                            "weights overflow on these images")
         return out

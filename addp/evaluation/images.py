@@ -139,7 +139,10 @@ def open_images(source, size=None, preprocess: str | None = None) -> torch.utils
     if path.is_file():
         if path.suffix != ".npz":
             raise AddpError(f"{source} is not a folder, an .npz or 'digits'")
-        return NpzImages(path)
+        images = NpzImages(path)
+        if not len(images):
+            raise AddpError(f"{source} holds no images (its arr_0 is empty)")
+        return images
     files = list_images(path)
     if not files:
         raise AddpError(f"{source} holds no png/jpg images")

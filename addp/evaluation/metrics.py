@@ -135,6 +135,8 @@ def evaluate(samples, reference, metrics=("fid",), classifier: nn.Module | None 
         raise AddpError("give --image-size: the size the reference images are prepared at")
     if ds is not None and tuple(ds.size) != tuple(size):
         raise AddpError(f"the samples are {ds.size[1]}x{ds.size[0]}, --image-size asks for {size[1]}x{size[0]}")
+    if ds is not None:
+        _check_counts(metrics, len(ds), None)  # before the reference's features are computed
     cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
     features = Features(metrics, classifier, inception_weights_path, cuda)
 

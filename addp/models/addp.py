@@ -60,6 +60,8 @@ class ADDPConfig:
         if self.token_input != "none" and self.embed_dim != self.decoder_embed_dim:
             raise AddpError(f"{self.name}: token_input {self.token_input!r} needs embed_dim == decoder_embed_dim (the "
                             f"token embedding feeds the decoder directly), got {self.embed_dim} and {self.decoder_embed_dim}")
+        if self.encoder != "vit" and not timm.is_model(self.encoder):
+            raise AddpError(f"{self.name}: encoder {self.encoder!r} is neither 'vit' nor a timm model")
         if self.token_input == "encoder_decoder" and self.encoder != "vit":
             raise AddpError(f"{self.name}: token_input 'encoder_decoder' needs the ViT encoder, got {self.encoder!r}")
 
@@ -119,6 +121,9 @@ class ADDP(nn.Module):
     config_class = ADDPConfig
 
     def __init__(self, config: ADDPConfig):
+        if not isinstance(config, ADDPConfig):
+            raise AddpError(f"ADDP takes an ADDPConfig (addp.create_model builds one by name), "
+                            f"got {type(config).__name__}")
         super().__init__()
         c = self.config = config
         n = c.num_patches

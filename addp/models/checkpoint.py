@@ -27,7 +27,7 @@ from .weights_io import check_regular_file, member, read_tensors, save_safetenso
 from .addp import check_tokenizer_fits
 from .official import components_from_official
 from .state import load_strict, read_state
-from .hub import MODEL_INDEX, resolve
+from .hub import MODEL_INDEX, check_name, resolve
 from .registry import build_model, config_from_dict
 
 FORMAT_VERSION = "1"
@@ -84,8 +84,8 @@ def load_checkpoint(name_or_path: str | os.PathLike, component: str | None = Non
 def save_checkpoint(path: str | os.PathLike, models: nn.Module | dict[str, nn.Module]) -> Path:
     """Write models in our format (a .safetensors file), atomically (a temporary file renamed
     into place)."""
-    if Path(path).suffix != ".safetensors":
-        raise CheckpointError(f"checkpoints are written as .safetensors files; got {path}")
+    if not isinstance(path, (str, os.PathLike)) or Path(path).suffix != ".safetensors":
+        raise CheckpointError(f"checkpoints are written as .safetensors files; got {path!r}")
     models = _by_name(models)
     tensors, components = {}, {}
     for name, model in models.items():
@@ -98,7 +98,17 @@ def save_checkpoint(path: str | os.PathLike, models: nn.Module | dict[str, nn.Mo
 
 # -- save_pretrained folders -------------------------------------------------------------
 def _by_name(models: nn.Module | dict[str, nn.Module]) -> dict[str, nn.Module]:
-    return {models.config.kind: models} if isinstance(models, nn.Module) else dict(models)
+    """`models` by component name; anything but this package's models is one error line."""
+    named = {getattr(getattr(models, "config", None), "kind", None): models} if isinstance(models, nn.Module) \
+        else models
+    if not isinstance(named, dict) or not named:
+        raise CheckpointError(f"models must be a model of this package or a dict of them, got {type(models).__name__}")
+    for name, model in named.items():
+        if not (isinstance(name, str) and isinstance(model, nn.Module) and dataclasses.is_dataclass(
+                getattr(model, "config", None))):
+            raise CheckpointError(f"cannot save {type(model).__name__} as {name!r}: only models of this package "
+                                  "(addp.create_model, load_checkpoint) are saved")
+    return dict(named)
 
 
 def save_pretrained(folder: str | os.PathLike, models: nn.Module | dict[str, nn.Module],
@@ -113,6 +123,8 @@ def save_pretrained(folder: str | os.PathLike, models: nn.Module | dict[str, nn.
     `model_index.json`) each file is replaced atomically, the index last; other files in it
     (a README, other components) are left as they are. Any other non-empty folder is refused.
     """
+    if not isinstance(folder, (str, os.PathLike)):
+        raise CheckpointError(f"save_pretrained writes to a folder path, got {type(folder).__name__}")
     folder = Path(folder)
     models = _by_name(models)
     if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
@@ -202,6 +214,7 @@ def pipeline_models(name_or_path: str | os.PathLike, filename: str | None = None
     tokenizer: a VQTokenizer or anything `load_checkpoint` takes (e.g. the path of
         ``vqgan_jax_strongaug.ckpt``); needed when the checkpoint holds no tokenizer.
     """
+    check_name(name_or_path)
     source, local = name_or_path, Path(name_or_path)
     if filename is None and local.is_dir() and not (local / MODEL_INDEX).exists():
         source = local / "addp.safetensors"
@@ -215,6 +228,8 @@ def pipeline_models(name_or_path: str | os.PathLike, filename: str | None = None
         raise CheckpointError(f"{where} holds no ADDP network (it holds: {', '.join(models)})")
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_checkpoint(tokenizer, "tokenizer")
+    if tokenizer is not None and not isinstance(tokenizer, nn.Module):
+        raise CheckpointError(f"tokenizer must be a VQTokenizer or a checkpoint path, got {type(tokenizer).__name__}")
     tokenizer = tokenizer if tokenizer is not None else models.get("tokenizer")
     if tokenizer is None:
         raise CheckpointError(f"{where} holds no VQ tokenizer; pass tokenizer=<a VQGAN checkpoint, "

@@ -61,6 +61,8 @@ class ClassifierConfig:
                      fractions=("drop_path",), positive=("mlp_ratio",), choices={"global_pool": GLOBAL_POOLS},
                      multiples=(("embed_dim", "num_heads"),) + ((("image_size", "patch_size"),)
                                                                 if self.arch == "vit" else ()))
+        if self.arch != "vit" and not timm.is_model(self.arch):
+            raise AddpError(f"{self.name}: arch {self.arch!r} is neither 'vit' nor a timm model")
 
 
 class _Normalise(nn.Module):

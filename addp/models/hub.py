@@ -38,6 +38,9 @@ def resolve(name_or_path: str | os.PathLike, filename: str | None = None, revisi
     file (e.g. the official ``addp-vit-base-16.pth``); without it the repo must hold a
     save_pretrained folder (``model_index.json``). `revision` is a branch, tag or commit.
     """
+    check_name(name_or_path)
+    if filename is not None and not isinstance(filename, str):
+        raise CheckpointError(f"filename must be a string, got {_shown(filename)}")
     local = Path(name_or_path)
     if filename is not None:
         member(name_or_path, filename, "filename")  # no `..` or absolute path, locally or on the Hub
@@ -53,6 +56,16 @@ def resolve(name_or_path: str | os.PathLike, filename: str | None = None, revisi
     if repo.endswith(_WEIGHT_SUFFIXES) or not _REPO_ID.match(repo) or ".." in repo:
         raise CheckpointError(f"checkpoint not found: {repo}")
     return _from_hub(repo, filename, revision, cache_dir, local_files_only)
+
+
+def check_name(name_or_path) -> None:
+    """Refuse what cannot name a checkpoint (None, a number, a tensor, an empty string)."""
+    if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
+        raise CheckpointError(f"a checkpoint is named by a path or a Hub repo id, got {_shown(name_or_path)}")
+
+
+def _shown(value) -> str:
+    return f"{type(value).__name__} {str(value)[:40]!r}"
 
 
 def _from_hub(repo: str, filename, revision, cache_dir, local_files_only) -> Path:

@@ -79,6 +79,9 @@ class MAGEPredictor(nn.Module):
     config_class = PredictorConfig
 
     def __init__(self, config: PredictorConfig):
+        if not isinstance(config, PredictorConfig):
+            raise AddpError(f"MAGEPredictor takes a PredictorConfig (addp.create_model builds one by name), "
+                            f"got {type(config).__name__}")
         super().__init__()
         c = self.config = config
         self.token_emb = TokenEmbedding(c.vocab_size, c.embed_dim, c.max_positions, c.dropout)

@@ -71,7 +71,7 @@ def list_models(kind: str | None = None) -> list[str]:
     return sorted(n for n, f in _PRESETS.items() if kind is None or f().kind == kind)
 
 
-def preset_config(name: str, **overrides):
+def preset_config(name: str, /, **overrides):
     if name not in _PRESETS:
         raise AddpError(f"unknown model {name!r}; known: {', '.join(list_models())}")
     config = _PRESETS[name]()
@@ -79,6 +79,9 @@ def preset_config(name: str, **overrides):
     bad = sorted(set(overrides) - fields)
     if bad:
         raise AddpError(f"{name} has no option {', '.join(bad)}; options: {', '.join(sorted(fields))}")
+    own = sorted({"name", "kind"} & set(overrides))
+    if own:
+        raise AddpError(f"{name}: {own[0]} is the preset's own, not an option; pick another model by its name")
     return dataclasses.replace(config, name=name, **overrides)
 
 
@@ -86,7 +89,7 @@ def build_model(config) -> nn.Module:
     return _MODEL_CLASSES[config.kind](config)
 
 
-def create_model(name: str, **overrides) -> nn.Module:
+def create_model(name: str, /, **overrides) -> nn.Module:
     """Build a registered model with freshly initialised weights.
 
     >>> create_model("addp_vit_small", decoder_depth=2)

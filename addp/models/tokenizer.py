@@ -218,6 +218,9 @@ class VQTokenizer(nn.Module):
     config_class = VQConfig
 
     def __init__(self, config: VQConfig):
+        if not isinstance(config, VQConfig):
+            raise AddpError(f"VQTokenizer takes a VQConfig (addp.create_model builds one by name), "
+                            f"got {type(config).__name__}")
         super().__init__()
         self.config = config
         self.encoder = Encoder(config)
@@ -231,10 +234,12 @@ class VQTokenizer(nn.Module):
 
     def _check_images(self, images: torch.Tensor) -> None:
         s = self.config.stride
+        if not isinstance(images, torch.Tensor) or not images.is_floating_point():
+            raise AddpError(f"expected a float image tensor, got {getattr(images, 'dtype', type(images).__name__)}")
         if images.dim() != 4 or images.shape[1] != self.config.in_channels:
-            raise ValueError(f"expected images (B, {self.config.in_channels}, H, W), got {tuple(images.shape)}")
+            raise AddpError(f"expected images (B, {self.config.in_channels}, H, W), got {tuple(images.shape)}")
         if images.shape[-1] % s or images.shape[-2] % s:
-            raise ValueError(f"image size {tuple(images.shape[-2:])} is not a multiple of the tokenizer stride {s}")
+            raise AddpError(f"image size {tuple(images.shape[-2:])} is not a multiple of the tokenizer stride {s}")
 
     def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> continuous latents (B, D, h, w) before quantisation."""
@@ -262,6 +267,12 @@ class VQTokenizer(nn.Module):
 
     def decode_ids(self, ids: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """(B, L) or (B, h, w) ids -> images (B, 3, H, W)."""
+        if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.dim() not in (2, 3):
+            raise AddpError(f"ids must be a (B, L) or (B, h, w) integer tensor, got "
+                            f"{tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__}")
+        K = self.codebook.shape[0]
+        if ids.numel() and not (int(ids.min()) >= 0 and int(ids.max()) < K):
+            raise AddpError(f"ids must lie in [0, {K}) (the codebook's entries), got {int(ids.min())}..{int(ids.max())}")
         if ids.dim() == 3:
             grid, ids = tuple(ids.shape[1:]), ids.flatten(1)
         return self.decode_embeddings(self.embed_ids(ids), grid)
@@ -282,7 +293,7 @@ class VQTokenizer(nn.Module):
 def _square_grid(L: int) -> tuple[int, int]:
     side = math.isqrt(L)
     if side * side != L:
-        raise ValueError(f"{L} tokens do not form a square grid; pass grid=(h, w)")
+        raise AddpError(f"{L} tokens do not form a square grid; pass grid=(h, w)")
     return side, side
 
 

@@ -13,6 +13,9 @@ import stat
 import string
 from pathlib import Path
 
+import torch
+from safetensors import SafetensorError
+
 from ..errors import AddpError
 
 
@@ -92,24 +95,28 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     except BaseException as e:
         if _still_ours(tmp, made):
             tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) or (isinstance(e, RuntimeError) and not isinstance(e, AddpError)
-                                      and _looks_like_io(e)):
+        if _is_write_failure(e):
             raise AddpError(f"cannot write {path}: {_reason(e)}") from None
         raise
     return path
 
 
-def _looks_like_io(e: BaseException) -> bool:
-    """torch.save and safetensors report a full disk as a RuntimeError/SafetensorError."""
-    text = str(e).lower()
-    return any(w in text for w in ("no space", "write", "disk", "i/o", "quota", "errno"))
+def _is_write_failure(e: BaseException) -> bool:
+    """torch.save and safetensors report a failed write (full disk, file size limit, I/O error)
+    as a RuntimeError or SafetensorError rather than an OSError."""
+    if isinstance(e, OSError):
+        return True
+    if isinstance(e, torch.OutOfMemoryError):
+        return False
+    return isinstance(e, (RuntimeError, SafetensorError)) and "can't allocate memory" not in str(e)
 
 
 def _reason(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
     lines = str(e).strip().splitlines()
-    return lines[0][:200] if lines else type(e).__name__
+    line = lines[0][:200] if lines else type(e).__name__
+    return f"the write failed (a full disk or a file size limit?): {line}"
 
 
 def open_append(path: str | os.PathLike):
@@ -234,3 +241,14 @@ def sha256_file(path: str | os.PathLike) -> str:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise AddpError(f"{path} is not a regular file (a device, FIFO or socket); refusing to read it")
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def sha256_path(path: str | os.PathLike) -> str:
+    """`sha256_file` of a file; of a folder (a save_pretrained checkpoint), one SHA-256 over the
+    relative names and SHA-256s of every file below it."""
+    path = Path(path)
+    if not path.is_dir():
+        return sha256_file(path)
+    lines = [f"{p.relative_to(path).as_posix()}\0{sha256_file(p)}\n"
+             for p in sorted(path.rglob("*")) if p.is_file() or p.is_symlink()]
+    return hashlib.sha256("".join(lines).encode()).hexdigest()

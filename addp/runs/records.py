@@ -2,7 +2,8 @@
 
 Each stage output (`tokenizer.safetensors`, `predictor.safetensors`, `addp.safetensors`) has a
 record, `<stage>/output.json`: the SHA-256 of the file and the stage's identity — its
-training and model config plus the SHA-256 of every file it consumed. A cached output is
+training and model config plus the SHA-256 of every file it consumed. A pending record
+(written before the file, replaced after it) marks an output whose writing was cut short. A cached output is
 reused only when its record matches what the current command would make, byte for byte.
 See docs/run-folders.md.
 """
@@ -41,16 +42,27 @@ def read_record(out: Path, stage: str) -> dict | None:
         record = json.loads(record_path(out, stage).read_text())
     except (OSError, ValueError):
         return None
-    ok = isinstance(record, dict) and isinstance(record.get("identity"), dict) and isinstance(record.get("sha256"), str)
+    ok = isinstance(record, dict) and isinstance(record.get("identity"), dict)
+    ok = ok and (isinstance(record.get("sha256"), str) or (record.get("pending") is True and record["sha256"] is None))
     return record if ok else None
+
+
+def write_pending_record(out: Path, stage: str, file: Path, identity: dict) -> None:
+    """Record, before `file` is written, that this identity's output is being written: a run
+    killed before `write_record` leaves a file its own command recognises and writes again."""
+    _write(out, stage, {"file": Path(file).name, "sha256": None, "pending": True, "identity": identity})
 
 
 def write_record(out: Path, stage: str, file: Path, identity: dict) -> str:
     """Record what `file` was made from; returns its SHA-256."""
     sha = sha256_file(file)
-    text = json.dumps({"file": Path(file).name, "sha256": sha, "identity": identity}, indent=1, sort_keys=True)
-    atomic_write(record_path(out, stage), lambda tmp: Path(tmp).write_text(text))
+    _write(out, stage, {"file": Path(file).name, "sha256": sha, "identity": identity})
     return sha
+
+
+def _write(out: Path, stage: str, record: dict) -> None:
+    text = json.dumps(record, indent=1, sort_keys=True)
+    atomic_write(record_path(out, stage), lambda tmp: Path(tmp).write_text(text))
 
 
 def compare_output(out: Path, stage: str, file: Path, identity: dict) -> tuple[str | None, str | None]:
@@ -61,6 +73,11 @@ def compare_output(out: Path, stage: str, file: Path, identity: dict) -> tuple[s
     record = read_record(out, stage)
     if record is None:
         return None, f"has no record of what it was made from ({record_path(out, stage)})"
+    if record.get("pending") and not differing_keys(record["identity"], identity):
+        return None, None  # this command's own write, stopped before its record: make it again
+    if record.get("pending"):
+        return None, (f"was being made from something else when its run stopped "
+                      f"({describe_differences(record['identity'], identity)})")
     sha = sha256_file(file)
     if sha != record["sha256"]:
         return None, "was changed after it was made (its SHA-256 differs from its record)"
@@ -75,6 +92,8 @@ def check_inputs(out: Path, stage: str, file: Path, inputs: dict) -> str | None:
     record = read_record(out, stage)
     if record is None:
         return f"has no record of what it was made from ({record_path(out, stage)})"
+    if record.get("pending"):
+        return "was not finished (its run stopped while writing it)"
     if sha256_file(file) != record["sha256"]:
         return "was changed after it was made (its SHA-256 differs from its record)"
     recorded = {k: record["identity"].get(k) for k in inputs}

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import AddpError
-from .files import atomic_write, sha256_file, make_folder, probe_writable
+from .files import atomic_write, sha256_file, sha256_path, make_folder, probe_writable
 from .npz_stream import NpzImageWriter
 
 
@@ -20,6 +20,7 @@ GRID_IMAGES = 64
 
 
 RECORD = "generate.json"
+MODEL_INDEX = "model_index.json"  # marks a save_pretrained folder
 
 
 
@@ -58,11 +59,15 @@ def batch_range(b: int, batch_size: int, num_images: int) -> range:
 
 # --------------------------------------------------------------------------- the folder (rank 0)
 def checkpoint_hashes(checkpoint: str, tokenizer: str | None) -> dict:
-    """SHA-256 of the files the networks are loaded from (a folder: its addp.safetensors and
-    tokenizer.safetensors), so a checkpoint replaced at the same path is another setting."""
+    """SHA-256 of the files the networks are loaded from (a training run folder: its
+    addp.safetensors and tokenizer.safetensors; a save_pretrained folder: every file in it), so
+    a checkpoint replaced at the same path is another setting."""
     path = Path(checkpoint)
     if not path.exists():
         raise AddpError(f"checkpoint not found: {checkpoint}")
+    if path.is_dir() and (path / MODEL_INDEX).exists():
+        return {"checkpoint_sha256": sha256_path(path),
+                "tokenizer_sha256": sha256_file(Path(tokenizer)) if tokenizer is not None else None}
     if path.is_dir():
         if tokenizer is None and (path / "tokenizer.safetensors").exists():
             tokenizer = path / "tokenizer.safetensors"
@@ -90,9 +95,19 @@ def read_settings_record(out: Path) -> dict | None:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         record = None
-    if not isinstance(record, dict):
+    if not _well_formed(record):
         raise AddpError(f"{path} is not a generate.json written by addp.generate; use another --output-dir")
     return record
+
+
+def _well_formed(record) -> bool:
+    """Whether a parsed generate.json has the shape this module writes (a count of claimed
+    images, a list of output names)."""
+    if not isinstance(record, dict):
+        return False
+    images, outputs = record.get("images", 0), record.get("outputs", [])
+    count_ok = isinstance(images, int) and not isinstance(images, bool) and images >= 0
+    return count_ok and isinstance(outputs, list) and all(isinstance(o, str) for o in outputs)
 
 
 
@@ -100,8 +115,9 @@ def _our_files(out: Path, record: dict | None) -> set[str]:
     """The files of ``out`` that ``record`` (our generate.json) says we wrote."""
     if record is None:
         return set()
-    claimed = int(record.get("images", 0))
-    return {image_name(i) for i in range(claimed)} | set(record.get("outputs", ())) & set(OUTPUTS)
+    claimed, outputs = record.get("images", 0), set(record.get("outputs", ())) & set(OUTPUTS)
+    return {f.name for f in out.iterdir()
+            if (_IMAGE_NAME.fullmatch(f.name) and int(f.stem) < claimed) or f.name in outputs}
 
 
 

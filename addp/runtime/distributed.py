@@ -41,6 +41,12 @@ def _int_env(env, name: str) -> int:
         raise AddpError(f"{name}={env[name]!r} in the environment is not an integer") from None
 
 
+def env_rank(env=None) -> int:
+    """This process's RANK from the environment (0 when unset): which process prints and logs."""
+    env = os.environ if env is None else env
+    return _int_env(env, "RANK") if "RANK" in env else 0
+
+
 def _split_outside_brackets(text: str, whole: str) -> list[str]:
     """Split at the commas that are not inside brackets."""
     parts, depth, start = [], 0, 0

@@ -24,6 +24,8 @@ import os
 
 import torch
 
+from ..errors import AddpError
+
 log = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
@@ -33,7 +35,10 @@ TRIM_THRESHOLD = 2 ** 31 - 1  # mallopt takes an int
 
 def tune_for_device(device: torch.device) -> None:
     """The settings of the module docstring for ``device``'s type (idempotent)."""
-    kind = torch.device(device).type
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise AddpError(f"not a device: {device!r} (cpu, cuda, cuda:N or mps)") from None
     if kind == "cuda":
         torch.backends.cudnn.benchmark = True
     elif kind == "cpu":

@@ -35,7 +35,7 @@ class _CompiledTokenizer(nn.Module):
 
     def __init__(self, tokenizer: nn.Module):
         super().__init__()
-        self.tokenizer = tokenizer
+        self.tokenizer, self.config = tokenizer, tokenizer.config
         self.decode = compile_frozen(tokenizer.decode_embeddings)
 
     @property

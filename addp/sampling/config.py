@@ -18,6 +18,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from ..errors import AddpError
+
 SCHEDULES = ("cosine", "linear")
 TEMPERATURE_SCHEDULES = ("annealed", "static")
 
@@ -48,18 +50,18 @@ class SamplerConfig:
 
     def __post_init__(self):
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
+            raise AddpError(f"steps must be an integer >= 1, got {self.steps!r}")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+            raise AddpError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+            raise AddpError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if self.temperature_schedule not in TEMPERATURE_SCHEDULES:
-            raise ValueError(f"temperature_schedule must be one of {TEMPERATURE_SCHEDULES}, "
+            raise AddpError(f"temperature_schedule must be one of {TEMPERATURE_SCHEDULES}, "
                              f"got {self.temperature_schedule!r}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+            raise AddpError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.parity, bool):
-            raise ValueError(f"parity must be True or False, got {self.parity!r}")
+            raise AddpError(f"parity must be True or False, got {self.parity!r}")
 
 
 # Named sampler settings of the official release (ChangyaoTian/ADDP, configs/release/*/
@@ -79,9 +81,11 @@ def sampler_config(config: Optional[SamplerConfig] = None, protocol: Optional[st
     SAMPLER_PROTOCOLS), else the defaults; every option given (not None) replaces its field,
     e.g. ``sampler_config(protocol="paper-steps256", steps=64)``."""
     if config is not None and protocol is not None:
-        raise ValueError("give a config or a protocol, not both")
+        raise AddpError("give a config or a protocol, not both")
+    if config is not None and not isinstance(config, SamplerConfig):
+        raise AddpError(f"config must be a SamplerConfig, got {type(config).__name__}")
     if protocol is not None and protocol not in SAMPLER_PROTOCOLS:
-        raise ValueError(f"protocol must be one of {tuple(SAMPLER_PROTOCOLS)}, got {protocol!r}")
+        raise AddpError(f"protocol must be one of {tuple(SAMPLER_PROTOCOLS)}, got {protocol!r}")
     base = config if config is not None else SAMPLER_PROTOCOLS[protocol] if protocol is not None else SamplerConfig()
     given = {k: v for k, v in options.items() if v is not None}
     return replace(base, **given) if given else base

@@ -10,7 +10,8 @@ import torch.nn as nn
 from ..runtime.precision import precision_context
 from .accelerate import compiled_models, graphed_sampler
 from .config import GenerationOutput, Generators, SamplerConfig, sampler_config
-from .step import StepCallback, check_generators, eval_mode, sample_batch
+from .step import StepCallback, check_finite_images, check_generators, check_models, eval_mode, sample_batch
+from ..errors import AddpError
 
 
 def generate(net: nn.Module, tokenizer: nn.Module, num_images: int, config: Optional[SamplerConfig] = None,
@@ -55,19 +56,20 @@ def generate(net: nn.Module, tokenizer: nn.Module, num_images: int, config: Opti
     config = sampler_config(config, protocol, steps=steps, schedule=schedule, temperature=temperature,
                             temperature_schedule=temperature_schedule, top_p=top_p, parity=parity)
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-        raise ValueError(f"num_images must be an integer >= 1, got {num_images!r}")
+        raise AddpError(f"num_images must be an integer >= 1, got {num_images!r}")
     batch_size = num_images if batch_size is None else batch_size
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        raise AddpError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     check_generators(generator, num_images)
+    check_models(net, tokenizer)
     per_image = isinstance(generator, (list, tuple))
     device = next(net.parameters()).device
     on_cuda = device.type == "cuda"
     if cuda_graph and not on_cuda:
-        raise ValueError("cuda_graph=True needs the network on a CUDA device")
+        raise AddpError("cuda_graph=True needs the network on a CUDA device")
     eager_only = return_intermediates or callback is not None or per_image
     if cuda_graph and eager_only:
-        raise ValueError("cuda_graph=True cannot return intermediates, call a step callback or take a list "
+        raise AddpError("cuda_graph=True cannot return intermediates, call a step callback or take a list "
                          "of generators (the graph keeps only the final images of one generator)")
     use_graph = (on_cuda and not eager_only) if cuda_graph is None else cuda_graph
     starts = range(0, num_images, batch_size)
@@ -86,9 +88,9 @@ def generate(net: nn.Module, tokenizer: nn.Module, num_images: int, config: Opti
             else:
                 results.append(sample_batch(net, tokenizer, b, config, g, return_intermediates, callback))
     if not return_intermediates:
-        return torch.cat(results)
+        return check_finite_images(torch.cat(results))
     return GenerationOutput(
-        images=torch.cat([r.images for r in results]),
+        images=check_finite_images(torch.cat([r.images for r in results])),
         step_images=[torch.cat(t) for t in zip(*(r.step_images for r in results))],
         step_masks=[torch.cat(t) for t in zip(*(r.step_masks for r in results))],
         step_ids=[torch.cat(t) for t in zip(*(r.step_ids for r in results))],

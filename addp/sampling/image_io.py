@@ -40,8 +40,10 @@ def _image_tensor(image: ImageLike) -> tuple[torch.Tensor, bool]:
     if not isinstance(image, torch.Tensor):
         raise AddpError(f"image must be a PIL image, a path or a tensor, got {type(image).__name__}")
     x = image[None] if image.dim() == 3 else image
-    if x.dim() != 4 or x.shape[1] != 3:
-        raise AddpError(f"image tensor must be (3, H, W) or (B, 3, H, W), got {tuple(image.shape)}")
+    if x.dim() != 4 or x.shape[1] != 3 or 0 in x.shape:
+        raise AddpError(f"image tensor must be (3, H, W) or (B, 3, H, W) with B, H, W >= 1, got {tuple(image.shape)}")
+    if not (x.is_floating_point() or x.dtype == torch.uint8):
+        raise AddpError(f"image tensor must be float in [0, 1] or uint8, got {x.dtype}")
     if x.dtype == torch.uint8:
         return x.float() / 255, False
     return x.float(), False

@@ -33,7 +33,7 @@ from .image_io import ImageLike, _image_tensor, _like, mask_tensor, resize_image
 from .config import Generators, SamplerConfig, sampler_config
 from .driver import generate
 from .schedule import Schedule
-from .step import StepCallback, check_generators, check_models, denoise, eval_mode
+from .step import StepCallback, check_finite_images, check_generators, check_models, denoise, eval_mode
 from ..models.checkpoint import pipeline_models, save_pretrained
 from ..errors import AddpError
 from ..runtime.precision import precision_context
@@ -248,7 +248,7 @@ class ADDPPipeline:
             steps = Schedule(config, self.net.config.num_patches).plan(unreliable=int(mask[0].sum()))
             x = self.tokenizer.decode_ids(ids).clamp(0, 1)  # (B, 3, S, S): the decoded starting image
             x, _, _ = denoise(self.net, self.tokenizer, x, ids, mask, steps, config.top_p, generator, callback)
-        return x
+        return check_finite_images(x)
 
     # -- outpainting / uncropping ---------------------------------------------------------
     @torch.no_grad()

@@ -51,6 +51,7 @@ import torch
 import torch.nn as nn
 
 from .. import ops
+from ..errors import AddpError
 from .config import GenerationOutput, Generators, SamplerConfig
 from .schedule import Schedule, Step
 
@@ -77,8 +78,20 @@ def denoise_step(net: nn.Module, tokenizer: nn.Module, x: torch.Tensor, ids: tor
     ids, mask = ops.gumbel_topk_unmask(logits, ids, mask, step.mask_len, step.temperature,
                                        generator=generator, top_p=top_p)
     emb = ops.codebook_weighted_sum(logits, tokenizer.codebook, ids, mask)  # (B, L, D)
+    # NaN logits still sample ids and decode to a plausible image: mark the image instead (on
+    # the device, no host sync), and keep it marked through the later steps
+    finite = torch.isfinite(logits).all() & torch.isfinite(x).all()
     x = tokenizer.decode_embeddings(emb).clamp(0, 1)
+    x = torch.where(finite, x, torch.full_like(x, float("nan")))
     return x, ids, mask
+
+
+def check_finite_images(images: torch.Tensor) -> torch.Tensor:
+    """`images` (the result of a denoising run) unless a step's logits were not finite."""
+    if not bool(torch.isfinite(images).all()):
+        raise AddpError("the network's predictions are not finite (NaN or Inf): its weights are broken, or its "
+                        "activations overflow at this precision; no images were made")
+    return images
 
 
 def denoise(net: nn.Module, tokenizer: nn.Module, x: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
@@ -104,23 +117,29 @@ def _replaced(new: Optional[dict], x, ids, mask, step: Step):
         return x, ids, mask
     unknown = set(new) - set(STATE_KEYS)
     if unknown:
-        raise ValueError(f"a step callback may return {STATE_KEYS}, got {sorted(unknown)}")
+        raise AddpError(f"a step callback may return {STATE_KEYS}, got {sorted(unknown)}")
     out = []
     for key, old in zip(STATE_KEYS, (x, ids, mask)):
         value = new.get(key, old)
         if not isinstance(value, torch.Tensor) or value.shape != old.shape or value.dtype != old.dtype:
-            raise ValueError(f"a step callback's {key!r} must be a {old.dtype} tensor of shape {tuple(old.shape)}")
+            raise AddpError(f"a step callback's {key!r} must be a {old.dtype} tensor of shape {tuple(old.shape)}")
         out.append(value.to(old.device))
     if "mask" in new and not bool((out[2].sum(1) == step.mask_len).all()):
-        raise ValueError(f"a step callback's mask must leave {step.mask_len} positions unreliable in every row")
+        raise AddpError(f"a step callback's mask must leave {step.mask_len} positions unreliable in every row")
     return tuple(out)
 
 
 def check_models(net: nn.Module, tokenizer: nn.Module) -> None:
-    """Raise ValueError unless the network predicts the tokenizer's codebook."""
+    """Raise AddpError unless `net` is an ADDP network and `tokenizer` a VQ tokenizer, with the
+    tokenizer's codebook the one the network predicts."""
+    for value, kind, what in ((net, "addp", "net"), (tokenizer, "tokenizer", "tokenizer")):
+        found = getattr(getattr(value, "config", None), "kind", None)
+        if not isinstance(value, nn.Module) or found != kind:
+            shown = f"a {found} model" if isinstance(value, nn.Module) and found else type(value).__name__
+            raise AddpError(f"{what} must be {'an ADDP network' if kind == 'addp' else 'a VQ tokenizer'}, got {shown}")
     K, Kt = net.config.codebook_size, tokenizer.codebook.shape[0]
     if K != Kt:
-        raise ValueError(f"the network predicts {K} codebook entries but the tokenizer has {Kt}")
+        raise AddpError(f"the network predicts {K} codebook entries but the tokenizer has {Kt}")
 
 
 @contextlib.contextmanager
@@ -137,9 +156,13 @@ def eval_mode(*modules: nn.Module):
 
 
 def check_generators(generator: Generators, num_images: int) -> None:
-    """A list of generators must hold one per image."""
+    """None, a torch.Generator, or a list of one per image."""
+    many = generator if isinstance(generator, (list, tuple)) else [generator]
+    if generator is not None and not all(isinstance(g, torch.Generator) for g in many):
+        raise AddpError(f"generator must be a torch.Generator, a list of them or None, got "
+                        f"{type(generator).__name__}")
     if isinstance(generator, (list, tuple)) and len(generator) != num_images:
-        raise ValueError(f"got {len(generator)} generators for {num_images} images (give one, or one per image)")
+        raise AddpError(f"got {len(generator)} generators for {num_images} images (give one, or one per image)")
 
 
 def sample_batch(net: nn.Module, tokenizer: nn.Module, batch_size: int, config: SamplerConfig = SamplerConfig(),

@@ -113,7 +113,12 @@ def step_schedule(args, num_samples: int, world_size: int, default_warmup) -> di
         warmup, epochs = default_warmup(convert, steps)
         if epochs is not None:
             out["warmup_epochs"] = epochs
-    out.update(steps=steps, warmup_steps=min(warmup, steps - 1))
+    given = {"warmup_epochs", "warmup_steps"} & getattr(args, "explicit", set())  # on the command line
+    if given and warmup >= steps:
+        what = (f"--warmup-epochs {args.warmup_epochs:g} ({warmup} steps)" if args.warmup_epochs is not None
+                else f"--warmup-steps {warmup}")
+        raise AddpError(f"warm-up {what} must be shorter than the run ({steps} steps)")
+    out.update(steps=steps, warmup_steps=min(warmup, steps - 1))  # a default warm-up fits a short run
     return out
 
 

@@ -75,6 +75,9 @@ def build_classifier_for(args, num_classes: int | None = None, image_size: int |
     if "addp" not in models:
         raise CheckpointError(f"{args.finetune} holds no encoder (it holds: {', '.join(models)}); pass an "
                               "ADDP pretraining checkpoint (ours or addp-vit-*-16.pth) or a classifier")
+    if args.eval_only and not args.resume:
+        raise AddpError(f"--eval-only evaluates a trained classifier, but {args.finetune} holds a pretraining "
+                        "checkpoint (its head would be random); give a classifier checkpoint or --resume")
     addp = models["addp"]
     config = classifier_config_for(addp.config, **overrides)
     if num_classes is None:

@@ -83,8 +83,8 @@ def names(command: str) -> list[str]:
 
 def record_explicit(parser, argv: list[str] | None):
     """`parser`, made to record in `args.explicit` the options given on the command line
-    (a recipe leaves them as they are)."""
-    parser.add_check(lambda args: setattr(args, "explicit", explicit_dests(parser, argv)))
+    (a recipe leaves them as they are), before its other checks run."""
+    parser.checks.insert(0, lambda args: setattr(args, "explicit", explicit_dests(parser, argv)))
     return parser
 
 

@@ -12,7 +12,7 @@ from ..models import registry
 from ..models.checkpoint import load_checkpoint, save_checkpoint
 from ..runtime.distributed import barrier
 from ..errors import AddpError
-from ..runs.records import check_inputs, compare_output, sha256_file, write_record
+from ..runs.records import check_inputs, compare_output, sha256_file, write_pending_record, write_record
 from .stages import PredictorStage, TokenizerStage
 from .config import step_schedule, train_config_from_args, TrainConfig, identity_of
 from .trainer import Trainer
@@ -94,6 +94,9 @@ def refuse_or_retrain(args, name: str, file: Path, identity: dict, dist) -> str 
         raise AddpError(f"stage {name}: {file} {problem}; pass --force to retrain it, or pick another --output-dir")
     if problem:
         log.info(f"[{name}] {file} {problem}; --force: retraining it")
+    if sha and args.resume and args.stage == name and name != "addp":  # the ADDP stage always runs
+        raise AddpError(f"--resume: stage {name} is finished in {args.output_dir} ({file} matches this command), "
+                        "so nothing would be resumed; drop --resume, or pick another --output-dir")
     return sha
 
 
@@ -116,6 +119,7 @@ def tokenizer_for(args, dist, dataset, net_config, preset: str, runs):
     if "tokenizer" not in runs:
         if not file.exists():
             raise AddpError(f"no tokenizer: pass --tokenizer, or run --stage tokenizer first (looked for {file})")
+        use_cached_input(args, "tokenizer", file, {})
         log.info(f"[tokenizer] cached: {file}")
         return load_checkpoint(file), sha256_file(file)
     config = registry.preset_config(args.tokenizer_model or preset, image_size=net_config.image_size)
@@ -168,6 +172,7 @@ def heldout_images(args, net_config) -> torch.Tensor:
 def save_stage_output(dist, path: Path, models, stage: str, identity: dict) -> str:
     """Write a stage output and its record (rank 0); every rank returns the file's SHA-256."""
     if dist.is_main:
+        write_pending_record(path.parent, stage, path, identity)
         save_checkpoint(path, models)
         write_record(path.parent, stage, path, identity)
     barrier()

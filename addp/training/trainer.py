@@ -26,6 +26,7 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 
 from ..models.state import check_finite
+from ..models.weights_io import check_regular_file
 from .data import with_worker_causes
 from ..runtime.distributed import DistInfo, all_reduce_mean, barrier
 from ..errors import AddpError, first_line
@@ -113,7 +114,7 @@ class Trainer:
             self.generator.set_state(state["rng"]["generator"])
             if state["rng"]["cuda"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as e:
             raise AddpError(f"cannot resume from {path}: it does not fit this run ({first_line(e)})") from None
         self.step, self.skipped = int(state["step"]), int(state["skipped"])
         self.last_good = (self.step, Path(path))
@@ -133,6 +134,9 @@ class Trainer:
             raise AddpError(f"--resume checkpoint not found: {path}")
         try:
             state = read_training_checkpoint(path)
+            if state["step"] > self.cfg.steps:
+                raise AddpError(f"cannot resume from {path}: it is at step {state['step']} of a run of "
+                                f"{self.cfg.steps} steps")
         except AddpError as e:
             if resume or not force:
                 fix = "" if resume else "; pass --force to start this stage over"
@@ -280,6 +284,10 @@ class Trainer:
 def read_training_checkpoint(path: Path) -> dict:
     """A training checkpoint.pt (weights_only) with its run identity parsed; one-line errors."""
     try:
+        check_regular_file(path, "training checkpoint")
+    except AddpError as e:
+        raise AddpError(f"cannot resume: {e}") from None
+    try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, not a torch file, a folder, pickled objects, ...
         raise AddpError(f"cannot resume from {path}: not a readable checkpoint ({first_line(e)})") from None
@@ -292,6 +300,13 @@ def read_training_checkpoint(path: Path) -> dict:
         identity = None
     if not isinstance(identity, dict) or not isinstance(state["model"], dict):
         raise AddpError(f"cannot resume from {path}: its run identity or model weights are malformed")
+    for key in ("step", "skipped"):
+        value = state[key]
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise AddpError(f"cannot resume from {path}: its {key} is {str(value)[:40]!r}, not a count")
+        state[key] = value
     return {**state, "identity": identity}
 
 

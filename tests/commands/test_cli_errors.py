@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import addp
 from addp import sampling as S
@@ -43,7 +43,37 @@ def files(tmp_path_factory, tiny_checkpoint):
     index = json.loads((json_dir / "model_index.json").read_text())
     index["../tok_only"] = index.pop("tokenizer")
     (json_dir / "model_index.json").write_text(json.dumps(index))
+    _reliability_inputs(d, tiny_checkpoint)
     return {"ckpt": tiny_checkpoint, **{p.stem: p for p in d.iterdir()}, "missing": d / "missing.png"}
+
+
+def _reliability_inputs(d, tiny_checkpoint):
+    """Crafted weights, settings and statistics files of the reliability rows."""
+    models = addp.load_components(tiny_checkpoint)
+    addp.save_pretrained(d / "nan_folder", models)
+    state = load_file(str(d / "nan_folder" / "addp" / "model.safetensors"))
+    next(t for t in state.values() if t.is_floating_point()).view(-1)[0] = float("nan")
+    save_file(state, str(d / "nan_folder" / "addp" / "model.safetensors"), metadata={"format": "pt"})
+    torch.save({"model": {"w": torch.zeros(2), "step": 3, "name": "x"}}, d / "non_tensors.pth")
+    addp.save_pretrained(d / "absolute_folder", models)
+    index = json.loads((d / "absolute_folder" / "model_index.json").read_text())
+    index[str(d / "nan_folder" / "addp")] = index.pop("addp")
+    (d / "absolute_folder" / "model_index.json").write_text(json.dumps(index))
+    (d / "settings").mkdir()
+    (d / "settings" / "generate.json").write_text("{not json")
+    for name, text in (("settings_list", "[1, 2]"), ("settings_count", '{"images": "many"}'),
+                       ("settings_outputs", '{"images": 2, "outputs": 5}')):
+        (d / name).mkdir()
+        (d / name / "generate.json").write_text(text)
+    np.savez(d / "empty_samples.npz", arr_0=np.zeros((0, 32, 32, 3), np.uint8))
+    np.savez(d / "three_samples.npz", arr_0=np.zeros((3, 32, 32, 3), np.uint8))
+    np.savez(d / "one_sample.npz", arr_0=np.zeros((1, 32, 32, 3), np.uint8))
+    classifier = addp.create_model("vit_small_cls", depth=1)
+    addp.save_checkpoint(d / "classifier.safetensors", {"classifier": classifier})
+    with torch.no_grad():
+        classifier.patch_embed.proj.weight.mul_(1e38)  # finite weights, Inf features
+    addp.save_checkpoint(d / "overflowing_classifier.safetensors", {"classifier": classifier})
+    np.savez(d / "numeric_extractor.npz", mu=np.zeros(64), sigma=np.eye(64), feature_extractor=np.array(5))
 
 
 def snapshot(folder):
@@ -59,6 +89,7 @@ TRAIN = ["--output-dir", "{out}"]
 FT = ["--output-dir", "{out}"]
 EXP = ["--checkpoint", "{ckpt}", "--output", "{out}/e.safetensors"]
 EVAL = ["--samples", "{out}", "--reference", "digits"]
+TINY_TRAIN = ["--tokenizer-steps", "1", "--predictor-steps", "1", "--batch-size", "2", "--num-samples", "0"]
 
 CASES = [
     # generate
@@ -168,8 +199,65 @@ CASES = [
     ("addp", ["--bogus"], "unrecognized"),
 ]
 
+# Options that were silently ignored or gave wrong results, crafted files, and inputs that
+# raised tracebacks: each is refused in one line before anything is written.
+RELIABILITY_CASES = [
+    ("addp.train", TRAIN + ["--resume", "{image}"], "--resume continues one stage"),
+    ("addp.train", TRAIN + ["--stage", "addp", "--tokenizer", "{tok_only}", "--tokenizer-steps", "7"],
+     "--tokenizer-steps trains a tokenizer"),
+    ("addp.train", TRAIN + ["--tokenizer", "{tok_only}", "--tokenizer-model", "vqgan_small"], "--tokenizer-model"),
+    ("addp.train", TRAIN + TINY_TRAIN + ["--steps", "10", "--warmup-steps", "10"], "--warmup-steps 10"),
+    ("addp.train", TRAIN + TINY_TRAIN + ["--epochs", "1", "--warmup-epochs", "5"], "--warmup-epochs 5"),
+    ("addp.generate", GEN + ["--checkpoint", "{nan_folder}"], "non-finite"),
+    ("addp.finetune", FT + ["--finetune", "{nan_folder}"], "non-finite"),
+    ("addp.generate", GEN + ["--checkpoint", "{non_tensors}"], "does not hold a state dict of tensors"),
+    ("addp.export", EXP + ["--checkpoint", "{non_tensors}"], "does not hold a state dict of tensors"),
+    ("addp.export", EXP + ["--format", "onnx"], "--output"),
+    ("addp.export", EXP + ["--format", "torch-export"], "--output"),
+    ("addp.visualize", VIS + ["--output", "{out}/f.jpg"], ".png"),
+    ("addp.generate", GEN + ["--checkpoint", "/dev/zero"], "not a regular file"),
+    ("addp.finetune", FT + ["--finetune", "/dev/zero"], "not a regular file"),
+    ("addp.export", EXP + ["--checkpoint", "/dev/zero"], "not a regular file"),
+    ("addp.train", TRAIN + ["--stage", "addp", "--tokenizer", "/dev/zero"], "not a regular file"),
+    ("addp.train", TRAIN + ["--resume", "/dev/zero", "--stage", "tokenizer"], "not a regular file"),
+    ("addp.generate", GEN + ["--checkpoint", "{escaping_folder}"], "not a path inside the folder"),
+    ("addp.finetune", FT + ["--finetune", "{escaping_folder}"], "not a path inside the folder"),
+    ("addp.finetune", FT + ["--finetune", "{ckpt}", "--eval-only"], "--eval-only evaluates a trained classifier"),
+    ("addp.evaluate", EVAL + ["--samples", "{three_samples}", "--no-stats-cache", "--feature-extractor",
+                              "{overflowing_classifier}"], "non-finite features"),
+    # tracebacks of bad input
+    ("addp.train", TRAIN + ["--model-option", "codebook_size=8"], "codebook_size"),
+    ("addp.train", TRAIN + ["--model-option", "codebook_size=100000000000000"], "codebook_size"),
+    ("addp.train", TRAIN + ["--model-option", "name=other"], "name is the preset's own"),
+    ("addp.train", TRAIN + ["--model-option", "kind=tokenizer"], "kind is the preset's own"),
+    ("addp.train", TRAIN + ["--model-option", "encoder=bogus"], "neither 'vit' nor a timm model"),
+    ("addp.finetune", FT + ["--finetune", "{fifo}"], "not a regular file"),
+    ("addp.train", TRAIN + ["--stage", "addp", "--tokenizer", "{fifo}"], "not a regular file"),
+    ("addp.evaluate", EVAL + ["--samples", "{three_samples}", "--feature-extractor", "{fifo}"], "not a regular file"),
+    ("addp.evaluate", EVAL + ["--samples", "{three_samples}", "--feature-extractor", "/dev/zero"], "not a regular file"),
+    ("addp.evaluate", EVAL + ["--samples", "{three_samples}", "--inception-weights", "/dev/zero"], "not a regular file"),
+    ("addp.generate", GEN + ["--checkpoint", "{absolute_folder}"], "not a path inside the folder"),
+    ("addp.export", EXP + ["--img-size", "200000"], "--img-size"),
+    ("addp.inpaint", INP + ["--left", "100000000"], "margin"),
+    ("addp.generate", GEN + ["--output-dir", "{settings}"], "generate.json"),
+    ("addp.generate", GEN + ["--output-dir", "{settings_list}"], "generate.json"),
+    ("addp.generate", GEN + ["--output-dir", "{settings_count}"], "generate.json"),
+    ("addp.generate", GEN + ["--output-dir", "{settings_outputs}"], "generate.json"),
+    ("addp.finetune", FT + ["--aa", "garbage"], "--aa"),
+    ("addp.finetune", FT + ["--aa", "randx"], "--aa"),
+    ("addp.evaluate", EVAL + ["--samples", "{empty_samples}", "--feature-extractor", "{classifier}"], "no images"),
+    ("addp.evaluate", EVAL + ["--samples", "{one_sample}", "--metrics", "kid", "--no-stats-cache",
+                              "--feature-extractor", "{classifier}"], "kid needs at least 2"),
+    ("addp.evaluate", EVAL + ["--samples", "{three_samples}", "--metrics", "prc", "--no-stats-cache",
+                              "--feature-extractor", "{classifier}"], "prc needs at least 4"),
+    ("addp.evaluate", EVAL + ["--samples", "{three_samples}", "--reference", "{numeric_extractor}",
+                              "--feature-extractor", "{classifier}"], "feature_extractor"),
+]
 
-@pytest.mark.parametrize("module,argv,match", CASES, ids=[f"{m}:{' '.join(a[-2:])}" for m, a, _ in CASES])
+
+@pytest.mark.parametrize("module,argv,match", CASES + RELIABILITY_CASES,
+                         ids=[f"{m}:{' '.join(a[-2:])}" for m, a, _ in CASES] +
+                             [f"rel-{m}:{' '.join(a[-2:])}" for m, a, _ in RELIABILITY_CASES])
 def test_bad_input_is_one_line_and_writes_nothing(run_module, files, tmp_path, module, argv, match):
     out = tmp_path / "run"
     out.mkdir()
@@ -243,6 +331,18 @@ def test_runner_turns_device_and_os_failures_into_one_line(capsys, failure, matc
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.startswith("error:") and match in captured.err
     assert captured.err.count("\n") == 1
+
+
+def test_a_failed_cpu_allocation_is_one_line_naming_only_options_the_command_has(capsys):
+    def main(args):
+        torch.empty(2 ** 62, dtype=torch.uint8)  # PyTorch's CPU allocator refuses it
+    parsers = {"demo": ArgumentParser("demo"), "batched": ArgumentParser("batched")}
+    parsers["batched"].add_argument("--batch-size", default=8)
+    for name, parser in parsers.items():
+        assert run_command(name, parser, main, []) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: out of memory") and err.count("\n") == 1, err
+        assert ("--batch-size" in err) == (name == "batched"), err
 
 
 def test_runner_interrupt_is_one_line_and_130(capsys, tmp_path):

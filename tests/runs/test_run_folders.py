@@ -29,21 +29,12 @@ from addp.training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = ("--tokenizer-steps", "2", "--predictor-steps", "2", "--steps", "2", "--batch-size", "8",
-        "--num-samples", "0", "--log-every", "1", "--warmup-steps", "0")
+from conftest import TINY, one_error_line
 
 
 def folder_hashes(root: Path) -> dict:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def one_error_line(capsys) -> str:
-    """The one `error:` line a failed command printed last (progress bars may precede it)."""
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and err.strip().endswith(errors[0]) and "Traceback" not in err, err
-    return errors[0]
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +154,9 @@ BAD_CHECKPOINTS = {
     "no identity": lambda p: write_checkpoint_like(p, lambda s: s.pop("identity")),
     "identity not json": lambda p: write_checkpoint_like(p, lambda s: s.update(identity="{oops")),
     "a list": lambda p: torch.save([1, 2, 3], p),
+    "a step past the run": lambda p: write_checkpoint_like(p, lambda s: s.update(step=10 ** 9)),
+    "a negative step": lambda p: write_checkpoint_like(p, lambda s: s.update(step=-3)),
+    "a step that is text": lambda p: write_checkpoint_like(p, lambda s: s.update(step="2")),
 }
 
 
@@ -180,7 +174,8 @@ def test_unreadable_checkpoint_in_the_folder_is_an_error_and_force_starts_over(t
 
 
 @pytest.mark.parametrize("kind", list(BAD_CHECKPOINTS) + ["a folder", "weights of another model",
-                                                          "non-finite weights"])
+                                                          "non-finite weights", "weights that are not tensors",
+                                                          "losses that are not a tensor", "a device file"])
 def test_bad_resume_file_is_one_error_line_even_with_force(tmp_path, kind):
     path = tmp_path / "bad" / "checkpoint.pt"
     path.parent.mkdir()
@@ -190,6 +185,12 @@ def test_bad_resume_file_is_one_error_line_even_with_force(tmp_path, kind):
         write_checkpoint_like(path, lambda s: s.update(model={"encoder.conv_in.weight": torch.zeros(1)}))
     elif kind == "non-finite weights":
         write_checkpoint_like(path, lambda s: s["model"]["decoder.conv_out.bias"].fill_(float("nan")))
+    elif kind == "weights that are not tensors":
+        write_checkpoint_like(path, lambda s: s["model"].update({"decoder.conv_out.bias": "text", "n": 3}))
+    elif kind == "losses that are not a tensor":
+        write_checkpoint_like(path, lambda s: s.update(losses=[0.5, "x"]))
+    elif kind == "a device file":
+        path = Path("/dev/zero")
     else:
         BAD_CHECKPOINTS[kind](path)
     with pytest.raises(AddpError) as e:
