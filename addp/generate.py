@@ -155,7 +155,7 @@ def _make_batch(args, config, pipe, out: Path, N: int, B: int, b: int) -> int:
     todo = [i for i in indices if not (out / image_name(i)).exists()]
     g = torch.Generator(pipe.device).manual_seed(batch_seed(args.seed, b))
     with autocast(args.precision, pipe.device):
-        images = pipe(num_images=B, generator=g, output_type="pt", cuda_graph=args.cuda_graph,
+        images = pipe(batch_size=B, generator=g, output_type="pt", cuda_graph=args.cuda_graph,
                       compile=args.compile, config=config).images
     arr = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
     for i in todo:
