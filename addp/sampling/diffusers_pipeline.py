@@ -116,7 +116,8 @@ def _delegate(method):
 
 class ADDPDiffusionPipeline(DiffusionPipeline):
     """`ADDPPipeline` as a diffusers pipeline: ``__call__``, ``inpaint``, ``outpaint``, ``uncrop``,
-    ``save_pretrained`` and ``to`` are ADDPPipeline's; the rest is DiffusionPipeline's."""
+    ``save_pretrained``, ``to`` and the progress bar are ADDPPipeline's (a ``callback_on_step_end``
+    gets that `ADDPPipeline`, ``.pipeline``, as its ``pipe``); the rest is DiffusionPipeline's."""
 
     def __init__(self, addp: ADDPModel, tokenizer: VQTokenizerModel):
         super().__init__()
@@ -140,6 +141,7 @@ class ADDPDiffusionPipeline(DiffusionPipeline):
     uncrop = _delegate(ADDPPipeline.uncrop)
     save_pretrained = _delegate(ADDPPipeline.save_pretrained)
     enable_model_cpu_offload = _delegate(ADDPPipeline.enable_model_cpu_offload)
+    progress_bar = _delegate(ADDPPipeline.progress_bar)
 
     def set_progress_bar_config(self, **kwargs) -> None:
         """Options of the bar ``progress=True`` shows (`ADDPPipeline.set_progress_bar_config`)."""

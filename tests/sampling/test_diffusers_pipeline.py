@@ -92,6 +92,13 @@ def test_the_diffusers_pipeline_is_addps_on_the_same_modules(tmp_path, pipe, mod
         wrapped.enable_model_cpu_offload()
     with pytest.raises(addp.AddpError, match="safe_serialization=False"):
         wrapped.save_pretrained(tmp_path / "x", safe_serialization=False)
+    wrapped.set_progress_bar_config(desc="digits", disable=True)
+    assert wrapped.pipeline.progress_bar(total=2).desc == "digits"
+    with pytest.raises(addp.AddpError, match="not 'leave'"):
+        wrapped.set_progress_bar_config(leave=False)
+    seen = []
+    wrapped(batch_size=1, num_inference_steps=2, callback_on_step_end=lambda p, i, t, kw: seen.append(p.net))
+    assert seen == [pipe.net, pipe.net]
 
 
 def test_a_component_saves_the_folder_our_reader_reads(tmp_path, pipe):
