@@ -153,7 +153,7 @@ def _make_batch(args, config, pipe, out: Path, N: int, B: int, b: int) -> int:
     indices = batch_range(b, B, N)
     todo = [i for i in indices if not (out / image_name(i)).exists()]
     g = torch.Generator(pipe.device).manual_seed(batch_seed(args.seed, b))
-    images = pipe(num_images=B, generator=g, output_type="pt", cuda_graph=args.cuda_graph,
+    images = pipe(batch_size=B, generator=g, output_type="pt", cuda_graph=args.cuda_graph,
                   compile=args.compile, config=config, precision=args.precision).images
     arr = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
     for i in todo:

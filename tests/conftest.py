@@ -173,6 +173,14 @@ def addp_small_with_visible_norms():
     return net
 
 
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    """An ADDPPipeline of a random `addp_vit_small` and `vqgan_small` (seed 0)."""
+    import addp
+    torch.manual_seed(0)
+    return addp.ADDPPipeline(addp.create_model("addp_vit_small").eval(), addp.create_model("vqgan_small").eval())
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """A tiny random ADDP network with its tokenizer, in our format (shared by the CLI tests)."""
@@ -182,6 +190,17 @@ def tiny_checkpoint(tmp_path_factory):
     addp.save_checkpoint(path, {"addp": addp.create_model("addp_vit_small", depth=1, decoder_depth=1),
                                 "tokenizer": addp.create_model("vqgan_small")})
     return path
+@pytest.fixture
+def modules_cache(tmp_path, monkeypatch):
+    """diffusers copies a folder's pipeline file into its modules cache (read once at import,
+    from HF_HOME): keep it in tmp_path. Nothing when diffusers is not installed."""
+    try:
+        import diffusers.utils.dynamic_modules_utils as dyn
+    except ImportError:
+        return
+    monkeypatch.setattr(dyn, "HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
+
+
 @pytest.fixture
 def hub_cache(tmp_path, monkeypatch):
     """An offline Hugging Face Hub cache in huggingface_hub's documented layout.

@@ -33,6 +33,14 @@ from .registry import build_model, config_from_dict
 FORMAT_VERSION = "1"
 COMPONENTS = ("addp", "classifier", "predictor", "tokenizer")  # the first one present is "the" model
 
+# diffusers loads a folder whose index names its class as [module, class] and which holds
+# <module>.py as a custom pipeline; that file imports the class from this module, which also
+# holds the diffusers classes of the components (by name only: models/ never imports diffusers).
+DIFFUSERS_MODULE = "addp.sampling.diffusers_pipeline"
+PIPELINE_SHIM = "addp_pipeline"
+PIPELINE_CLASS = "ADDPDiffusionPipeline"
+DIFFUSERS_COMPONENTS = {"addp": "ADDPModel", "tokenizer": "VQTokenizerModel"}
+
 
 # -- public API ----------------------------------------------------------------------------
 def load_components(name_or_path: str | os.PathLike, filename: str | None = None, revision: str | None = None,
@@ -112,11 +120,13 @@ def _by_name(models: nn.Module | dict[str, nn.Module]) -> dict[str, nn.Module]:
 
 
 def save_pretrained(folder: str | os.PathLike, models: nn.Module | dict[str, nn.Module],
-                    class_name: str | None = None) -> Path:
+                    class_name: str | list | None = None) -> Path:
     """Write models as a folder: `model_index.json` + `<component>/{config.json, model.safetensors}`.
 
-    class_name: the index's `_class_name`; default `ADDPPipeline` when the models are an
-    ADDP network and its tokenizer, else `dict` (a plain set of components).
+    class_name: the index's `_class_name`. By default a folder holding an ADDP network and its
+    tokenizer is a pipeline folder diffusers loads too: its `_class_name` is
+    `["addp_pipeline", "ADDPDiffusionPipeline"]` and it holds `addp_pipeline.py` (an import of
+    that class from addp); any other set of components is `dict`.
 
     A new folder is written under a temporary name beside `folder` and renamed into place, so
     it is never half-written. Into an existing save_pretrained folder (it holds
@@ -153,24 +163,36 @@ def save_pretrained(folder: str | os.PathLike, models: nn.Module | dict[str, nn.
     return folder
 
 
-def _pretrained_files(models: dict[str, nn.Module], class_name: str | None) -> dict[str, object]:
+def _pretrained_files(models: dict[str, nn.Module], class_name: str | list | None) -> dict[str, object]:
     """Relative path -> writer(tmp) of every file of a save_pretrained folder, the index last."""
     from .. import __version__
 
-    if class_name is None:
-        class_name = "ADDPPipeline" if {"addp", "tokenizer"} <= set(models) else "dict"
-    index = {"_class_name": class_name, "_addp_version": __version__}
+    pipeline = class_name is None and set(DIFFUSERS_COMPONENTS) <= set(models)
+    if pipeline:
+        class_name = [PIPELINE_SHIM, PIPELINE_CLASS]
+    index = {"_class_name": "dict" if class_name is None else class_name, "_addp_version": __version__}
     files = {}
     for name, model in models.items():
         member(".", name, "component")
-        config = json.dumps(dataclasses.asdict(model.config), indent=2) + "\n"
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        files[f"{name}/config.json"] = lambda tmp, text=config: Path(tmp).write_text(text)
-        files[f"{name}/model.safetensors"] = lambda tmp, st=state: save_safetensors(st, tmp, {"format": "pt"})
-        index[name] = ["addp", type(model).__name__]
+        files.update({f"{name}/{file}": write for file, write in component_files(model).items()})
+        diffusers_class = DIFFUSERS_COMPONENTS.get(name) if pipeline else None
+        index[name] = [DIFFUSERS_MODULE, diffusers_class] if diffusers_class else ["addp", type(model).__name__]
+    if pipeline:
+        shim = (f'"""Lets diffusers load this folder (DiffusionPipeline.from_pretrained(folder, '
+                f'trust_remote_code=True)); needs addp installed."""\n'
+                f"from {DIFFUSERS_MODULE} import {PIPELINE_CLASS}  # noqa: F401\n")
+        files[f"{PIPELINE_SHIM}.py"] = lambda tmp: Path(tmp).write_text(shim)
     text = json.dumps(index, indent=2) + "\n"
     files[MODEL_INDEX] = lambda tmp: Path(tmp).write_text(text)
     return files
+
+
+def component_files(model: nn.Module) -> dict[str, object]:
+    """File name -> writer(tmp) of one component's folder: config.json and model.safetensors."""
+    config = json.dumps(dataclasses.asdict(model.config), indent=2) + "\n"
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    return {"config.json": lambda tmp: Path(tmp).write_text(config),
+            "model.safetensors": lambda tmp: save_safetensors(state, tmp, {"format": "pt"})}
 
 
 def load_folder(folder: str | os.PathLike) -> dict[str, nn.Module]:
@@ -187,22 +209,23 @@ def load_folder(folder: str | os.PathLike) -> dict[str, nn.Module]:
     names = [k for k in index if not k.startswith("_")]
     if not names:
         raise CheckpointError(f"{folder / MODEL_INDEX} names no component")
-    models = {}
-    for name in names:
-        sub = member(folder, name, "component")
-        for file in ("config.json", "model.safetensors"):
-            if not (sub / file).exists():
-                raise CheckpointError(f"{folder}: component {name} lacks {file}")
-        try:
-            config_dict = json.loads(check_regular_file(sub / "config.json", "config").read_text())
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{sub / 'config.json'} is not readable JSON ({first_line(e)})") from None
-        if not isinstance(config_dict, dict):
-            raise CheckpointError(f"{sub / 'config.json'} is not a JSON object")
-        state, _ = read_tensors(sub / "model.safetensors")
-        models[name] = load_strict(_build(config_dict, str(sub)), state, str(sub))
-    return models
+    return {name: load_component(member(folder, name, "component")) for name in names}
 
+
+def load_component(sub: str | os.PathLike) -> nn.Module:
+    """The model of one component folder of a save_pretrained folder (config.json + model.safetensors)."""
+    sub = Path(sub)
+    for file in ("config.json", "model.safetensors"):
+        if not (sub / file).exists():
+            raise CheckpointError(f"{sub.parent}: component {sub.name} lacks {file}")
+    try:
+        config_dict = json.loads(check_regular_file(sub / "config.json", "config").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{sub / 'config.json'} is not readable JSON ({first_line(e)})") from None
+    if not isinstance(config_dict, dict):
+        raise CheckpointError(f"{sub / 'config.json'} is not a JSON object")
+    state, _ = read_tensors(sub / "model.safetensors")
+    return load_strict(_build(config_dict, str(sub)), state, str(sub))
 
 
 def pipeline_models(name_or_path: str | os.PathLike, filename: str | None = None, revision: str | None = None,

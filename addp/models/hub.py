@@ -16,7 +16,7 @@ import os
 import re
 from pathlib import Path
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, first_line
 from .weights_io import member
 
 # The index file of a save_pretrained folder (diffusers' name): it names the components.
@@ -31,12 +31,14 @@ _FOLDER_FILES = [MODEL_INDEX, "*/config.json", "*/model.safetensors"]
 
 
 def resolve(name_or_path: str | os.PathLike, filename: str | None = None, revision: str | None = None,
-            cache_dir: str | os.PathLike | None = None, local_files_only: bool = False) -> Path:
+            cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
+            token: str | bool | None = None) -> Path:
     """The local file or folder that `name_or_path` (and `filename` inside it) names.
 
     A local path wins over a Hub repo of the same name. For a Hub repo, `filename` picks one
     file (e.g. the official ``addp-vit-base-16.pth``); without it the repo must hold a
-    save_pretrained folder (``model_index.json``). `revision` is a branch, tag or commit.
+    save_pretrained folder (``model_index.json``). `revision` is a branch, tag or commit;
+    `token` a Hub access token (default: huggingface_hub's login).
     """
     check_name(name_or_path)
     if filename is not None and not isinstance(filename, str):
@@ -55,7 +57,7 @@ def resolve(name_or_path: str | os.PathLike, filename: str | None = None, revisi
     repo = str(name_or_path)
     if repo.endswith(_WEIGHT_SUFFIXES) or not _REPO_ID.match(repo) or ".." in repo:
         raise CheckpointError(f"checkpoint not found: {repo}")
-    return _from_hub(repo, filename, revision, cache_dir, local_files_only)
+    return _from_hub(repo, filename, revision, cache_dir, local_files_only, token)
 
 
 def check_name(name_or_path) -> None:
@@ -68,7 +70,7 @@ def _shown(value) -> str:
     return f"{type(value).__name__} {str(value)[:40]!r}"
 
 
-def _from_hub(repo: str, filename, revision, cache_dir, local_files_only) -> Path:
+def _from_hub(repo: str, filename, revision, cache_dir, local_files_only, token) -> Path:
     import huggingface_hub
     from huggingface_hub import errors
 
@@ -80,9 +82,9 @@ def _from_hub(repo: str, filename, revision, cache_dir, local_files_only) -> Pat
     try:
         if filename is not None:
             return Path(huggingface_hub.hf_hub_download(repo, filename, revision=revision, cache_dir=cache_dir,
-                                                        local_files_only=local_files_only))
+                                                        local_files_only=local_files_only, token=token))
         folder = Path(huggingface_hub.snapshot_download(repo, revision=revision, cache_dir=cache_dir,
-                                                        allow_patterns=_FOLDER_FILES,
+                                                        allow_patterns=_FOLDER_FILES, token=token,
                                                         local_files_only=local_files_only))
     except errors.LocalEntryNotFoundError:
         offline = " (HF_HUB_OFFLINE is set)" if huggingface_hub.constants.HF_HUB_OFFLINE else ""
@@ -96,8 +98,7 @@ def _from_hub(repo: str, filename, revision, cache_dir, local_files_only) -> Pat
     except errors.EntryNotFoundError:
         raise CheckpointError(f"cannot get {what}{at}: the repo has no such file") from None
     except (errors.HfHubHTTPError, errors.HFValidationError, OSError, ValueError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise CheckpointError(f"cannot get {what}{at}: {reason}") from None
+        raise CheckpointError(f"cannot get {what}{at}: {first_line(e, 200)}") from None
     finally:
         hub_log.setLevel(level)
     if not (folder / MODEL_INDEX).exists():
@@ -106,3 +107,21 @@ def _from_hub(repo: str, filename, revision, cache_dir, local_files_only) -> Pat
     return folder
 
 
+
+
+def upload(folder: str | os.PathLike, repo_id: str | None = None, token: str | bool | None = None,
+           private: bool | None = None, commit_message: str | None = None, create_pr: bool = False) -> str:
+    """Upload a save_pretrained folder to the Hub repo `repo_id` (default: the folder's name),
+    creating the repo when it does not exist; returns the commit's URL."""
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    repo_id = repo_id or Path(folder).resolve().name
+    try:
+        huggingface_hub.create_repo(repo_id, token=token, private=private, exist_ok=True)
+        commit = huggingface_hub.upload_folder(repo_id=repo_id, folder_path=str(folder), token=token,
+                                               commit_message=commit_message or "Upload an ADDP pipeline",
+                                               create_pr=create_pr)
+    except (errors.HfHubHTTPError, errors.HFValidationError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot upload {folder} to the Hub repo {repo_id}: {first_line(e, 200)}") from None
+    return str(commit)

@@ -2,7 +2,8 @@
 per-step intermediates; the entry point of the Python API below the pipeline."""
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -16,7 +17,7 @@ from ..errors import AddpError
 
 def generate(net: nn.Module, tokenizer: nn.Module, num_images: int, config: Optional[SamplerConfig] = None,
              generator: Generators = None, batch_size: Optional[int] = None, return_intermediates: bool = False,
-             progress: bool = False, cuda_graph: Optional[bool] = None, compile: bool = False,
+             progress: Union[bool, Callable] = False, cuda_graph: Optional[bool] = None, compile: bool = False,
              callback: Optional[StepCallback] = None, *, protocol: Optional[str] = None,
              steps: Optional[int] = None, schedule: Optional[str] = None, temperature: Optional[float] = None,
              temperature_schedule: Optional[str] = None, top_p: Optional[float] = None,
@@ -37,7 +38,9 @@ def generate(net: nn.Module, tokenizer: nn.Module, num_images: int, config: Opti
             torch's global RNG.
         batch_size: images per batch (default: all N in one batch).
         return_intermediates: also return every step's images, masks and ids.
-        progress: show progress over batches (``addp.runs.progress``: a bar on a terminal).
+        progress: show progress in images (``addp.runs.progress``: a bar on a terminal), or a
+            callable ``progress(total=N)`` that returns the bar to update (the pipeline's
+            ``progress_bar``).
         cuda_graph: replay each batch size's T steps as one captured CUDA graph
             (``CudaGraphSampler``; same images as eager for a CUDA generator). None = on for
             CUDA devices unless ``return_intermediates``, a callback or a list of generators
@@ -72,23 +75,36 @@ def generate(net: nn.Module, tokenizer: nn.Module, num_images: int, config: Opti
         raise AddpError("cuda_graph=True cannot return intermediates, call a step callback or take a list "
                          "of generators (the graph keeps only the final images of one generator)")
     use_graph = (on_cuda and not eager_only) if cuda_graph is None else cuda_graph
-    starts = range(0, num_images, batch_size)
-    if progress:
-        from ..runs.progress import Progress
-        starts = Progress(starts, desc="generating", unit="batch")
     results = []
-    with torch.no_grad(), eval_mode(net, tokenizer), precision_context(precision, device):
+    with torch.no_grad(), eval_mode(net, tokenizer), precision_context(precision, device), \
+            _bar(progress, num_images) as bar:
         if compile:
             net, tokenizer = compiled_models(net, tokenizer)
-        for start in starts:
+        for start in range(0, num_images, batch_size):
             b = min(batch_size, num_images - start)
             g = generator[start:start + b] if per_image else generator
             if use_graph:
                 results.append(graphed_sampler(net, tokenizer, b, config)(g))
             else:
                 results.append(sample_batch(net, tokenizer, b, config, g, return_intermediates, callback))
+            if bar is not None:
+                bar.update(b)
     if not return_intermediates:
         return check_finite_images(torch.cat(results))
+    return _joined(results)
+
+
+def _bar(progress, total: int):
+    """The progress bar `generate` updates (a context manager), or a null context for none."""
+    if callable(progress):
+        return progress(total=total)
+    if progress:
+        from ..runs.progress import Progress
+        return Progress(total=total, desc="generating", unit="img")
+    return contextlib.nullcontext()
+
+
+def _joined(results) -> GenerationOutput:
     return GenerationOutput(
         images=check_finite_images(torch.cat([r.images for r in results])),
         step_images=[torch.cat(t) for t in zip(*(r.step_images for r in results))],

@@ -15,6 +15,7 @@ from ..runs.images import open_image, to_8bit, to_rgb
 
 # --------------------------------------------------------------------------- image conversion
 ImageLike = Union[Image.Image, torch.Tensor, str, os.PathLike]
+OUTPUT_TYPES = ("pil", "np", "pt")
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -83,3 +84,17 @@ def resize_images(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+def as_output_type(images: torch.Tensor, output_type: str):
+    """(N, 3, H, W) in [0, 1] -> the images as ``output_type`` ("pil" | "np" | "pt") gives them."""
+    if output_type == "pil":
+        return to_pil(images)
+    if output_type == "np":
+        return images.float().permute(0, 2, 3, 1).cpu().numpy()
+    return images.float()
+
+
+def check_output_type(output_type: str) -> None:
+    if output_type not in OUTPUT_TYPES:
+        raise AddpError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")

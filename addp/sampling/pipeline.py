@@ -1,12 +1,14 @@
 """`ADDPPipeline`: unconditional generation, inpainting, outpainting and uncropping.
 
     pipe = ADDPPipeline.from_pretrained("addp.safetensors")       # ADDP network + VQ tokenizer
-    images = pipe(num_images=16, generator=torch.Generator().manual_seed(0)).images   # 16 PIL images
+    images = pipe(batch_size=16, generator=torch.Generator().manual_seed(0)).images   # 16 PIL images
     filled = pipe.inpaint(image, mask_image)                        # mask True / white = hole
 
-The call follows diffusers' pipelines (``num_inference_steps``, ``generator``, ``output_type``,
-``return_dict``, ``callback_on_step_end``, ``pipe.to(device, dtype)``); docs/generation.md
-describes it.
+The call follows diffusers' pipelines (``batch_size``, ``num_inference_steps``, ``generator``,
+``output_type``, ``return_dict``, ``callback_on_step_end``, ``pipe.to(device, dtype)``,
+``progress_bar``, ``components``, diffusers' keywords of ``from_pretrained`` /
+``save_pretrained``: `addp.sampling.diffusers_compat`); docs/generation.md describes it. diffusers
+itself loads a saved folder as `addp.sampling.diffusers_pipeline.ADDPDiffusionPipeline`.
 
 Inpainting follows the paper (App. E): the hole is filled with the mean of the visible
 pixels and the image is encoded to tokens; tokens whose token cell touches the hole are
@@ -29,20 +31,21 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .accelerate import clear_cache
-from .image_io import ImageLike, _image_tensor, _like, mask_tensor, resize_images, to_pil
+from .image_io import ImageLike, _image_tensor, _like, as_output_type, check_output_type, mask_tensor, resize_images
 from .config import Generators, SamplerConfig, sampler_config
+from .diffusers_compat import (LOAD_KEYWORDS, check_torch_dtype, check_use_safetensors, check_variant, image_counts,
+                               refuse_unknown, save_options)
 from .driver import generate
 from .schedule import Schedule
 from .step import StepCallback, check_finite_images, check_generators, check_models, denoise, eval_mode
 from ..models.checkpoint import pipeline_models, save_pretrained
+from ..models.hub import upload
 from ..errors import AddpError
 from ..runtime.precision import precision_context
+from ..runs.progress import Progress
 
 
 # --------------------------------------------------------------------------- pipeline
-OUTPUT_TYPES = ("pil", "np", "pt")
-
-
 @dataclass
 class ADDPPipelineOutput:
     """What ``ADDPPipeline.__call__`` returns (diffusers' ``ImagePipelineOutput``).
@@ -61,31 +64,20 @@ class ADDPPipelineOutput:
         return self.to_tuple()[key] if isinstance(key, int) else getattr(self, key)
 
 
-def as_output_type(images: torch.Tensor, output_type: str):
-    """(N, 3, H, W) in [0, 1] -> the images as ``output_type`` ("pil" | "np" | "pt") gives them."""
-    if output_type == "pil":
-        return to_pil(images)
-    if output_type == "np":
-        return images.float().permute(0, 2, 3, 1).cpu().numpy()
-    return images.float()
-
-
-def _check_output_type(output_type: str) -> None:
-    if output_type not in OUTPUT_TYPES:
-        raise AddpError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-
-
 class ADDPPipeline:
     """An ADDP network and its VQ tokenizer, ready to generate and edit images."""
 
     def __init__(self, net: nn.Module, tokenizer: nn.Module):
         check_models(net, tokenizer)
         self.net, self.tokenizer = net.eval(), tokenizer.eval()
+        self._progress_bar_config: dict = {}
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, name_or_path, filename: Optional[str] = None, revision: Optional[str] = None,
-                        tokenizer=None, device=None, **hub_kwargs) -> "ADDPPipeline":
+                        tokenizer=None, device=None, *, torch_dtype: Optional[torch.dtype] = None,
+                        cache_dir=None, local_files_only: bool = False, token=None, variant: Optional[str] = None,
+                        use_safetensors: Optional[bool] = None, **unknown) -> "ADDPPipeline":
         """Load from a save_pretrained folder, our .safetensors (addp + tokenizer), an official
         addp-vit-*.pth, or a Hub repo id: ``from_pretrained("Changyao/ADDP",
         filename="addp-vit-base-16.pth")`` (see `addp.models.checkpoint.pipeline_models`).
@@ -93,16 +85,58 @@ class ADDPPipeline:
         tokenizer: a VQTokenizer or a VQGAN checkpoint (ours or vqgan_jax_strongaug.ckpt);
             needed when the checkpoint holds no tokenizer.
         device: where to run; default cuda when available, else cpu.
-        hub_kwargs: cache_dir, local_files_only (huggingface_hub's).
+        torch_dtype: cast both networks to it after loading.
+        revision, cache_dir, local_files_only, token: huggingface_hub's, for Hub repos.
+        variant: refused (our folders have none); use_safetensors: None, or True to refuse a
+            PyTorch file. Any other keyword is refused in one line.
         """
-        net, tok = pipeline_models(name_or_path, filename, revision, tokenizer, **hub_kwargs)
+        refuse_unknown("ADDPPipeline.from_pretrained", unknown, LOAD_KEYWORDS)
+        torch_dtype = check_torch_dtype(torch_dtype)
+        check_variant(variant)
+        check_use_safetensors(use_safetensors, filename if filename is not None else name_or_path)
+        net, tok = pipeline_models(name_or_path, filename, revision, tokenizer, cache_dir=cache_dir,
+                                   local_files_only=local_files_only, token=token)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return cls(net.to(device), tok.to(device))
+        return cls(net.to(device), tok.to(device)).to(dtype=torch_dtype)
 
-    def save_pretrained(self, folder) -> Path:
+    def save_pretrained(self, folder, safe_serialization: bool = True, variant: Optional[str] = None,
+                        push_to_hub: bool = False, **push_kwargs) -> Path:
         """Write ``folder/model_index.json``, ``folder/addp/`` and ``folder/tokenizer/`` (each a
-        ``config.json`` + ``model.safetensors``), atomically; `from_pretrained` reads it back."""
-        return save_pretrained(folder, {"addp": self.net, "tokenizer": self.tokenizer}, type(self).__name__)
+        ``config.json`` + ``model.safetensors``) and ``folder/addp_pipeline.py`` (diffusers'
+        entry), atomically; `from_pretrained` and ``diffusers.DiffusionPipeline.from_pretrained``
+        read it back. ``push_to_hub=True`` then uploads it (``push_kwargs``: repo_id, default the
+        folder's name, token, private, commit_message, create_pr). safe_serialization=False and
+        a variant are refused."""
+        push = save_options(safe_serialization, variant, push_to_hub, **push_kwargs)
+        folder = save_pretrained(folder, {"addp": self.net, "tokenizer": self.tokenizer})
+        if push is not None:
+            upload(folder, **push)
+        return folder
+
+    @property
+    def components(self) -> dict[str, nn.Module]:
+        """The pipeline's modules by argument name: ``ADDPPipeline(**pipe.components)`` shares them."""
+        return {"net": self.net, "tokenizer": self.tokenizer}
+
+    def enable_model_cpu_offload(self, *args, **kwargs):
+        """Refused: the sampler runs the network and the tokenizer at every step."""
+        raise AddpError("enable_model_cpu_offload is not supported: every step runs both the ADDP network and the "
+                        "tokenizer, so both would move every step; pipe.to(dtype=torch.bfloat16) halves the memory")
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        """Options of the bar ``progress=True`` shows: those of `addp.runs.progress.Progress`
+        (desc, unit, disable, file, interval, mode)."""
+        unknown = sorted(set(kwargs) - {"desc", "unit", "disable", "file", "interval", "mode"})
+        if unknown:
+            raise AddpError(f"set_progress_bar_config takes desc, unit, disable, file, interval and mode, "
+                            f"not {unknown[0]!r}")
+        self._progress_bar_config = dict(kwargs)
+
+    def progress_bar(self, iterable=None, total: Optional[int] = None) -> Progress:
+        """A progress bar over ``iterable`` or to ``total``, with ``set_progress_bar_config``'s options."""
+        if iterable is None and total is None:
+            raise AddpError("progress_bar needs an iterable or a total")
+        return Progress(iterable, total=total, **{"desc": "generating", "unit": "img", **self._progress_bar_config})
 
     @property
     def device(self) -> torch.device:
@@ -137,19 +171,24 @@ class ADDPPipeline:
 
     # -- unconditional generation ---------------------------------------------------------
     @torch.no_grad()
-    def __call__(self, num_images: int = 16, num_inference_steps: Optional[int] = None,
+    def __call__(self, batch_size: Optional[int] = None, num_inference_steps: Optional[int] = None,
                  generator: Generators = None, output_type: str = "pil", return_dict: bool = True,
-                 callback_on_step_end: Optional[Callable] = None, *, config: Optional[SamplerConfig] = None,
+                 callback_on_step_end: Optional[Callable] = None, *, num_images: Optional[int] = None,
+                 max_batch_size: Optional[int] = None, config: Optional[SamplerConfig] = None,
                  protocol: Optional[str] = None, schedule: Optional[str] = None, temperature: Optional[float] = None,
                  temperature_schedule: Optional[str] = None, top_p: Optional[float] = None,
-                 parity: Optional[bool] = None, batch_size: Optional[int] = None, progress: bool = False,
+                 parity: Optional[bool] = None, progress: bool = False,
                  cuda_graph: Optional[bool] = None, compile: bool = False, precision: Optional[str] = None):
-        """Generate ``num_images`` images.
+        """Generate ``batch_size`` images.
 
         Args:
+            batch_size: the number of images (default 16), as in diffusers' unconditional
+                pipelines; ``num_images`` is the same number. Both given with
+                ``batch_size < num_images`` takes ``batch_size`` as ``max_batch_size``, with a
+                FutureWarning; other differing pairs are refused.
             num_inference_steps: denoising steps T (default 20, or the protocol's).
             generator: a torch.Generator on any device (the noise is drawn there and moved to
-                the model's), a list of ``num_images`` of them (image i has the tokens, and
+                the model's), a list of ``batch_size`` of them (image i has the tokens, and
                 up to the float rounding of batched kernels the pixels, of
                 ``pipe(1, generator=generators[i])``), or None (torch's global RNG).
             output_type: "pil" (a list of PIL images), "np" ((N, H, W, 3) float32 array) or
@@ -167,17 +206,19 @@ class ADDPPipeline:
                 ("paper-steps20", "paper-steps256" = the paper's FID protocol); not both.
             num_inference_steps, schedule, temperature, temperature_schedule, top_p, parity:
                 sampler options; those given replace the config's or the protocol's.
-            batch_size: images per forward pass (default: all at once); the callback sees
-                each batch's steps in turn.
-            progress, cuda_graph, compile: as ``addp.sampling.generate`` (on a GPU each batch
-                replays a captured CUDA graph unless a callback or a list of generators
-                needs the eager loop).
+            max_batch_size: images per forward pass (default: all at once); the callback sees
+                each forward pass's steps in turn.
+            progress: show a bar over the images (``progress_bar``, set up by
+                ``set_progress_bar_config``).
+            cuda_graph, compile: as ``addp.sampling.generate`` (on a GPU each batch replays a
+                captured CUDA graph unless a callback or a list of generators needs the eager loop).
             precision: "auto", "fp32", "bf16" or "fp16", as the commands' --precision (the
                 same resolution); None runs under the caller's autocast context, if any.
         """
-        _check_output_type(output_type)
-        images = generate(self.net, self.tokenizer, num_images, generator=generator, batch_size=batch_size,
-                            progress=progress, cuda_graph=cuda_graph, compile=compile,
+        check_output_type(output_type)
+        count, chunk = image_counts(batch_size, num_images, max_batch_size)
+        images = generate(self.net, self.tokenizer, count, generator=generator, batch_size=chunk,
+                            progress=self.progress_bar if progress else False, cuda_graph=cuda_graph, compile=compile,
                             callback=self._step_callback(callback_on_step_end), config=config, protocol=protocol,
                             steps=num_inference_steps, schedule=schedule, temperature=temperature,
                             temperature_schedule=temperature_schedule, top_p=top_p, parity=parity,

@@ -17,6 +17,7 @@ from addp import export
 DOC = Path(__file__).parents[2] / "docs" / "ecosystem.md"
 BLOCK = re.compile(r"(<!-- not run[^>]*-->\s*)?```(\w*)\n(.*?)```", re.S)
 HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime"))
+HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,11 +32,11 @@ def test_the_document_has_examples_to_run():
 
 
 @pytest.mark.slow
-def test_examples_run(tmp_path, monkeypatch, hub_cache):
+def test_examples_run(tmp_path, monkeypatch, hub_cache, modules_cache):
     monkeypatch.chdir(tmp_path)
     namespace = {}
     for lang, code, skip in blocks():
-        if skip or (not HAS_ONNX and "onnx" in code):
+        if skip or (not HAS_ONNX and "onnx" in code) or (not HAS_DIFFUSERS and "diffusers" in code):
             continue
         if "your-name/addp-digits" in code:
             hub_cache("your-name/addp-digits", {".": tmp_path / "addp-digits"})

@@ -44,7 +44,7 @@ def one_line(excinfo) -> str:
 def test_save_pretrained_round_trip_is_bitwise(tmp_path, pipe):
     folder = pipe.save_pretrained(tmp_path / "pipe")
     assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")) == [
-        "addp", "addp/config.json", "addp/model.safetensors", "model_index.json",
+        "addp", "addp/config.json", "addp/model.safetensors", "addp_pipeline.py", "model_index.json",
         "tokenizer", "tokenizer/config.json", "tokenizer/model.safetensors"]
     # the component files are plain state dicts any safetensors reader takes
     assert load_file(folder / "addp" / "model.safetensors").keys() == pipe.net.state_dict().keys()
@@ -87,7 +87,7 @@ def test_save_pretrained_rewrites_its_own_files_and_keeps_the_users(tmp_path, pi
     (target / "README.md").write_text("my notes")
     other = addp.create_model("vqgan_small")
     addp.save_pretrained(target, other)  # our files are replaced, nothing else is deleted
-    assert sorted(os.listdir(target)) == ["README.md", "addp", "model_index.json", "tokenizer"]
+    assert sorted(os.listdir(target)) == ["README.md", "addp", "addp_pipeline.py", "model_index.json", "tokenizer"]
     assert (target / "README.md").read_text() == "my notes"
     assert list(addp.load_components(target)) == ["tokenizer"]  # the index names what was saved
     assert sorted(os.listdir(tmp_path)) == ["pipe"]

@@ -64,8 +64,8 @@ def test_call_pt_tensor_and_seeding(pipe):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_more_images_than_batch_size_runs_in_batches(pipe, models):
-    out = pipe(num_images=5, num_inference_steps=STEPS, generator=gen(3), batch_size=2, output_type="pt").images
+def test_more_images_than_max_batch_size_runs_in_batches(pipe, models):
+    out = pipe(batch_size=5, num_inference_steps=STEPS, generator=gen(3), max_batch_size=2, output_type="pt").images
     ref = S.generate(*models, 5, S.SamplerConfig(steps=STEPS), generator=gen(3), batch_size=2)
     assert out.shape == (5, 3, 32, 32) and torch.equal(out, ref)
 
