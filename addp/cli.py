@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from .runtime.distributed import cleanup, env_rank
+from .runtime.devices import check_device
 from .errors import AddpError, first_line
 from .runs.files import check_output_file, check_output_folder
 from .runtime.precision import PRECISIONS
@@ -236,18 +237,7 @@ def _as_type_error(check, text: str):
 
 def device(text: str) -> str:
     """An argparse type: a torch device that exists here (cpu, cuda, cuda:N, mps)."""
-    try:
-        dev = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"not a device: {text!r} (cpu, cuda, cuda:N or mps)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA device")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA devices")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: MPS is not available here")
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise argparse.ArgumentTypeError(f"{text}: unsupported device type (cpu, cuda, cuda:N or mps)")
+    _as_type_error(check_device, text)
     return text
 
 

@@ -27,6 +27,7 @@ from .errors import AddpError
 from .runs.images import save_png
 from .runs.files import check_output_file
 from .sampling.image_io import mask_tensor, resize_images, to_uint8
+from .sampling.pipeline import MAX_MARGIN
 from .runs.images import open_image
 from .runtime.precision import resolve_precision
 from .runtime.tuning import tune_for_device
@@ -35,7 +36,6 @@ HOLE_GREY = 128  # how the hole is shown in the side-by-side's input panel
 GAP = 2  # pixels between the two panels of the side-by-side
 GAP_COLOUR = 255
 MARGINS = ("left", "right", "top", "bottom")
-MAX_MARGIN = 16384  # pixels: a wider border could not be held in memory
 
 
 def get_args_parser() -> ArgumentParser:

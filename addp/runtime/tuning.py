@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from ..errors import AddpError
+from .devices import check_device
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +35,7 @@ TRIM_THRESHOLD = 2 ** 31 - 1  # mallopt takes an int
 
 def tune_for_device(device: torch.device) -> None:
     """The settings of the module docstring for ``device``'s type (idempotent)."""
-    try:
-        kind = torch.device(device).type
-    except (RuntimeError, TypeError):
-        raise AddpError(f"not a device: {device!r} (cpu, cuda, cuda:N or mps)") from None
+    kind = check_device(device).type
     if kind == "cuda":
         torch.backends.cudnn.benchmark = True
     elif kind == "cpu":

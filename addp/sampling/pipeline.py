@@ -41,8 +41,12 @@ from .step import StepCallback, check_finite_images, check_generators, check_mod
 from ..models.checkpoint import pipeline_models, save_pretrained
 from ..models.hub import upload
 from ..errors import AddpError
+from ..runtime.devices import check_device
 from ..runtime.precision import precision_context
 from ..runs.progress import Progress
+
+
+MAX_MARGIN = 16384  # outpaint margin, pixels: a wider border could not be held in memory
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -94,9 +98,9 @@ class ADDPPipeline:
         torch_dtype = check_torch_dtype(torch_dtype)
         check_variant(variant)
         check_use_safetensors(use_safetensors, filename if filename is not None else name_or_path)
+        device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         net, tok = pipeline_models(name_or_path, filename, revision, tokenizer, cache_dir=cache_dir,
                                    local_files_only=local_files_only, token=token)
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         return cls(net.to(device), tok.to(device)).to(dtype=torch_dtype)
 
     def save_pretrained(self, folder, safe_serialization: bool = True, variant: Optional[str] = None,
@@ -158,6 +162,7 @@ class ADDPPipeline:
                 dtype = arg
             else:
                 device = arg
+        device = None if device is None else check_device(device)
         for module in (self.net, self.tokenizer):
             module.to(device=device, dtype=dtype)
         clear_cache(self.net)  # compiled parts and CUDA graphs read the old parameters
@@ -304,6 +309,9 @@ class ADDPPipeline:
             raise AddpError(f"margins must be integers >= 0, got left={left} right={right} top={top} bottom={bottom}")
         if not any(margins):
             raise AddpError("outpaint needs at least one margin > 0")
+        if max(margins) > MAX_MARGIN:
+            raise AddpError(f"margins must be at most {MAX_MARGIN} pixels, got left={left} right={right} "
+                            f"top={top} bottom={bottom}")
         x, was_pil = _image_tensor(image)
         stride = self.image_size // self.net.config.grid_size
         l, r, t, b = (-(-m // stride) * stride for m in margins)

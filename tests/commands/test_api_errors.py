@@ -100,6 +100,13 @@ CALLS = {
                                            "differs from image size"),
     "pipe.inpaint(mask None)": (lambda a: a["pipe"].inpaint(a["image"], None), "mask must be"),
     "pipe.outpaint(str margin)": (lambda a: a["pipe"].outpaint(a["image"], left="3"), "margins"),
+    "pipe.outpaint(huge margin)": (lambda a: a["pipe"].outpaint(a["image"], left=10 ** 9), "at most"),
+    "from_pretrained(device=bogus)": (lambda a: addp.ADDPPipeline.from_pretrained(a["file"], device="bogus"),
+                                      "not a device"),
+    "from_pretrained(device=int)": (lambda a: addp.ADDPPipeline.from_pretrained(a["file"], device=3),
+                                    "string or torch.device"),
+    "pipe.to(bogus)": (lambda a: a["pipe"].to("bogus"), "not a device"),
+    "pipe.to(xla)": (lambda a: a["pipe"].to("xla"), "unsupported device type"),
     "pipe.uncrop(nan)": (lambda a: a["pipe"].uncrop(a["image"], float("nan")), "scale"),
 }
 
