@@ -48,7 +48,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad, _grad_keep):
     (keep,) = ctx.saved_tensors
-    if torch.compiler.is_compiling():  # a compiled backward: plain ops, which inductor fuses
+    # A compiled backward gets plain ops, which inductor fuses. torch 2.11 reports
+    # is_compiling() False while AOTAutograd traces the backward; its grad is then a tensor
+    # subclass (FunctionalTensor), which the kernel could not take anyway.
+    if torch.compiler.is_compiling() or type(grad) is not torch.Tensor:
         return _kept_scaled(grad, keep, ctx.p), None, None
     return torch.ops.addp.dropout_backward(grad, keep, ctx.p), None, None
 

@@ -133,7 +133,8 @@ def test_compiled_backward_equals_the_kernel(dtype):
     grads, kernel_calls = [], []
     for fn in (f, torch.compile(f, fullgraph=True)):
         xi = x.clone().requires_grad_(True)
-        loss = fn(xi, w, seed)
+        with torch._inductor.config.patch(force_disable_caches=True):  # trace the backward of this code
+            loss = fn(xi, w, seed)
         with torch.profiler.profile() as prof:
             loss.backward()
         grads.append(xi.grad)
