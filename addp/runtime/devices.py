@@ -10,8 +10,8 @@ from ..errors import AddpError
 KNOWN = "cpu, cuda, cuda:N or mps"
 
 
-def check_device(spec) -> torch.device:
-    """`spec` (a str or torch.device) as a torch.device that this machine has."""
+def parse_device(spec) -> torch.device:
+    """`spec` (a str or torch.device) as a torch.device of a known type, present here or not."""
     if isinstance(spec, torch.device):
         dev = spec
     elif isinstance(spec, str):
@@ -23,6 +23,12 @@ def check_device(spec) -> torch.device:
         raise AddpError(f"a device is a string or torch.device ({KNOWN}), got {type(spec).__name__}")
     if dev.type not in ("cpu", "cuda", "mps"):
         raise AddpError(f"{spec}: unsupported device type ({KNOWN})")
+    return dev
+
+
+def check_device(spec) -> torch.device:
+    """`spec` (a str or torch.device) as a torch.device that this machine has."""
+    dev = parse_device(spec)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise AddpError(f"{spec}: this machine has no CUDA device")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():

@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from .devices import check_device
+from .devices import parse_device
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ TRIM_THRESHOLD = 2 ** 31 - 1  # mallopt takes an int
 
 def tune_for_device(device: torch.device) -> None:
     """The settings of the module docstring for ``device``'s type (idempotent)."""
-    kind = check_device(device).type
+    kind = parse_device(device).type  # settings only: the device need not be here
     if kind == "cuda":
         torch.backends.cudnn.benchmark = True
     elif kind == "cpu":
