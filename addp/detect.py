@@ -34,7 +34,7 @@ log = engine.log
 
 def get_args_parser() -> ArgumentParser:
     p = ArgumentParser("detect", description=__doc__.split("\n\n")[0])
-    engine.add_dense_args(p, "detect", steps=300, blr=1e-3, layer_decay=0.8)
+    engine.add_dense_args(p, "detect", steps=300, blr=1e-2, layer_decay=0.8)
     p.add_argument("--score-threshold", type=float, default=0.5, help="boxes drawn in predictions.png")
     return p
 
