@@ -18,10 +18,10 @@ cd "$(dirname "$0")/.."
 
 usage="usage: bash benchmarks/gpu_check.sh [--out DIR] [--budget SECONDS] [--dry-run] [--with-compile]"
 fail() { echo "error: $*" >&2; exit 2; }
-OUT="" BUDGET=420 DRY=0 COMPILE=0
+RESULTS_DIR="" BUDGET=420 DRY=0 COMPILE=0
 while [ $# -gt 0 ]; do
   case "$1" in
-    --out) [ $# -ge 2 ] || fail "--out needs a folder"; OUT="$2"; shift 2 ;;
+    --out) [ $# -ge 2 ] || fail "--out needs a folder"; RESULTS_DIR="$2"; shift 2 ;;
     --budget) [ $# -ge 2 ] || fail "--budget needs a number of seconds"; BUDGET="$2"; shift 2 ;;
     --dry-run) DRY=1; shift ;;
     --with-compile) COMPILE=1; shift ;;
@@ -38,11 +38,11 @@ CORRECTNESS=$(( CAP_ENV + CAP_BUILD + CAP_TESTS + MARGIN ))
 [ "$BUDGET" -ge "$CORRECTNESS" ] || \
   fail "--budget $BUDGET is too small for the correctness steps (they may take up to $CORRECTNESS s)"
 
-OUT="${OUT:-$HOME/addp-gpu-check-$(date +%Y%m%d-%H%M%S)}"
-mkdir -p "$OUT" 2>/dev/null && [ -w "$OUT" ] && touch "$OUT/.write-test" 2>/dev/null || \
-  fail "cannot write to the output folder '$OUT'"
-rm -f "$OUT/.write-test"
-OUT="$(cd "$OUT" && pwd)"
+RESULTS_DIR="${RESULTS_DIR:-$HOME/addp-gpu-check-$(date +%Y%m%d-%H%M%S)}"
+mkdir -p "$RESULTS_DIR" 2>/dev/null && [ -w "$RESULTS_DIR" ] && touch "$RESULTS_DIR/.write-test" 2>/dev/null || \
+  fail "cannot write to the output folder '$RESULTS_DIR'"
+rm -f "$RESULTS_DIR/.write-test"
+RESULTS_DIR="$(cd "$RESULTS_DIR" && pwd)"
 
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
@@ -65,7 +65,7 @@ step() {
   local limit=$(( cap < left ? cap : left ))
   echo; echo "=== $name (limit ${limit} s, $(date +%T))"
   if [ "$limit" -lt 5 ]; then
-    printf '%s\tnot run\t-\t0\t%s\tno time left in the budget\n' "$name" "$limit" >> "$OUT/summary.tsv"
+    printf '%s\tnot run\t-\t0\t%s\tno time left in the budget\n' "$name" "$limit" >> "$RESULTS_DIR/summary.tsv"
     status=1; return
   fi
   local t0; t0=$(date +%s)
@@ -76,7 +76,7 @@ step() {
   local took=$(( $(date +%s) - t0 )) state=ok
   if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then state="stopped at limit"; status=1
   elif [ "$rc" != 0 ]; then state=failed; status=1; fi
-  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$state" "$rc" "$took" "$limit" "$*" >> "$OUT/summary.tsv"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$state" "$rc" "$took" "$limit" "$*" >> "$RESULTS_DIR/summary.tsv"
 }
 
 environment() {
@@ -107,20 +107,20 @@ assert o.has_compiled_ops()"
 
 bench() {  # one benchmark file with its pytest-benchmark JSON; extra arguments go to pytest
   local name="$1"; shift
-  "$PY" -m pytest -q -s -p no:cacheprovider -rs --benchmark-json="$OUT/$name.json" "$@"
+  "$PY" -m pytest -q -s -p no:cacheprovider -rs --benchmark-json="$RESULTS_DIR/$name.json" "$@"
 }
 
 export -f environment build bench
-export OUT PY DRY
+export RESULTS_DIR PY DRY
 
 main() {
   status=0
-  printf 'step\tstatus\texit\tseconds\tlimit\tcommand\n' > "$OUT/summary.tsv"
-  echo "gpu_check: budget $BUDGET s, dry run $DRY, compile $COMPILE, output $OUT, commit $(git rev-parse --short HEAD 2>/dev/null)"
+  printf 'step\tstatus\texit\tseconds\tlimit\tcommand\n' > "$RESULTS_DIR/summary.tsv"
+  echo "gpu_check: budget $BUDGET s, dry run $DRY, compile $COMPILE, output $RESULTS_DIR, commit $(git rev-parse --short HEAD 2>/dev/null)"
   step environment "$CAP_ENV" environment
   step build "$CAP_BUILD" build
   step gpu-tests "$CAP_TESTS" "$PY" -m pytest -q -rs -p no:cacheprovider -m cuda tests \
-    --junitxml="$OUT/gpu-tests.xml"
+    --junitxml="$RESULTS_DIR/gpu-tests.xml"
   step ops "$CAP_OPS" "$PY" benchmarks/gpu_bench.py "${OPS_SHAPE[@]}"
   step e2e-eager "$CAP_E2E" bench e2e-eager benchmarks/test_bench_e2e.py -k "eager"
   step breakdown "$CAP_BREAKDOWN" bench breakdown benchmarks/test_bench_breakdown.py
@@ -129,10 +129,10 @@ main() {
     step e2e-compile "$CAP_E2E_COMPILE" bench e2e-compile benchmarks/test_bench_e2e.py -k compile
   fi
   echo; echo "=== summary ($(( $(date +%s) - START )) s of $BUDGET s)"
-  column -t -s $'\t' "$OUT/summary.tsv" 2>/dev/null || cat "$OUT/summary.tsv"
-  echo "exit status $status; log, summary.tsv and JSON in $OUT"
+  column -t -s $'\t' "$RESULTS_DIR/summary.tsv" 2>/dev/null || cat "$RESULTS_DIR/summary.tsv"
+  echo "exit status $status; log, summary.tsv and JSON in $RESULTS_DIR"
   return $status
 }
 
-main 2>&1 | tee "$OUT/gpu_check.log"
+main 2>&1 | tee "$RESULTS_DIR/gpu_check.log"
 exit "${PIPESTATUS[0]}"
