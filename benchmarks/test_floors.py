@@ -125,3 +125,16 @@ def test_slowed_op_fails_its_floor_with_one_line(tmp_path):
     assert summary["exit_status"] == 1 and summary["outcomes"][f"benchmarks/{CE}"]["outcome"] == "failed"
     assert summary["ratios"][0]["status"] == "fail" and summary["ratios"][0]["floor"] == 1.0
     assert summary["machine"]["class"] == cls
+
+
+def test_floors_are_not_checked_at_other_shapes(tmp_path):
+    """A ratio measured at shapes set by ADDP_BENCH_BATCH / ADDP_BENCH_STEPS (the GPU check's
+    rehearsal) is not the benchmark the floor was set for: reported, not checked."""
+    table = tmp_path / "floors.csv"
+    F.write({CE: {F.device_class(): 1.0}}, table)
+    run = _pytest(f"benchmarks/{CE}", "-q", "--benchmark-disable", "--floors", str(table),
+                  "--ratio-json", str(tmp_path / "run.json"),
+                  env={"ADDP_BENCH_STEPS": "2", "ADDP_BENCH_SLOW_OURS": "soft_target_cross_entropy"})
+    assert run.returncode == 0, run.stdout[-2000:]
+    entry = json.loads((tmp_path / "run.json").read_text())["ratios"][0]
+    assert entry["status"] == "not checked" and "ADDP_BENCH_STEPS" in entry["reason"] and entry["ratio"] < 1.0
