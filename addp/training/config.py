@@ -124,10 +124,11 @@ def step_schedule(args, num_samples: int, world_size: int, default_warmup) -> di
 
 def train_config_from_args(args, **fields) -> TrainConfig:
     """A TrainConfig from the options every training command shares (batch, lr floor, betas,
-    clipping, precision, EMA, compile, logging, seed, workers); `fields` sets the rest."""
+    clipping, precision, EMA, compile where the command takes it, logging, seed, workers);
+    `fields` sets the rest."""
     workers = args.num_workers if args.num_workers is not None else (default_workers() if args.data_path else 0)
     shared = dict(batch_size=args.batch_size, accum_steps=args.accum_steps, lr=args.lr, min_lr=args.min_lr,
                   betas=(args.beta1, args.beta2), clip_grad=args.clip_grad, precision=args.precision,
-                  ema_decay=args.ema_decay, compile=args.compile, log_every=args.log_every,
+                  ema_decay=args.ema_decay, compile=getattr(args, "compile", False), log_every=args.log_every,
                   ckpt_every=args.ckpt_every, seed=args.seed, num_workers=workers)
     return TrainConfig(**{**shared, **fields})

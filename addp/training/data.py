@@ -190,10 +190,11 @@ def collate(items):
 
 
 def make_loader(dataset: Dataset, batch_size: int, seed: int, rank: int, world_size: int,
-                start: int, num_workers: int) -> DataLoader:
+                start: int, num_workers: int, collate_fn=collate) -> DataLoader:
+    """Micro-batch `start` on of `dataset` (`StepBatchSampler`), batched by `collate_fn`."""
     sampler = StepBatchSampler(len(dataset), batch_size, seed, rank, world_size, start)
     # Its own generator: creating the iterator must not consume the global RNG (exact resume).
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=num_workers,
                       pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
                       generator=torch.Generator().manual_seed(seed))
 
