@@ -1,14 +1,11 @@
-"""Fine-tuning and linear probing of an ADDP encoder: the classifier to train, its optimisation
-stage for the Trainer (layer decay, Mixup/CutMix, LARS), evaluation, periodic best/last
-checkpoints, and the defaults and schedule of `addp.finetune`."""
+"""Fine-tuning and linear probing of an ADDP encoder for classification: the classifier to
+train, its optimisation stage for the Trainer (layer decay, Mixup/CutMix, LARS), its
+evaluation and the defaults of `addp.finetune`. What the fine-tuning commands share is
+`finetune_engine`."""
 from __future__ import annotations
 
 import functools
 from dataclasses import replace
-
-import json
-import logging
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,18 +18,17 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import recipes
 from ..models import registry
-from ..models.checkpoint import CheckpointError, load_components, save_checkpoint
+from ..models.checkpoint import CheckpointError, load_components
 from ..models.classifier import (CNNClassifier, ClassifierConfig, build_classifier, classifier_config_for,
                          encoder_state_from_addp, load_encoder_state, resample_pos_embed)
 from ..errors import AddpError
-from ..runs.files import atomic_write
 from ..models.registry import vit_size
+from ..runtime.distributed import DistInfo
 from .stages import Objective
-from .config import Stage, TrainConfig, step_schedule, train_config_from_args
-from .trainer import Trainer
+from .config import Stage
 from .finetune_data import _collate
+
 PROBE_OPTIMIZERS = ("lars", "sgd")
-log = logging.getLogger("addp.finetune")
 
 
 # -- model -----------------------------------------------------------------------------------
@@ -182,12 +178,10 @@ class ClassifierStage(Stage):
 
 # -- evaluation ------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 256,
-             num_workers: int = 0) -> dict:
-    """Top-1 / top-5 accuracy (%) and mean cross entropy; shards across DDP ranks."""
-    import torch.distributed as dist
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    shard = torch.utils.data.Subset(dataset, list(range(rank, len(dataset), world)))
+def evaluate(model: nn.Module, dataset: Dataset, dist: DistInfo, batch_size: int = 256, num_workers: int = 0) -> dict:
+    """Top-1 / top-5 accuracy (%) and mean cross entropy; shards across the processes of `dist`."""
+    device, world = dist.device, dist.world_size
+    shard = torch.utils.data.Subset(dataset, list(range(dist.rank, len(dataset), world)))
     # its own generator: evaluating mid-run must not consume the global RNG (exact resume)
     loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
                         generator=torch.Generator().manual_seed(0))
@@ -202,7 +196,7 @@ def evaluate(model: nn.Module, dataset: Dataset, device: torch.device, batch_siz
                                F.cross_entropy(logits, labels, reduction="sum"),
                                torch.tensor(len(labels), device=device)]).double()
     if world > 1:
-        dist.all_reduce(totals)
+        torch.distributed.all_reduce(totals)
     top1, top5, loss, n = totals.tolist()
     return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "loss": loss / n, "num_images": int(n)}
 
@@ -212,10 +206,6 @@ def evaluate(model: nn.Module, dataset: Dataset, device: torch.device, batch_siz
 def encoder_size(config: ClassifierConfig) -> str | None:
     """"base" / "large" for the paper's ViT widths, else None (small and CNN encoders)."""
     return vit_size(config.embed_dim) if config.arch == "vit" else None
-
-
-
-
 
 
 def resolve_defaults(args, config: ClassifierConfig) -> None:
@@ -235,77 +225,7 @@ def resolve_defaults(args, config: ClassifierConfig) -> None:
             args.blr = 0.1 if probe else official.get("blr", 5e-4)
         else:
             args.blr = 25.0 if probe else 1e-2
+    if args.weight_decay is None:
+        args.weight_decay = 0.0 if probe else 0.05
     if args.warmup_steps is None and args.warmup_epochs is None and official and not probe:
         args.warmup_epochs = official["warmup_epochs"]
-
-
-
-def schedule(args, num_train: int, world_size: int) -> dict:
-    """Steps, warm-up steps (default: the first 5% of the run) and evaluation interval, from
-    epochs where they are given in epochs."""
-    out = step_schedule(args, num_train, world_size, lambda convert, steps: (steps // 20, None))
-    every = args.eval_every
-    if args.eval_every_epochs is not None:
-        every = recipes.epochs_to_steps(args.eval_every_epochs, num_train, args.batch_size, world_size,
-                                        args.accum_steps)
-        out["eval_every_epochs"] = args.eval_every_epochs
-    if every < 0:
-        raise AddpError(f"--eval-every must be at least 0, got {every}")
-    out["eval_every"] = every
-    return out
-
-
-
-def train_config(args, sched: dict) -> TrainConfig:
-    wd = args.weight_decay if args.weight_decay is not None else (0.0 if args.linear_probe else 0.05)
-    return train_config_from_args(args, steps=sched["steps"], blr=args.blr, warmup_steps=sched["warmup_steps"],
-                                  weight_decay=wd)
-
-
-
-class PeriodicEvaluation:
-    """Top-1/top-5/loss on the validation set every `every` steps (and at the last step):
-    writes `checkpoint-last.safetensors` and, when top-1 improves, `checkpoint-best.safetensors`
-    (both atomic); `best.json` carries the best so far across resumes."""
-
-    def __init__(self, trainer: Trainer, val_set, every: int, out: Path, num_workers: int):
-        self.trainer, self.val_set, self.every, self.out = trainer, val_set, every, out
-        self.num_workers = num_workers
-        self.best_file = out / "best.json"
-        self.best = json.loads(self.best_file.read_text()) if self.best_file.exists() else None
-
-    def __call__(self, step: int) -> dict | None:
-        if not self.every or (step % self.every and step != self.trainer.cfg.steps):
-            return None
-        model = self.trainer.final_model()
-        metrics = evaluate(model, self.val_set, self.trainer.dist.device, num_workers=self.num_workers)
-        self.trainer.model.train()
-        improved = self.best is None or metrics["top1"] > self.best["top1"]
-        if improved:
-            self.best = {"step": step, **metrics}
-        if self.trainer.dist.is_main:
-            save_checkpoint(self.out / "checkpoint-last.safetensors", _cpu_copy(model))
-            if improved:
-                save_checkpoint(self.out / "checkpoint-best.safetensors", _cpu_copy(model))
-                text = json.dumps(self.best, indent=1)
-                atomic_write(self.best_file, lambda tmp: Path(tmp).write_text(text))
-            log.info(f"[finetune] step {step}: val top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
-                     f"loss {metrics['loss']:.4f}  (best top-1 {self.best['top1']:.2f}% at step {self.best['step']})")
-        return {f"val_{k}": v for k, v in metrics.items() if k != "num_images"}
-
-
-
-def _cpu_copy(model: nn.Module) -> nn.Module:
-    import copy
-    return copy.deepcopy(model).cpu()
-
-
-
-def resolve_recipe(args, say) -> dict | None:
-    """Fill in --recipe's settings (not the explicit flags); says so once. The record for run.json."""
-    if not args.recipe:
-        return None
-    explicit = getattr(args, "explicit", set())
-    filled = recipes.apply(args, args.recipe, "finetune", explicit)
-    say(recipes.describe(args.recipe, filled, explicit))
-    return {"name": args.recipe, "source": recipes.RECIPES[args.recipe].source, "filled": filled}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import addp
-from addp.training import finetune_data, finetuning
+from addp.training import finetune_data, finetune_engine, finetuning
 from addp import finetune
 from addp.models.classifier import encoder_state_from_addp, load_encoder_state
 
@@ -73,17 +73,17 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch):
     common = ["--finetune", str(ckpt), "--steps", "8", "--ckpt-every", "4", "--mixup", "0.8", "--cutmix", "1.0",
               "--drop-path", "0.2", "--blr", "1e-2", "--warmup-steps", "2"]
     full = finetune.main(args_for(tmp_path / "full", *common))
-    real_loader = finetune.make_loader
+    real_loader = finetune_engine.make_loader
 
     def interrupted(*a, **k):
         for i, batch in enumerate(real_loader(*a, **k)):
             if i == 6:
                 raise KeyboardInterrupt
             yield batch
-    monkeypatch.setattr(finetune, "make_loader", interrupted)
+    monkeypatch.setattr(finetune_engine, "make_loader", interrupted)
     with pytest.raises(KeyboardInterrupt):
         finetune.main(args_for(tmp_path / "cut", *common))
-    monkeypatch.setattr(finetune, "make_loader", real_loader)
+    monkeypatch.setattr(finetune_engine, "make_loader", real_loader)
     assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 4
     resumed = finetune.main(args_for(tmp_path / "cut", *common))
     a = addp.load_checkpoint(full["classifier"], component="classifier").state_dict()

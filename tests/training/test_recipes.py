@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import addp
-from addp.training import finetune_data, finetuning
+from addp.training import finetune_data, finetune_engine, finetuning
 from addp import finetune, train
 from addp.training import run_stages
 from addp.training import recipes
@@ -58,7 +58,7 @@ def test_pretraining_recipe_is_the_official_script(name, capsys):
 @pytest.mark.parametrize("name", sorted(FINETUNE))
 def test_finetune_recipe_is_the_official_script(name):
     args = finetune.parse_args(["--recipe", name])
-    finetuning.resolve_recipe(args, lambda text: None)
+    finetune_engine.resolve_recipe(args, "finetune")
     recipes.split_global_batch(args, 8, args.explicit)
     for key, value in {**FINETUNE[name], **FINETUNE_COMMON}.items():
         assert getattr(args, key) == value, key
@@ -75,7 +75,7 @@ def package_log_on_stderr():
 
 def test_linear_probe_recipe_is_crop_and_flip_only():
     args = finetune.parse_args(["--recipe", "linear_probe_vit"])
-    finetuning.resolve_recipe(args, lambda text: None)
+    finetune_engine.resolve_recipe(args, "finetune")
     assert args.linear_probe and args.probe_optimizer == "lars"
     assert (args.aa, args.reprob, args.mixup, args.cutmix) == ("", 0.0, 0.0, 0.0)
     transform = finetune_data.SeededTimmTransform(32, args.aa, args.reprob, probe=True).transform
@@ -159,17 +159,17 @@ def test_epochs_periodic_evaluation_and_resume_across_an_epoch_boundary(tmp_path
     assert all(torch.equal(a, b) for a, b in zip(last.state_dict().values(), final.state_dict().values()))
     assert (tmp_path / "full" / "checkpoint-best.safetensors").exists()
 
-    real_loader = finetune.make_loader
+    real_loader = finetune_engine.make_loader
 
     def interrupted(*a, **k):
         for i, batch in enumerate(real_loader(*a, **k)):
             if i == 10:  # during step 11: the last checkpoint is step 8, one evaluation done
                 raise KeyboardInterrupt
             yield batch
-    monkeypatch.setattr(finetune, "make_loader", interrupted)
+    monkeypatch.setattr(finetune_engine, "make_loader", interrupted)
     with pytest.raises(KeyboardInterrupt):
         finetune.main(finetune_args(tmp_path / "cut", *common))
-    monkeypatch.setattr(finetune, "make_loader", real_loader)
+    monkeypatch.setattr(finetune_engine, "make_loader", real_loader)
     assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 8
     assert json.loads((tmp_path / "cut" / "best.json").read_text())["step"] == 6
     resumed = finetune.main(finetune_args(tmp_path / "cut", *common))  # crosses the epoch boundary at 12
