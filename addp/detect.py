@@ -10,41 +10,40 @@ atomic checkpoints, exact resume); writes `detector.safetensors`, `checkpoint-{b
 """
 from __future__ import annotations
 
+import logging
 import sys
 import time
-from pathlib import Path
 
 import torch
-import torch.distributed as tdist
+import torch.distributed
 
-from .training import recipes
+from .training import finetune_engine as engine
 from .models.checkpoint import save_checkpoint
 from .cli import RESUMABLE, ArgumentParser, run_command
-from .dense import engine
 from .dense import recipes as _dense_recipes  # noqa: F401  (registers the Tab. 18 recipes)
+from .dense import training as dense
 from .dense.coco import CocoInstances, coco_metrics, to_results
 from .dense.detection import DetectionObjective, Detector, DetectorConfig, predict
 from .dense.pictures import draw_detections
-from .runs.files import sha256_file, write_json
-from .training.config import identity_of
-from .training.trainer import Trainer
+from .runs.files import write_json
+from .runtime.distributed import DistInfo
+from .training import recipes
 
-log = engine.log
+log = logging.getLogger("addp.detect")  # a fixed name: run as `python -m`, __name__ is "__main__"
 
 
 def get_args_parser() -> ArgumentParser:
     p = ArgumentParser("detect", description=__doc__.split("\n\n")[0])
-    engine.add_dense_args(p, "detect", steps=300, blr=1e-2, layer_decay=0.8)
+    dense.add_dense_args(p, "detect", steps=300, blr=1e-2, layer_decay=0.8)
     p.add_argument("--score-threshold", type=float, default=0.5, help="boxes drawn in predictions.png")
     return p
 
 
 @torch.no_grad()
-def evaluate(model: Detector, dataset: CocoInstances, batch_size: int = 8) -> dict:
-    """COCOeval box and mask metrics on `dataset`, sharded over the DDP ranks."""
-    rank, world = (tdist.get_rank(), tdist.get_world_size()) if tdist.is_initialized() else (0, 1)
-    device = next(model.parameters()).device
-    indices = list(range(rank, len(dataset), world))
+def evaluate(model: Detector, dataset: CocoInstances, dist: DistInfo, batch_size: int = 8) -> dict:
+    """COCOeval box and mask metrics on `dataset`, sharded over the processes of `dist`."""
+    device, world = next(model.parameters()).device, dist.world_size
+    indices = list(range(dist.rank, len(dataset), world))
     results = []
     for start in range(0, len(indices), batch_size):
         items = [dataset[i] for i in indices[start:start + batch_size]]
@@ -53,26 +52,28 @@ def evaluate(model: Detector, dataset: CocoInstances, batch_size: int = 8) -> di
             results += to_results({k: v.cpu() for k, v in pred.items()}, target, dataset.cat_ids)
     if world > 1:
         gathered = [None] * world
-        tdist.all_gather_object(gathered, results)
+        torch.distributed.all_gather_object(gathered, results)
         results = [r for part in gathered for r in part]
     return coco_metrics(dataset.coco, results)
 
 
 def main(args) -> dict:
-    dist, recipe, out, started = engine.start_run(args, "detect")
-    root = engine.data_root(args, dist, "coco")
+    with engine.start_run(args, "detect") as run:
+        return _detect(args, run)
+
+
+def _detect(args, run: engine.Run) -> dict:
+    dist, out = run.dist, run.out
+    root = dense.data_root(args, dist, "coco")
     canvases = not args.data_path
     args.input_size = args.input_size or (96 if canvases else 1024)
     jitter = tuple(args.jitter or ((0.8, 1.25) if canvases else (0.1, 2.0)))
     train_set = CocoInstances(root, "train2017", args.input_size, train=True, jitter=jitter, seed=args.seed)
     val_set = CocoInstances(root, "val2017", args.input_size)
-    if args.epochs is not None:
-        args.steps = recipes.epochs_to_steps(args.epochs, len(train_set), args.batch_size, dist.world_size,
-                                             args.accum_steps)
 
     def config(addp_config):
         wide = addp_config.embed_dim >= 256
-        return DetectorConfig(backbone=engine.backbone_dict(args, addp_config, "detection"),
+        return DetectorConfig(backbone=dense.backbone_dict(args, addp_config, "detection"),
                               num_classes=len(train_set.cat_ids), out_channels=256 if wide else 64,
                               fc_dim=1024 if wide else 256, anchor_size=32 if args.input_size >= 512 else 8,
                               categories=tuple(train_set.cat_ids),
@@ -80,18 +81,13 @@ def main(args) -> dict:
                               **({} if wide else dict(proposals=(256, 128), rois_per_image=128,
                                                       detections_per_image=20)))
 
-    model, source = engine.starting_point(args, "detector", Detector, config)
-    engine.check_sizes(args, model.config.backbone_config.patch_size)
-    stage = engine.DenseStage("detect", model, DetectionObjective(model), args.layer_decay)
-    cfg = engine.train_config(args)
-    identity = identity_of(cfg, model.config, {
-        "finetune": str(args.finetune), "finetune_sha256": sha256_file(args.finetune) if args.finetune and
-        Path(args.finetune).is_file() else None, "layer_decay": args.layer_decay, "jitter": jitter,
-        "data": args.data_path or "digits canvases", "world_size": dist.world_size, "recipe": recipe})
-    trainer = Trainer(stage, cfg, out, dist, identity)
+    model, source = dense.starting_point(args, "detector", Detector, config)
     report = {"output_dir": str(out), "start": source, "num_classes": model.config.num_classes,
               "train_images": len(train_set), "val_images": len(val_set), "input_size": args.input_size}
-    metrics = engine.train_or_evaluate(args, trainer, train_set, lambda m: evaluate(m, val_set), "bbox_AP", report)
+    trainer, metrics, best = dense.train_or_evaluate(args, run, model, DetectionObjective(model), train_set,
+                                                     lambda m: evaluate(m, val_set, dist), key="bbox_AP", jitter=jitter)
+    if not args.eval_only:
+        report.update(steps=trainer.cfg.steps, best=best)
     report.update(metrics)
     final = trainer.final_model()
     if dist.is_main:
@@ -102,7 +98,7 @@ def main(args) -> dict:
         names = [val_set.coco.cats[c]["name"] for c in val_set.cat_ids]
         report["picture"] = str(draw_detections(image, {k: v.cpu() for k, v in pred.items()},
                                                 out / "predictions.png", names, args.score_threshold))
-        report["wall_time_s"] = round(time.perf_counter() - started, 1)
+        report["wall_time_s"] = round(time.perf_counter() - run.started, 1)
         write_json(out / "report.json", report)
         log.info(f"[detect] AP box {report['bbox_AP']:.2f}  AP mask {report['segm_AP']:.2f}  "
                  f"(AP50 box {report['bbox_AP50']:.2f}; {len(val_set)} images)")

@@ -11,32 +11,33 @@ Runs on `trainer.Trainer` (DDP under torchrun or srun, atomic checkpoints, exact
 """
 from __future__ import annotations
 
+import logging
 import sys
 import time
 
 import torch
-import torch.distributed as tdist
+import torch.distributed
 import torch.nn.functional as F
 
-from .training import recipes
+from .training import finetune_engine as engine
 from .models.checkpoint import save_checkpoint
 from .cli import RESUMABLE, ArgumentParser, positive_int, run_command
-from .dense import engine
 from .dense import recipes as _dense_recipes  # noqa: F401  (registers the Tab. 19 recipes)
+from .dense import training as dense
 from .dense.ade import AdeSegmentation
 from .dense.metrics import confusion, segmentation_metrics
 from .dense.pictures import draw_segmentation
 from .dense.segmentation import SegmentationObjective, Segmenter, SegmenterConfig, predict
 from .runs.files import write_json
-from .training.config import identity_of
-from .training.trainer import Trainer
+from .runtime.distributed import DistInfo
+from .training import recipes
 
-log = engine.log
+log = logging.getLogger("addp.segment")  # a fixed name: run as `python -m`, __name__ is "__main__"
 
 
 def get_args_parser() -> ArgumentParser:
     p = ArgumentParser("segment", description=__doc__.split("\n\n")[0])
-    engine.add_dense_args(p, "segment", steps=300, blr=1e-2, layer_decay=0.85)
+    dense.add_dense_args(p, "segment", steps=300, blr=1e-2, layer_decay=0.85)
     p.add_argument("--num-classes", type=positive_int, default=None, help="default: 11 on the canvases, 150 else")
     return p
 
@@ -50,51 +51,45 @@ def padded_predict(model: Segmenter, image: torch.Tensor, crop: int) -> torch.Te
 
 
 @torch.no_grad()
-def evaluate(model: Segmenter, dataset: AdeSegmentation, crop: int) -> dict:
-    """mIoU, aAcc, mAcc (%) over `dataset`, sharded over the DDP ranks (confusion summed)."""
-    rank, world = (tdist.get_rank(), tdist.get_world_size()) if tdist.is_initialized() else (0, 1)
-    device = next(model.parameters()).device
-    k = model.config.num_classes
+def evaluate(model: Segmenter, dataset: AdeSegmentation, crop: int, dist: DistInfo) -> dict:
+    """mIoU, aAcc, mAcc (%) over `dataset`, sharded over the processes of `dist` (confusion summed)."""
+    device, k = next(model.parameters()).device, model.config.num_classes
     matrix = torch.zeros(k, k, dtype=torch.int64, device=device)
-    for i in range(rank, len(dataset), world):
+    for i in range(dist.rank, len(dataset), dist.world_size):
         image, labels, _ = dataset[i]
         matrix += confusion(padded_predict(model, image.to(device), crop), labels.to(device), k)
-    if world > 1:
-        tdist.all_reduce(matrix)
+    if dist.world_size > 1:
+        torch.distributed.all_reduce(matrix)
     return segmentation_metrics(matrix.cpu())
 
 
 def main(args) -> dict:
-    dist, recipe, out, started = engine.start_run(args, "segment")
-    root = engine.data_root(args, dist, "ade")
+    with engine.start_run(args, "segment") as run:
+        return _segment(args, run)
+
+
+def _segment(args, run: engine.Run) -> dict:
+    dist, out = run.dist, run.out
+    root = dense.data_root(args, dist, "ade")
     canvases = not args.data_path
     args.input_size = args.input_size or (96 if canvases else 512)
     num_classes = args.num_classes or (11 if canvases else 150)
     jitter = tuple(args.jitter or ((0.8, 1.25) if canvases else (0.5, 2.0)))
     train_set = AdeSegmentation(root, "training", num_classes, args.input_size, True, jitter, args.seed)
     val_set = AdeSegmentation(root, "validation", num_classes, args.input_size)
-    if args.epochs is not None:
-        args.steps = recipes.epochs_to_steps(args.epochs, len(train_set), args.batch_size, dist.world_size,
-                                             args.accum_steps)
 
     def config(addp_config):
-        return SegmenterConfig(backbone=engine.backbone_dict(args, addp_config, "segmentation"),
+        return SegmenterConfig(backbone=dense.backbone_dict(args, addp_config, "segmentation"),
                                num_classes=num_classes, decoder_channels=512 if addp_config.embed_dim >= 256 else 64)
 
-    model, source = engine.starting_point(args, "segmenter", Segmenter, config)
-    engine.check_sizes(args, model.config.backbone_config.patch_size)
-    stage = engine.DenseStage("segment", model, SegmentationObjective(model), args.layer_decay)
-    cfg = engine.train_config(args)
-    identity = identity_of(cfg, model.config, {
-        "finetune": str(args.finetune), "layer_decay": args.layer_decay, "jitter": jitter,
-        "data": args.data_path or "digits canvases", "world_size": dist.world_size, "recipe": recipe})
-    trainer = Trainer(stage, cfg, out, dist, identity)
+    model, source = dense.starting_point(args, "segmenter", Segmenter, config)
     report = {"output_dir": str(out), "start": source, "num_classes": num_classes, "train_images": len(train_set),
               "val_images": len(val_set), "input_size": args.input_size}
-    metrics = engine.train_or_evaluate(args, trainer, train_set, lambda m: evaluate(m, val_set, args.input_size),
-                                       "mIoU", report)
+    trainer, metrics, best = dense.train_or_evaluate(args, run, model, SegmentationObjective(model), train_set,
+                                                     lambda m: evaluate(m, val_set, args.input_size, dist),
+                                                     key="mIoU", jitter=jitter)
     if not args.eval_only:  # the per-class IoU list stays in the metrics, not in the best summary
-        report["best"] = {k: v for k, v in (report["best"] or {}).items() if k != "IoU"}
+        report.update(steps=trainer.cfg.steps, best={k: v for k, v in (best or {}).items() if k != "IoU"})
     report.update(metrics)
     final = trainer.final_model()
     if dist.is_main:
@@ -103,7 +98,7 @@ def main(args) -> dict:
         image, _, _ = val_set[0]
         classes = padded_predict(final, image.to(dist.device), args.input_size).cpu()
         report["picture"] = str(draw_segmentation(image, classes, out / "predictions.png", num_classes))
-        report["wall_time_s"] = round(time.perf_counter() - started, 1)
+        report["wall_time_s"] = round(time.perf_counter() - run.started, 1)
         write_json(out / "report.json", report)
         log.info(f"[segment] mIoU {report['mIoU']:.2f}  aAcc {report['aAcc']:.2f}  ({len(val_set)} images)")
     return report

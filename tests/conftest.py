@@ -190,6 +190,18 @@ def tiny_checkpoint(tmp_path_factory):
     addp.save_checkpoint(path, {"addp": addp.create_model("addp_vit_small", depth=1, decoder_depth=1),
                                 "tokenizer": addp.create_model("vqgan_small")})
     return path
+@pytest.fixture(scope="session")
+def canvases(tmp_path_factory):
+    """The digits canvases of the dense commands at 64 px: 16 training and 4 validation images
+    (pass it as `--canvas-dir`)."""
+    import json
+    from addp.dense.canvas import build_canvases
+    root = tmp_path_factory.mktemp("canvas")
+    info = build_canvases(root, size=64, train=16, val=4)
+    (root / "canvas.json").write_text(json.dumps(info))
+    return root
+
+
 @pytest.fixture
 def modules_cache(tmp_path, monkeypatch):
     """diffusers copies a folder's pipeline file into its modules cache (read once at import,

@@ -1,6 +1,7 @@
 """Hostile files in the way of the commands: a pickle payload never runs, a planted symlink is
 never written through. Each row: exit code 2 with one `error:` line, or success with the
 link's target intact."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -86,9 +87,14 @@ time.sleep(120)
 """
 
 
+dense = pytest.mark.skipif(importlib.util.find_spec("pycocotools") is None, reason="the dense extra is not installed")
+
+
 @pytest.mark.parametrize("module, argv", [
     ("addp.train", ["--stage", "tokenizer", "--tokenizer-steps", "2", "--batch-size", "8", "--num-samples", "0"]),
     ("addp.finetune", ["--steps", "1", "--batch-size", "8"]),
+    pytest.param("addp.detect", ["--steps", "1"], marks=dense),
+    pytest.param("addp.segment", ["--steps", "1"], marks=dense),
 ])
 def test_a_second_writer_of_a_run_folder_is_refused(run_module, tmp_path, module, argv):
     out = tmp_path / "run"

@@ -8,17 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from addp.dense.canvas import build_canvases
-
 ROOT = Path(__file__).parents[2]
-
-
-@pytest.fixture(scope="module")
-def canvases(tmp_path_factory):
-    root = tmp_path_factory.mktemp("canvas")
-    info = build_canvases(root, size=64, train=16, val=4)
-    (root / "canvas.json").write_text(json.dumps(info))
-    return root
 
 
 def run(module, argv, nproc=1):
