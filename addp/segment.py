@@ -26,6 +26,7 @@ from .dense import recipes as _dense_recipes  # noqa: F401  (registers the Tab. 
 from .dense import training as dense
 from .dense.ade import AdeSegmentation
 from .dense.metrics import confusion, segmentation_metrics
+from .dense.canvas import CLASSES as CANVAS_CLASSES
 from .dense.pictures import draw_segmentation
 from .dense.segmentation import SegmentationObjective, Segmenter, SegmenterConfig, predict
 from .runs.files import write_json
@@ -97,7 +98,8 @@ def _segment(args, run: engine.Run) -> dict:
             report["segmenter"] = str(save_checkpoint(out / "segmenter.safetensors", final))
         image, _, _ = val_set[0]
         classes = padded_predict(final, image.to(dist.device), args.input_size).cpu()
-        report["picture"] = str(draw_segmentation(image, classes, out / "predictions.png", num_classes))
+        names = CANVAS_CLASSES if canvases else None
+        report["picture"] = str(draw_segmentation(image, classes, out / "predictions.png", num_classes, names=names))
         report["wall_time_s"] = round(time.perf_counter() - run.started, 1)
         write_json(out / "report.json", report)
         log.info(f"[segment] mIoU {report['mIoU']:.2f}  aAcc {report['aAcc']:.2f}  ({len(val_set)} images)")

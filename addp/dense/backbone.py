@@ -27,6 +27,9 @@ from ..models.registry import check_config
 log = logging.getLogger(__name__)
 ENCODER_PREFIXES = ("patch_embed.", "blocks.", "tokenizer_norm.", "norm.")
 ENCODER_KEYS = ("cls_token", "pos_embed")
+# "interpolate": the stored grid stretched over the input (ViTDet, BEiT); "tile": the stored grid
+# repeated, so every pretraining-sized tile of the input sees the positions pretraining saw
+ABS_POS = ("interpolate", "tile")
 
 
 @dataclass(frozen=True)
@@ -44,11 +47,12 @@ class BackboneConfig:
     out_indices: tuple = (11,)  # blocks whose output maps are returned (the last one normed)
     drop_path: float = 0.1
     rel_pos: bool = True
+    abs_pos: str = "interpolate"  # how the stored position grid covers a larger input (ABS_POS)
 
     def __post_init__(self):
         check_config(self, ints=dict(embed_dim=1, depth=1, num_heads=1, patch_size=1, pretrain_size=1,
                                      image_size=1, window_size=1),
-                     fractions=("drop_path",), positive=("mlp_ratio",),
+                     fractions=("drop_path",), positive=("mlp_ratio",), choices={"abs_pos": ABS_POS},
                      multiples=(("embed_dim", "num_heads"), ("image_size", "patch_size"),
                                 ("pretrain_size", "patch_size")))
         for field in ("global_blocks", "out_indices"):
@@ -183,8 +187,7 @@ class ViTDetBackbone(nn.Module):
         if H % p or W % p:
             raise CheckpointError(f"input {H}x{W} is not a multiple of the patch size {p}")
         hw = (H // p, W // p)
-        side = self.patch_embed.grid_size
-        pos = resample_abs_pos_embed(self.pos_embed, list(hw), list(side), num_prefix_tokens=1)
+        pos = self.position_table(hw)  # (1, 1 + h*w, C)
         x = self.patch_embed(x) + pos[:, 1:]  # (B, h*w, C)
         x = torch.cat([(self.cls_token + pos[:, :1]).expand(B, -1, -1), x], dim=1)
         x = self.tokenizer_norm(x)
@@ -195,6 +198,16 @@ class ViTDetBackbone(nn.Module):
                 y = self.norm(x) if i == self.config.depth - 1 else x
                 maps.append(y[:, 1:].transpose(1, 2).reshape(B, -1, *hw))
         return maps
+
+    def position_table(self, hw: tuple) -> torch.Tensor:
+        """The absolute position embeddings of a (h, w) patch grid: (1, 1 + h*w, C)."""
+        side = self.patch_embed.grid_size
+        if self.config.abs_pos == "interpolate":
+            return resample_abs_pos_embed(self.pos_embed, list(hw), list(side), num_prefix_tokens=1)
+        (h, w), C = hw, self.pos_embed.shape[-1]
+        grid = self.pos_embed[:, 1:].reshape(1, *side, C)
+        grid = grid.repeat(1, -(-h // side[0]), -(-w // side[1]), 1)[:, :h, :w]  # whole tiles, then cropped
+        return torch.cat([self.pos_embed[:, :1], grid.reshape(1, h * w, C)], dim=1)
 
     def layer_id(self, name: str) -> int:
         """0 for the embeddings, i + 1 for block i, depth + 1 after (layer-wise lr decay)."""
@@ -252,7 +265,8 @@ SPLITS = {(768, 12): ((2, 5, 8, 11), (3, 5, 7, 11)), (1024, 24): ((5, 11, 17, 23
 
 
 def backbone_config_for(addp_config, image_size: int, task: str, drop_path: float = 0.1,
-                        window_size: int | None = None, rel_pos: bool = True) -> BackboneConfig:
+                        window_size: int | None = None, rel_pos: bool = True,
+                        abs_pos: str = "interpolate") -> BackboneConfig:
     """The backbone of an ADDP ViT encoder for "detection" (last map) or "segmentation" (four
     blocks' maps). The window is 14 (ViTDet) for patch-16 encoders, else the pretraining grid."""
     c = addp_config
@@ -261,9 +275,10 @@ def backbone_config_for(addp_config, image_size: int, task: str, drop_path: floa
     quarter = [(i + 1) * c.depth // 4 - 1 for i in range(4)]
     global_blocks, uper = SPLITS.get((c.embed_dim, c.depth), (tuple(quarter), tuple(quarter)))
     window = window_size or (14 if c.patch_size == 16 else c.image_size // c.patch_size)
-    out = (c.depth - 1,) if task == "detection" else uper
+    # a patch finer than 16 leaves the last map fine enough for every pyramid level (necks.py)
+    out = (c.depth - 1,) if task == "detection" or c.patch_size < 16 else uper
     return BackboneConfig(name=f"vitdet_{c.embed_dim}x{c.depth}_p{c.patch_size}", embed_dim=c.embed_dim,
                           depth=c.depth, num_heads=c.num_heads, patch_size=c.patch_size, mlp_ratio=c.mlp_ratio,
                           pretrain_size=c.image_size, image_size=image_size, window_size=window,
                           global_blocks=tuple(global_blocks), out_indices=tuple(out), drop_path=drop_path,
-                          rel_pos=rel_pos)
+                          rel_pos=rel_pos, abs_pos=abs_pos)

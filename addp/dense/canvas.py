@@ -1,10 +1,12 @@
 """Digits on a canvas: deterministic dense-recognition datasets from the bundled digits.
 
-Each canvas (`size` x `size`, a dim random tint with noise) holds 2-4 digits at random scales
-and positions, drawn in random bright colours; later digits occlude earlier ones and boxes
-overlap little (placement is redrawn a few times when they would). A digit's instance mask is
-its stroke pixels (intensity > 0.35) that stay visible; its box is the mask's extent.
-The train canvases use the train digits and the validation canvases the held-out ones.
+Each canvas (`size` x `size`, a dark grey background with noise) holds 2-4 digits at random
+positions, drawn in bright greys at 24-40 px on a 96 px canvas: the scale and the grey levels of
+the 32 px digits the main job pretrains on, as COCO's objects share ImageNet's statistics.
+Later digits occlude earlier ones and boxes overlap little (placement is redrawn a few times
+when they would). A digit's instance mask is its stroke pixels (intensity > 0.35) that stay
+visible; its box is the mask's extent. The train canvases use the train digits and the
+validation canvases the held-out ones.
 
 Written in the layouts the readers take, so the same code reads them and COCO / ADE20k:
     coco/train2017/*.png, coco/val2017/*.png, coco/annotations/instances_{train,val}2017.json
@@ -26,17 +28,18 @@ from pycocotools import mask as mask_utils
 from ..training.data import load_digits
 from ..runs.files import atomic_write
 
+CLASSES = ("background",) + tuple(str(d) for d in range(10))  # the ade/ labels 1..11 as classes 0..10
 SPLITS = {"train": ("train", "train2017", "training"), "val": ("heldout", "val2017", "validation")}
 
 
 def draw_canvas(digits: torch.Tensor, labels: torch.Tensor, size: int, g: torch.Generator,
-                scale: tuple = (0.15, 0.4)):
+                scale: tuple = (0.25, 0.42)):
     """One canvas from a pool of (N, 32, 32) digit intensities.
 
     Returns image (size, size, 3) uint8, instance ids (size, size) int (0 = none, k = k-th
     placed digit) and the placed digits' labels."""
-    tint = torch.rand(3, generator=g) * 0.25
-    image = tint[:, None, None] + torch.rand(3, size, size, generator=g) * 0.08
+    shade = torch.rand((), generator=g) * 0.15
+    image = (shade + torch.rand(size, size, generator=g) * 0.08).expand(3, -1, -1).clone()
     ids = torch.zeros(size, size, dtype=torch.int64)
     boxes, placed = [], []
     for _ in range(int(torch.randint(2, 5, (), generator=g))):
@@ -47,7 +50,7 @@ def draw_canvas(digits: torch.Tensor, labels: torch.Tensor, size: int, g: torch.
             if all(_overlap((y, x, s), b) <= 0.3 for b in boxes):
                 break
         glyph = F.interpolate(digits[i][None, None], size=(s, s), mode="bilinear", align_corners=False)[0, 0]
-        colour = 0.6 + 0.4 * torch.rand(3, 1, 1, generator=g)
+        colour = 0.7 + 0.3 * torch.rand((), generator=g)
         region = image[:, y:y + s, x:x + s]
         image[:, y:y + s, x:x + s] = region * (1 - glyph) + colour * glyph
         ids[y:y + s, x:x + s][glyph > 0.35] = len(placed) + 1
@@ -62,11 +65,18 @@ def _overlap(a, b) -> float:
     return inter / min(sa * sa, sb * sb)
 
 
-def build_canvases(root: str | Path, size: int = 96, train: int = 600, val: int = 150, seed: int = 0) -> dict:
+def build_canvases(root: str | Path, size: int = 96, train: int = 600, val: int = 150, seed: int = 0,
+                   tuning: bool = False) -> dict:
     """Write both datasets under `root` (coco/, ade/); the same seed gives the same files.
-    Returns the paths the commands take."""
+    `tuning`: both splits from the train digits (the first 80 % for training, the rest for
+    validation), to choose settings without seeing the held-out digits. Returns the paths the
+    commands take."""
     root = Path(root)
     digits = {split: load_digits(split, 32) for split in ("train", "heldout")}
+    if tuning:
+        images, labels = digits["train"]
+        cut = len(labels) * 4 // 5
+        digits = {"train": (images[:cut], labels[:cut]), "heldout": (images[cut:], labels[cut:])}
     for name, count in (("train", train), ("val", val)):
         source, coco_split, ade_split = SPLITS[name]
         images, labels = digits[source]

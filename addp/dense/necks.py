@@ -4,7 +4,10 @@
 32 by transposed convs / identity / max-pooling, each level through a 1x1 + 3x3 conv with
 LayerNorm, plus a max-pooled stride-64 level: an OrderedDict as torchvision's detectors take.
 `MultiLevelNeck` (BEiT / MAE segmentation): four blocks' maps, resampled to strides 4, 8, 16,
-32 the same way (deconv x4, deconv x2, identity, pool for patch 16), channels unchanged.
+32 the same way (deconv x4, deconv x2, identity, pool for patch 16), channels unchanged; or one
+map, the last block's, resampled to all four strides (ViTDet's single-map pyramid), which is what
+an encoder with a fine patch needs: with patch 4, BEiT's assignment would put the first block at
+stride 4 and pool the last, most semantic one 8x.
 """
 from __future__ import annotations
 
@@ -56,13 +59,16 @@ class SimpleFeaturePyramid(nn.Module):
 
 
 class MultiLevelNeck(nn.Module):
-    """Four (B, C, H/p, W/p) maps -> four maps at strides 4, 8, 16, 32 (C channels)."""
+    """Four (B, C, H/p, W/p) maps, or one used at every level -> four maps at strides 4, 8, 16,
+    32 (C channels)."""
 
     def __init__(self, dim: int, patch_size: int):
         super().__init__()
         self.levels = nn.ModuleList(resampler(dim, patch_size / s) for s in STRIDES)
 
     def forward(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        if len(maps) == 1:
+            maps = maps * len(self.levels)
         return [level(m) for level, m in zip(self.levels, maps)]
 
 

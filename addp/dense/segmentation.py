@@ -1,6 +1,7 @@
 """UperNet semantic segmentation on the ADDP backbone.
 
-    images (B, 3, H, W) in [0, 1] --ImageNet mean/std--> backbone: four blocks' maps (stride p)
+    images (B, 3, H, W) in [0, 1] --ImageNet mean/std--> backbone: four blocks' maps, or the last
+    block's for a patch finer than 16 (stride p)
     --MultiLevelNeck--> strides 4, 8, 16, 32 --UperNet (PPM on stride 32 + FPN fusion)-->
     (B, D, H/4, W/4) --dropout, 1x1 conv--> logits, upsampled to (B, K, H, W)
 
@@ -51,8 +52,8 @@ class Segmenter(nn.Module):
         super().__init__()
         self.config = c = config
         b = c.backbone_config
-        if len(b.out_indices) != 4:
-            raise ValueError(f"UperNet takes four blocks' maps; out_indices is {b.out_indices}")
+        if len(b.out_indices) not in (1, 4):
+            raise ValueError(f"UperNet takes four blocks' maps or the last one; out_indices is {b.out_indices}")
         self.normalise = _Normalise()
         self.encoder = ViTDetBackbone(b)
         self.neck = MultiLevelNeck(b.embed_dim, b.patch_size)

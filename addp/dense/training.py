@@ -21,7 +21,7 @@ from ..runtime.distributed import barrier
 from ..training import finetune_engine as engine
 from ..training.trainer import Trainer
 from . import canvas
-from .backbone import backbone_config_for, load_encoder
+from .backbone import ABS_POS, backbone_config_for, load_encoder
 
 log = logging.getLogger("addp.dense")
 
@@ -43,6 +43,8 @@ def add_dense_args(p: ArgumentParser, command: str, *, steps: int, blr: float, l
     p.add_argument("--window-size", type=positive_int, default=None,
                    help="window of the window-attention blocks (default 14 for patch 16, else the pretraining grid)")
     p.add_argument("--no-rel-pos", dest="rel_pos", action="store_false", help="no relative position bias")
+    p.add_argument("--abs-pos", default="interpolate", choices=ABS_POS,
+                   help="the stored position grid on a larger input: stretched (interpolate) or repeated (tile)")
     p.add_argument("--jitter", type=positive_float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                    help="training scale jitter range")
 
@@ -79,7 +81,7 @@ def starting_point(args, kind: str, model_class, make_config):
 
 def backbone_dict(args, addp_config, task: str) -> dict:
     return dataclasses.asdict(backbone_config_for(addp_config, args.input_size, task, args.drop_path,
-                                                  args.window_size, args.rel_pos))
+                                                  args.window_size, args.rel_pos, args.abs_pos))
 
 
 class Targets(list):

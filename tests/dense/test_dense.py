@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -84,6 +85,53 @@ def test_models_build_and_train_one_step_on_larger_inputs():
     s = dataclasses.asdict(backbone_config_for(net_cfg, 64, "segmentation"))
     seg = Segmenter(SegmenterConfig(backbone=s, num_classes=5, decoder_channels=32))
     assert seg(torch.rand(2, 3, 64, 96)).shape == (2, 5, 64, 96)
+
+
+def test_tiled_positions_repeat_the_stored_grid_and_interpolation_stretches_it():
+    torch.manual_seed(0)
+    cfg = backbone_config_for(preset_config("addp_vit_small"), 96, "detection", abs_pos="tile")
+    bb = ViTDetBackbone(cfg)
+    side = bb.patch_embed.grid_size[0]  # the pretraining grid (8 for 32 px, patch 4)
+    stored = bb.pos_embed[0, 1:].reshape(side, side, -1)
+    for h, w in [(24, 24), (13, 21), (side, side)]:
+        table = bb.position_table((h, w))
+        assert table.shape == (1, 1 + h * w, cfg.embed_dim)
+        torch.testing.assert_close(table[0, 0], bb.pos_embed[0, 0])  # the class token's own
+        grid = table[0, 1:].reshape(h, w, -1)
+        ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        torch.testing.assert_close(grid, stored[ys % side, xs % side])
+    interpolated = ViTDetBackbone(dataclasses.replace(cfg, abs_pos="interpolate"))
+    interpolated.load_state_dict(bb.state_dict())
+    torch.testing.assert_close(interpolated.position_table((side, side)), bb.pos_embed)  # same at the stored size
+    assert not torch.allclose(interpolated.position_table((24, 24)), bb.position_table((24, 24)))
+    with pytest.raises(AddpError, match="abs_pos must be one of"):
+        dataclasses.replace(cfg, abs_pos="mean")
+
+
+def test_fine_patch_segmenter_builds_every_level_from_the_last_block():
+    """Patch 4: one map, the last block's, feeds the four levels at strides 4..32; patch 16
+    keeps BEiT's four blocks."""
+    cfg = backbone_config_for(preset_config("addp_vit_small"), 96, "segmentation")
+    assert cfg.out_indices == (cfg.depth - 1,)
+    seg = Segmenter(SegmenterConfig(backbone=dataclasses.asdict(cfg), num_classes=11, decoder_channels=16)).eval()
+    x = torch.rand(1, 3, 96, 96)
+    maps = seg.encoder(seg.normalise(x))
+    levels = seg.neck(maps)
+    assert [m.shape[-1] for m in levels] == [96 // s for s in (4, 8, 16, 32)]
+    torch.testing.assert_close(levels[0], maps[0])  # stride 4 is the patch-4 map itself
+    torch.testing.assert_close(levels[3], torch.nn.functional.max_pool2d(maps[0], 8))
+
+
+def test_tuning_canvases_draw_both_splits_from_the_training_digits(tmp_path):
+    from addp.dense.canvas import build_canvases
+    from addp.training.data import load_digits
+    build_canvases(tmp_path / "report", size=64, train=2, val=2)
+    build_canvases(tmp_path / "tune", size=64, train=2, val=2, tuning=True)
+    read = lambda root, split: np.asarray(Image.open(root / "coco" / split / "000000.png"))
+    assert not np.array_equal(read(tmp_path / "report", "val2017"), read(tmp_path / "tune", "val2017"))
+    image = read(tmp_path / "tune", "val2017")
+    assert image.dtype == np.uint8 and (image[..., 0] == image[..., 1]).all()  # grey, as the pretraining digits
+    assert len(load_digits("train")[1]) > len(load_digits("heldout")[1])
 
 
 # -- metrics ---------------------------------------------------------------------------------
