@@ -35,7 +35,8 @@ log = logging.getLogger("addp.detect")  # a fixed name: run as `python -m`, __na
 def get_args_parser() -> ArgumentParser:
     p = ArgumentParser("detect", description=__doc__.split("\n\n")[0])
     dense.add_dense_args(p, "detect", steps=300, blr=1e-2, layer_decay=0.8)
-    p.add_argument("--score-threshold", type=float, default=0.5, help="boxes drawn in predictions.png")
+    p.add_argument("--score-threshold", type=float, default=0.25,
+                   help="the lowest score drawn in predictions.png (each object with its best label)")
     return p
 
 

@@ -38,7 +38,7 @@ log = logging.getLogger("addp.segment")  # a fixed name: run as `python -m`, __n
 
 def get_args_parser() -> ArgumentParser:
     p = ArgumentParser("segment", description=__doc__.split("\n\n")[0])
-    dense.add_dense_args(p, "segment", steps=300, blr=1e-2, layer_decay=0.85)
+    dense.add_dense_args(p, "segment", steps=600, blr=1e-2, layer_decay=0.85)
     p.add_argument("--num-classes", type=positive_int, default=None, help="default: 11 on the canvases, 150 else")
     return p
 

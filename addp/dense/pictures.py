@@ -8,6 +8,7 @@ import torch
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
+from torchvision.ops import nms
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from ..runs.files import atomic_write
@@ -20,8 +21,12 @@ def _save(image: torch.Tensor, path) -> Path:
 
 def draw_detections(image: torch.Tensor, pred: dict, path, names: list[str], threshold: float = 0.5,
                     zoom: int = 4) -> Path:
-    """image (3, H, W) in [0, 1]; pred from `detection.predict` (labels 1..K name names[label - 1])."""
-    keep = pred["scores"] >= threshold
+    """image (3, H, W) in [0, 1]; pred from `detection.predict` (labels 1..K name names[label - 1]).
+    Draws the detections scoring at least `threshold` that no higher-scoring one of any class
+    overlaps by IoU > 0.5: each object with its best label."""
+    keep = torch.zeros_like(pred["scores"], dtype=torch.bool)
+    confident = (pred["scores"] >= threshold).nonzero()[:, 0]
+    keep[confident[nms(pred["boxes"][confident], pred["scores"][confident], 0.5)]] = True
     img = (image * 255).round().byte()
     img = torch.nn.functional.interpolate(img[None].float(), scale_factor=zoom, mode="nearest")[0].byte()
     if keep.any():
