@@ -259,9 +259,10 @@ def load_encoder(backbone: ViTDetBackbone, state: dict[str, torch.Tensor], sourc
 
 
 # (width, depth) -> (global blocks, UperNet blocks): ViTDet's split for ViT-B/L, BEiT's four
-# UperNet blocks; the demo encoder (4 blocks) alternates window and global, last one global
+# UperNet blocks; the demo encoder (4 blocks, patch 4: UperNet takes its last map) alternates
+# window and global, last one global
 SPLITS = {(768, 12): ((2, 5, 8, 11), (3, 5, 7, 11)), (1024, 24): ((5, 11, 17, 23), (7, 11, 15, 23)),
-          (64, 4): ((1, 3), (0, 1, 2, 3))}
+          (64, 4): ((1, 3), (3,))}
 
 
 def backbone_config_for(addp_config, image_size: int, task: str, drop_path: float = 0.1,
