@@ -22,7 +22,7 @@ from .models.checkpoint import save_checkpoint
 from .cli import RESUMABLE, ArgumentParser, run_command
 from .dense import recipes as _dense_recipes  # noqa: F401  (registers the Tab. 18 recipes)
 from .dense import training as dense
-from .dense.coco import CocoInstances, coco_metrics, to_results
+from .dense.coco import CocoInstances, check_same_categories, coco_metrics, to_results
 from .dense.detection import DetectionObjective, Detector, DetectorConfig, predict
 from .dense.pictures import draw_detections
 from .runs.files import write_json
@@ -71,6 +71,7 @@ def _detect(args, run: engine.Run) -> dict:
     jitter = tuple(args.jitter or ((0.8, 1.25) if canvases else (0.1, 2.0)))
     train_set = CocoInstances(root, "train2017", args.input_size, train=True, jitter=jitter, seed=args.seed)
     val_set = CocoInstances(root, "val2017", args.input_size)
+    check_same_categories(train_set, val_set)
 
     def config(addp_config):
         wide = addp_config.embed_dim >= 256

@@ -2,9 +2,11 @@
 with `annotations/<split>/*.png` (split `training` / `validation`).
 
 Annotation value 0 is "ignore" (ADE20k's unlabelled pixels) and value v in 1..K is class v - 1,
-so labels are 0..K-1 with 255 ignored. Checked: every image has its annotation (and the
-reverse), image and annotation sizes match, and no value exceeds the K classes (one-line
-errors naming the file). Training items: resized so the shorter side is `size` times a factor
+so labels are 0..K-1 with 255 ignored. Checked on loading (one-line errors naming the file):
+every image has its annotation (and the reverse); from the headers, both files are readable and
+no decompression bomb, the annotation is a one-channel integer PNG and its size is its image's.
+Checked on reading: no value exceeds the K classes. Images are decoded by
+`runs.images.read_rgb`, annotations by `open_image` with their values as stored. Training items: resized so the shorter side is `size` times a factor
 drawn from `jitter` (0.5-2.0 as in mmsegmentation's ADE20k pipeline), a random `size` crop,
 padded with "ignore"; evaluation items keep the original size (the model pads or slides).
 """
@@ -15,13 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from ..errors import AddpError
+from ..runs.images import SIXTEEN_BIT_MODES, image_header, open_image, read_rgb
 from ..runtime.seeds import item_seed
 from .segmentation import IGNORE
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+LABEL_MODES = ("L", "P", "I", *SIXTEEN_BIT_MODES)  # one channel of integers
 
 
 def pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
@@ -38,20 +41,32 @@ def pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
                         f"(first: {lonely[0]} has no {where})")
     if not imgs:
         raise AddpError(f"no images in {images}")
-    return [(imgs[k], anns[k]) for k in sorted(imgs)]
+    items = [(imgs[k], anns[k]) for k in sorted(imgs)]
+    for image_path, label_path in items:
+        _check_pair(image_path, label_path)
+    return items
+
+
+def _check_pair(image_path: Path, label_path: Path) -> None:
+    """From the headers: both files readable (no decompression bomb), the annotation a
+    one-channel integer PNG of its image's size."""
+    width, height, _, _ = image_header(image_path)
+    label_width, label_height, mode, kind = image_header(label_path)
+    if kind != "PNG" or mode not in LABEL_MODES:
+        raise AddpError(f"{label_path}: an annotation must be a one-channel integer PNG of class indices "
+                        f"(this is a {kind} of mode {mode})")
+    if (label_height, label_width) != (height, width):
+        raise AddpError(f"{label_path} is {label_width}x{label_height} but its image {image_path.name} is "
+                        f"{width}x{height}")
 
 
 def read_pair(image_path: Path, label_path: Path, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(3, H, W) in [0, 1] and (H, W) int64 labels (255 = ignore), checked."""
-    image = np.asarray(Image.open(image_path).convert("RGB"))
-    raw = np.asarray(Image.open(label_path))
-    if raw.ndim != 2:
-        raise AddpError(f"{label_path}: an annotation must be a one-channel PNG of class indices")
-    if raw.shape != image.shape[:2]:
-        raise AddpError(f"{label_path} is {raw.shape[1]}x{raw.shape[0]} but its image {image_path.name} is "
-                        f"{image.shape[1]}x{image.shape[0]}")
-    if raw.max() > num_classes:
-        raise AddpError(f"{label_path}: label {int(raw.max())} beyond the {num_classes} classes (values 1..{num_classes}"
+    image = np.asarray(read_rgb(image_path))
+    raw = np.asarray(open_image(label_path, eight_bit=False))
+    if raw.max() > num_classes or raw.min() < 0:
+        bad = int(raw.max()) if raw.max() > num_classes else int(raw.min())
+        raise AddpError(f"{label_path}: label {bad} beyond the {num_classes} classes (values 1..{num_classes}"
                         f", 0 = ignore)")
     labels = torch.from_numpy(raw.astype(np.int64)) - 1
     labels[labels < 0] = IGNORE

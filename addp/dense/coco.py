@@ -3,27 +3,31 @@ COCO evaluation with pycocotools' COCOeval.
 
 Items are square canvases of `size`: the image resized so its longer side is `size` (times a
 factor drawn from `jitter` when training: large-scale jitter is (0.1, 2.0)), randomly cropped
-when larger and zero-padded to `size`. Checked on loading: every image file exists, every
-annotation names a known image and category. Documented skips: crowd annotations and boxes of
-zero size after clipping to the image are not training targets (COCOeval still sees them).
-Polygon and RLE (compressed or not) masks are both read.
+when larger and zero-padded to `size`. Checked on loading, each failure one `AddpError` line
+naming the file and the record: the file's shape, every category, image and annotation record
+(`_check_*`), each image file's header (present, readable, not a decompression bomb, the size
+its record says). Images are decoded by `runs.images.read_rgb`. Documented skips: crowd
+annotations and boxes of zero size after clipping to the image are not training targets
+(COCOeval still sees them). Polygon and RLE (compressed or not) masks are both read.
 """
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
-from pathlib import Path
+import math
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from ..errors import AddpError
+from ..errors import AddpError, first_line
+from ..runs.images import UnreadableImage, image_header, read_rgb
 from ..runtime.seeds import item_seed
 
 log = logging.getLogger(__name__)
@@ -37,27 +41,149 @@ def quiet(fn, *args):
 
 
 def read_coco(root: Path, split: str) -> COCO:
+    """`root/annotations/instances_<split>.json`, every record checked, its images' headers read."""
     path = Path(root) / "annotations" / f"instances_{split}.json"
     if not path.is_file():
         raise AddpError(f"no {path} (expected a COCO root with annotations/instances_{split}.json)")
     try:
-        coco = quiet(COCO, str(path))
-    except (ValueError, KeyError, TypeError) as e:
-        raise AddpError(f"{path}: not a COCO instances file ({e})") from None
-    known_images, known_cats = set(coco.imgs), set(coco.cats)
-    for ann in coco.dataset.get("annotations", []):
-        if ann.get("image_id") not in known_images:
-            raise AddpError(f"{path}: annotation {ann.get('id')} names image {ann.get('image_id')}, which is not listed")
-        if ann.get("category_id") not in known_cats:
-            raise AddpError(f"{path}: annotation {ann.get('id')} has unknown category {ann.get('category_id')}")
-        seg = ann.get("segmentation")
-        if not (isinstance(seg, list) or (isinstance(seg, dict) and {"size", "counts"} <= set(seg))):
-            raise AddpError(f"{path}: annotation {ann['id']} has no polygon or RLE segmentation")
+        data = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise AddpError(f"{path}: not a JSON file ({first_line(e)})") from None
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in LISTS):
+        what = f"a JSON object without {', '.join(k for k in LISTS if not isinstance(data.get(k), list))}" \
+            if isinstance(data, dict) else f"a JSON {type(data).__name__}"
+        raise AddpError(f"{path}: a COCO instances file is a JSON object with lists {', '.join(LISTS)}; "
+                        f"this is {what}")
+    cats = _unique(path, "categories", [_check_category(c, _where(path, "categories", i, c))
+                                        for i, c in enumerate(data["categories"])])
+    _unique(path, "images", [_check_image(img, _where(path, "images", i, img))
+                                      for i, img in enumerate(data["images"])])
+    sizes = {img["id"]: (img["height"], img["width"]) for img in data["images"]}
+    _unique(path, "annotations", [_check_annotation(a, _where(path, "annotations", i, a), sizes, cats)
+                                  for i, a in enumerate(data["annotations"])])
     folder = Path(root) / split
-    missing = [img["file_name"] for img in coco.imgs.values() if not (folder / img["file_name"]).is_file()]
+    missing = [img["file_name"] for img in data["images"] if not (folder / img["file_name"]).is_file()]
     if missing:
         raise AddpError(f"{path}: {len(missing)} listed images are not in {folder} (first: {missing[0]})")
+    for i, img in enumerate(data["images"]):
+        _check_image_file(folder / img["file_name"], img, _where(path, "images", i, img))
+    coco = COCO()
+    coco.dataset = data
+    quiet(coco.createIndex)
     return coco
+
+
+LISTS = ("images", "annotations", "categories")
+
+
+def _where(path: Path, kind: str, index: int, record) -> str:
+    """How a message names a record: the file, the list and position, and the id when there is one."""
+    rid = record.get("id") if isinstance(record, dict) else None
+    return f"{path}: {kind}[{index}]" + (f" (id {rid!r})" if rid is not None else "")
+
+
+def _unique(path: Path, kind: str, ids: list) -> set:
+    seen = set()
+    for i, rid in enumerate(ids):
+        if rid in seen:
+            raise AddpError(f"{path}: {kind}[{i}] repeats the id {rid} of an earlier entry")
+        seen.add(rid)
+    return seen
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _record(record, where: str, kind: str) -> int:
+    if not isinstance(record, dict):
+        raise AddpError(f"{where}: {kind} entry is a JSON object, not {json.dumps(record)[:60]}")
+    if not _is_int(record.get("id")):
+        raise AddpError(f"{where}: {kind} entry needs an integer id")
+    return record["id"]
+
+
+def _check_category(cat, where: str) -> int:
+    cid = _record(cat, where, "a category")
+    if not isinstance(cat.get("name"), str):
+        raise AddpError(f"{where}: a category needs a name (a string)")
+    return cid
+
+
+def _check_image(img, where: str) -> int:
+    iid = _record(img, where, "an image")
+    for key in ("height", "width"):
+        if not (_is_int(img.get(key)) and img[key] > 0):
+            raise AddpError(f"{where}: {key} must be a positive integer, not {img.get(key)!r}")
+    name = img.get("file_name")
+    if not isinstance(name, str) or not name:
+        raise AddpError(f"{where}: file_name must be a file name (a string), not {name!r}")
+    if PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
+        raise AddpError(f"{where}: file_name {name!r} leaves the image folder (absolute or with '..')")
+    return iid
+
+
+def _check_image_file(file: Path, img: dict, where: str) -> None:
+    try:
+        width, height, _, _ = image_header(file)
+    except UnreadableImage as e:
+        raise AddpError(f"{first_line(e, None)} (listed in {where})") from None
+    if (height, width) != (img["height"], img["width"]):
+        raise AddpError(f"{file} is {width}x{height} but {where} says {img['width']}x{img['height']}")
+
+
+def _check_annotation(ann, where: str, sizes: dict, cats: set) -> int:
+    aid = _record(ann, where, "an annotation")
+    if not (_is_int(ann.get("image_id")) and ann["image_id"] in sizes):
+        raise AddpError(f"{where}: names image {ann.get('image_id')!r}, which is not listed")
+    if not (_is_int(ann.get("category_id")) and ann["category_id"] in cats):
+        raise AddpError(f"{where}: has unknown category {ann.get('category_id')!r}")
+    box = ann.get("bbox")
+    if "bbox" not in ann:
+        raise AddpError(f"{where}: has no bbox (4 finite numbers [x, y, width, height])")
+    if not (isinstance(box, list) and len(box) == 4 and all(map(_is_number, box))):
+        raise AddpError(f"{where}: bbox must be 4 finite numbers [x, y, width, height], not {json.dumps(box)[:80]}")
+    if ann.get("iscrowd", 0) not in (0, 1):
+        raise AddpError(f"{where}: iscrowd must be 0 or 1, not {ann.get('iscrowd')!r}")
+    _check_segmentation(ann.get("segmentation"), where, sizes[ann["image_id"]])
+    return aid
+
+
+def _check_segmentation(seg, where: str, size: tuple) -> None:
+    """Polygons: lists of at least 3 x, y points; RLE: the image's size and counts."""
+    if isinstance(seg, list):
+        if not seg:
+            raise AddpError(f"{where}: segmentation is an empty list of polygons")
+        for k, poly in enumerate(seg):
+            if not (isinstance(poly, list) and len(poly) >= 6 and len(poly) % 2 == 0 and all(map(_is_number, poly))):
+                raise AddpError(f"{where}: polygon {k} must be x, y pairs of finite numbers, at least 3 points "
+                                f"(it has {len(poly) if isinstance(poly, list) else json.dumps(poly)[:40]})")
+        return
+    if not (isinstance(seg, dict) and {"size", "counts"} <= set(seg)):
+        raise AddpError(f"{where}: has no polygon or RLE segmentation")
+    rle_size = seg["size"]
+    if not (isinstance(rle_size, list) and len(rle_size) == 2 and all(_is_int(v) for v in rle_size)):
+        raise AddpError(f"{where}: RLE size must be 2 integers [height, width], not {json.dumps(rle_size)[:60]}")
+    if tuple(rle_size) != size:
+        raise AddpError(f"{where}: RLE size {rle_size[1]}x{rle_size[0]} (width x height) differs from its "
+                        f"image's {size[1]}x{size[0]}")
+    counts = seg["counts"]
+    if isinstance(counts, list):
+        if not all(_is_int(c) and c >= 0 for c in counts) or sum(counts) != size[0] * size[1]:
+            raise AddpError(f"{where}: RLE counts must be non-negative integers summing to height x width")
+    elif not isinstance(counts, str):
+        raise AddpError(f"{where}: RLE counts must be a string (compressed) or a list of integers")
+
+
+def check_same_categories(train_set: "CocoInstances", val_set: "CocoInstances") -> None:
+    """The detector's labels are positions in the training categories: validation must list the same ids."""
+    if train_set.cat_ids != val_set.cat_ids:
+        raise AddpError(f"the category ids of {val_set.path} {val_set.cat_ids} differ from those of "
+                        f"{train_set.path} {train_set.cat_ids}: both splits must list the same categories")
 
 
 class CocoInstances(torch.utils.data.Dataset):
@@ -65,6 +191,7 @@ class CocoInstances(torch.utils.data.Dataset):
 
     def __init__(self, root, split: str, size: int, train: bool = False, jitter: tuple = (1.0, 1.0), seed: int = 0):
         self.root, self.folder, self.size, self.train = Path(root), Path(root) / split, size, train
+        self.path = self.root / "annotations" / f"instances_{split}.json"
         self.coco = read_coco(root, split)
         self.ids = sorted(self.coco.imgs)
         self.cat_ids = sorted(self.coco.cats)
@@ -87,11 +214,8 @@ class CocoInstances(torch.utils.data.Dataset):
     def __getitem__(self, key):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         info = self.coco.imgs[self.ids[index]]
-        image = torch.from_numpy(np.asarray(Image.open(self.folder / info["file_name"]).convert("RGB")).copy())
+        image = torch.from_numpy(np.asarray(read_rgb(self.folder / info["file_name"])).copy())
         image = image.permute(2, 0, 1).float() / 255
-        if tuple(image.shape[1:]) != (info["height"], info["width"]):
-            raise AddpError(f"{info['file_name']} is {image.shape[2]}x{image.shape[1]} but the json says "
-                            f"{info['width']}x{info['height']}")
         anns = [a for a in self.coco.imgToAnns[info["id"]] if not a.get("iscrowd") and self._box(a) is not None]
         boxes = torch.tensor([self._box(a) for a in anns], dtype=torch.float32).reshape(-1, 4)
         masks = torch.from_numpy(np.stack([self.coco.annToMask(a) for a in anns])) if anns else \

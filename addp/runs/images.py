@@ -7,9 +7,12 @@ files). Files that would make the reader unsafe or wrong are handled here once:
 - 16-bit integer (`I;16*`, `I`) and float (`F`) images are scaled to 8 bits from their own
   range (65535 and 1.0), where `convert("RGB")` would clip them to white or black;
 - any other decoding failure (truncated, corrupt, not an image) becomes one `UnreadableImage`.
+`image_header(path)` reads the size, mode and format alone, with the same refusals, for
+readers that check a whole data set when it is loaded.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -26,15 +29,31 @@ class UnreadableImage(AddpError):
     pass
 
 
-def open_image(path: str | os.PathLike) -> Image.Image:
-    """The image at `path`, decoded and scaled to 8 bits per channel; raises `UnreadableImage`."""
+def open_image(path: str | os.PathLike, eight_bit: bool = True) -> Image.Image:
+    """The image at `path`, decoded and scaled to 8 bits per channel (`eight_bit=False`: with
+    its values as stored, for label maps); raises `UnreadableImage`."""
+    with _decoding(path):
+        with Image.open(path) as im:
+            im.load()
+            scaled = to_8bit(im, path) if eight_bit else im
+            return im.copy() if scaled is im else scaled
+
+
+def image_header(path: str | os.PathLike) -> tuple[int, int, str, str]:
+    """(width, height, mode, format) of the image at `path` from its header alone, with
+    `open_image`'s refusal of decompression bombs; raises `UnreadableImage`."""
+    with _decoding(path):
+        with Image.open(path) as im:
+            return im.width, im.height, im.mode, im.format
+
+
+@contextlib.contextmanager
+def _decoding(path):
+    """Any failure to open or decode `path` as one `UnreadableImage` naming it."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                im.load()
-                scaled = to_8bit(im, path)
-                return im.copy() if scaled is im else scaled
+            yield
     except FileNotFoundError:
         raise UnreadableImage(f"image not found: {path}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
