@@ -61,6 +61,9 @@ def read_coco(root: Path, split: str) -> COCO:
     sizes = {img["id"]: (img["height"], img["width"]) for img in data["images"]}
     _unique(path, "annotations", [_check_annotation(a, _where(path, "annotations", i, a), sizes, cats)
                                   for i, a in enumerate(data["annotations"])])
+    dropped = sum(_drop_degenerate_polygons(a, sizes[a["image_id"]]) for a in data["annotations"])
+    if dropped:  # COCO 2017 holds a few; detectron2 drops them too
+        log.info(f"[coco] {split}: {dropped} polygons of fewer than 3 points are left out of their masks")
     folder = Path(root) / split
     missing = [img["file_name"] for img in data["images"] if not (folder / img["file_name"]).is_file()]
     if missing:
@@ -154,13 +157,13 @@ def _check_annotation(ann, where: str, sizes: dict, cats: set) -> int:
 
 
 def _check_segmentation(seg, where: str, size: tuple) -> None:
-    """Polygons: lists of at least 3 x, y points; RLE: the image's size and counts."""
+    """Polygons: lists of x, y points; RLE: the image's size and counts."""
     if isinstance(seg, list):
         if not seg:
             raise AddpError(f"{where}: segmentation is an empty list of polygons")
         for k, poly in enumerate(seg):
-            if not (isinstance(poly, list) and len(poly) >= 6 and len(poly) % 2 == 0 and all(map(_is_number, poly))):
-                raise AddpError(f"{where}: polygon {k} must be x, y pairs of finite numbers, at least 3 points "
+            if not (isinstance(poly, list) and len(poly) % 2 == 0 and all(map(_is_number, poly))):
+                raise AddpError(f"{where}: polygon {k} must be x, y pairs of finite numbers "
                                 f"(it has {len(poly) if isinstance(poly, list) else json.dumps(poly)[:40]})")
         return
     if not (isinstance(seg, dict) and {"size", "counts"} <= set(seg)):
@@ -177,6 +180,19 @@ def _check_segmentation(seg, where: str, size: tuple) -> None:
             raise AddpError(f"{where}: RLE counts must be non-negative integers summing to height x width")
     elif not isinstance(counts, str):
         raise AddpError(f"{where}: RLE counts must be a string (compressed) or a list of integers")
+
+
+def _drop_degenerate_polygons(ann: dict, size: tuple) -> int:
+    """Leave out an annotation's polygons of fewer than 3 points (pycocotools cannot draw them);
+    one left with none gets an empty mask. Returns how many were left out."""
+    seg = ann.get("segmentation")
+    if not isinstance(seg, list):
+        return 0
+    kept = [poly for poly in seg if len(poly) >= 6]
+    if len(kept) < len(seg):
+        empty = mask_utils.encode(np.zeros(size, np.uint8, order="F"))
+        ann["segmentation"] = kept or {"size": list(size), "counts": empty["counts"].decode()}
+    return len(seg) - len(kept)
 
 
 def check_same_categories(train_set: "CocoInstances", val_set: "CocoInstances") -> None:

@@ -222,3 +222,18 @@ def test_detect_refuses_in_one_line_and_writes_nothing(case, tmp_path):
     assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
     assert expected in err
     assert sorted(p.name for p in out.iterdir()) == ["kept.txt"]
+
+
+def test_polygons_of_fewer_than_three_points_are_left_out_of_the_mask(tmp_path, caplog):
+    from addp.dense.coco import read_coco
+    data = _coco(tmp_path)
+    square = data["annotations"][1]["segmentation"][0]
+    data["annotations"][1]["segmentation"] = [square, [1, 1, 2, 2]]  # a 2-point polygon beside the square
+    data["annotations"][0]["segmentation"] = [[5, 5, 6, 6]]  # only a 2-point polygon: an empty mask
+    _write(tmp_path, "val2017", data)
+    with caplog.at_level("INFO", logger="addp.dense.coco"):
+        coco = read_coco(tmp_path, "val2017")
+    assert "2 polygons of fewer than 3 points" in caplog.text
+    assert coco.annToMask(coco.anns[1]).sum() == 0
+    reference = mask_utils.decode(mask_utils.frPyObjects([square], 16, 16)).max(-1)
+    assert np.array_equal(coco.annToMask(coco.anns[2]), reference)
