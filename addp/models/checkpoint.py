@@ -76,7 +76,8 @@ def _build(config_dict: dict, source: str) -> nn.Module:
 
 def load_checkpoint(name_or_path: str | os.PathLike, component: str | None = None, filename: str | None = None,
                     revision: str | None = None, **hub_kwargs) -> nn.Module:
-    """The main model of a checkpoint (ADDP > classifier > predictor > tokenizer), or the one asked for.
+    """The main model of a checkpoint (ADDP > classifier > predictor > tokenizer; else its first,
+    e.g. a detector), or the one asked for.
 
     Takes what `load_components` takes: a file, a `save_pretrained` folder or a Hub repo id.
     """
@@ -86,7 +87,8 @@ def load_checkpoint(name_or_path: str | os.PathLike, component: str | None = Non
             where = f"{name_or_path}/{filename}" if filename else name_or_path
             raise CheckpointError(f"{where} holds no {component} (it holds: {', '.join(models)})")
         return models[component]
-    return next(models[c] for c in COMPONENTS if c in models)
+    main = next((c for c in COMPONENTS if c in models), None) or next(iter(models))
+    return models[main]
 
 
 def save_checkpoint(path: str | os.PathLike, models: nn.Module | dict[str, nn.Module]) -> Path:

@@ -245,3 +245,12 @@ def test_ade_bad_input(tmp_path):
     Image.fromarray(np.array([[0, 1, 3, 2]] * 8, np.uint8).repeat(2, 1)).save(tmp_path / "annotations/validation/a.png")
     _, labels, _ = AdeSegmentation(tmp_path, "validation", 3, 8)[0]
     assert labels[0].tolist() == [255, 255, 0, 0, 2, 2, 1, 1]
+
+
+def test_load_checkpoint_returns_a_dense_model_saved_alone(tmp_path):
+    from addp.models.checkpoint import load_checkpoint, save_checkpoint
+    cfg = backbone_config_for(preset_config("addp_vit_small"), 32, "segmentation")
+    seg = Segmenter(SegmenterConfig(backbone=dataclasses.asdict(cfg), num_classes=3, decoder_channels=8))
+    loaded = load_checkpoint(save_checkpoint(tmp_path / "segmenter.safetensors", {"segmenter": seg}))
+    assert isinstance(loaded, Segmenter)
+    torch.testing.assert_close(loaded.classifier.weight, seg.classifier.weight)
