@@ -101,7 +101,8 @@ def _detect(args, run: engine.Run) -> dict:
         report["picture"] = str(draw_detections(image, {k: v.cpu() for k, v in pred.items()},
                                                 out / "predictions.png", names, args.score_threshold))
         report["wall_time_s"] = round(time.perf_counter() - run.started, 1)
-        write_json(out / "report.json", report)
+        # an evaluation of a run's weights never replaces the run's own report
+        write_json(out / ("eval.json" if args.eval_only else "report.json"), report)
         log.info(f"[detect] AP box {report['bbox_AP']:.2f}  AP mask {report['segm_AP']:.2f}  "
                  f"(AP50 box {report['bbox_AP50']:.2f}; {len(val_set)} images)")
     return report

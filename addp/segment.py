@@ -101,7 +101,8 @@ def _segment(args, run: engine.Run) -> dict:
         names = CANVAS_CLASSES if canvases else None
         report["picture"] = str(draw_segmentation(image, classes, out / "predictions.png", num_classes, names=names))
         report["wall_time_s"] = round(time.perf_counter() - run.started, 1)
-        write_json(out / "report.json", report)
+        # an evaluation of a run's weights never replaces the run's own report
+        write_json(out / ("eval.json" if args.eval_only else "report.json"), report)
         log.info(f"[segment] mIoU {report['mIoU']:.2f}  aAcc {report['aAcc']:.2f}  ({len(val_set)} images)")
     return report
 

@@ -72,6 +72,9 @@ def starting_point(args, kind: str, model_class, make_config):
             return models[kind], f"{args.finetune} [{kind}]"
         if "addp" not in models:
             raise CheckpointError(f"{args.finetune} holds no ADDP encoder (it holds: {', '.join(models)})")
+        if args.eval_only and not args.resume:
+            raise AddpError(f"--eval-only evaluates a trained {kind}, but {args.finetune} holds a pretraining "
+                            f"checkpoint (its heads would be random); give a {kind} checkpoint or --resume")
         addp_model = models["addp"]
         model = model_class(make_config(addp_model.config))
         load_encoder(model.encoder, addp_model.state_dict(), str(args.finetune))

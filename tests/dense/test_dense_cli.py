@@ -56,3 +56,5 @@ def test_detect_runs_and_two_processes_evaluate_as_one(canvases, tmp_path):
                         nproc=n)[1]) for n in (1, 2)]
     for key in ("bbox_AP", "bbox_AP50", "segm_AP", "segm_AP50"):
         assert runs[1][key] == pytest.approx(runs[0][key], abs=1e-6), key
+    # an evaluation writes eval.json, never a run's report.json
+    assert (tmp_path / "e1" / "eval.json").exists() and not (tmp_path / "e1" / "report.json").exists()

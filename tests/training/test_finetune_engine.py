@@ -121,3 +121,12 @@ def test_a_warmup_not_shorter_than_the_run_is_refused(run_module, canvases, tmp_
     argv = tiny(command, canvases) + ["--warmup-steps", 2, "--output-dir", tmp_path / "run"]
     code, _, stderr = run_module(f"addp.{command}", argv)
     one_error_line(code, stderr, "warm-up --warmup-steps 2 must be shorter than the run (2 steps)")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_eval_only_on_a_pretraining_checkpoint_is_refused(run_module, canvases, tmp_path, command):
+    """Its heads would be random: an evaluation of nothing trained."""
+    start = addp_file(tmp_path / "addp.safetensors", seed=0)
+    argv = tiny(command, canvases) + ["--eval-only", "--finetune", start, "--output-dir", tmp_path / "run"]
+    code, _, stderr = run_module(f"addp.{command}", argv)
+    one_error_line(code, stderr, "holds a pretraining checkpoint")
