@@ -1,6 +1,7 @@
 """The dense readers: every bad record or image file is one `AddpError` line naming the file and
 the record, found when the dataset is built; images are decoded by `runs.images`."""
 import json
+import logging
 import math
 import os
 import subprocess
@@ -231,8 +232,13 @@ def test_polygons_of_fewer_than_three_points_are_left_out_of_the_mask(tmp_path, 
     data["annotations"][1]["segmentation"] = [square, [1, 1, 2, 2]]  # a 2-point polygon beside the square
     data["annotations"][0]["segmentation"] = [[5, 5, 6, 6]]  # only a 2-point polygon: an empty mask
     _write(tmp_path, "val2017", data)
-    with caplog.at_level("INFO", logger="addp.dense.coco"):
-        coco = read_coco(tmp_path, "val2017")
+    logger = logging.getLogger("addp.dense.coco")  # a command run in-process may stop "addp" propagating
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("INFO", logger="addp.dense.coco"):
+            coco = read_coco(tmp_path, "val2017")
+    finally:
+        logger.removeHandler(caplog.handler)
     assert "2 polygons of fewer than 3 points" in caplog.text
     assert coco.annToMask(coco.anns[1]).sum() == 0
     reference = mask_utils.decode(mask_utils.frPyObjects([square], 16, 16)).max(-1)
