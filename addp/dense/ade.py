@@ -6,9 +6,10 @@ so labels are 0..K-1 with 255 ignored. Checked on loading (one-line errors namin
 every image has its annotation (and the reverse); from the headers, both files are readable and
 no decompression bomb, the annotation is a one-channel integer PNG and its size is its image's.
 Checked on reading: no value exceeds the K classes. Images are decoded by
-`runs.images.read_rgb`, annotations by `open_image` with their values as stored. Training items: resized so the shorter side is `size` times a factor
-drawn from `jitter` (0.5-2.0 as in mmsegmentation's ADE20k pipeline), a random `size` crop,
-padded with "ignore"; evaluation items keep the original size (the model pads or slides).
+`runs.images.read_rgb`, annotations by `open_image` with their values as stored. Training
+items: resized so the shorter side is `size` times a factor drawn from `jitter` (0.5-2.0 as in
+mmsegmentation's ADE20k pipeline), a random `size` crop, padded with "ignore"; evaluation
+items keep the original size (the model pads or slides).
 """
 from __future__ import annotations
 

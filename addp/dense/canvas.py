@@ -81,7 +81,7 @@ def build_canvases(root: str | Path, size: int = 96, train: int = 600, val: int 
         source, coco_split, ade_split = SPLITS[name]
         images, labels = digits[source]
         g = torch.Generator().manual_seed(seed * 1000 + (name == "val"))
-        coco = {"images": [], "annotations": [], "categories": [{"id": d + 1, "name": str(d)} for d in range(10)]}
+        coco = {"images": [], "annotations": [], "categories": [{"id": k, "name": CLASSES[k]} for k in range(1, 11)]}
         for folder in (root / "coco" / coco_split, root / "ade" / "images" / ade_split,
                        root / "ade" / "annotations" / ade_split):
             folder.mkdir(parents=True, exist_ok=True)
